@@ -1,0 +1,1 @@
+"""LAPDOG-GRPO: retrieval-augmented personalized dialogue with GRPO."""
