@@ -1,0 +1,302 @@
+"""Tensor maths for GRPO and REINFORCE: advantages, log-probs, KL, clipped surrogates, losses.
+
+Nothing here touches a model, a tokenizer or a file. Every function takes and returns tensors on
+the caller's device. Shapes used below:
+
+- ``R`` replies (prompts × group size, flattened), ``T`` reply tokens, ``V`` vocabulary.
+- ``B`` retrieval queries, ``M`` candidate stories in a query's pool, ``k`` sampled stories.
+- ``G`` members of one group (the replies of one prompt, or the k stories of one query).
+
+Masks are ``[R, T]`` bool or float; any nonzero entry is a real token. Masked positions are
+zeroed with ``torch.where`` rather than multiplied, so an ``inf``/``NaN`` sitting on a padding
+position (e.g. a log-prob of a pad id) cannot leak into a loss or its gradient.
+
+Statistics are returned as 0-d detached float tensors (not python floats) so that the caller can
+all-reduce them across processes and move them to the host once per step.
+
+The fixes of the original's defects that live here (see lapdog-behaviour.md, "Do not reproduce"):
+the REINFORCE sign (loss = −(r − b)·log p), ``old_logp`` is whatever policy sampled (the ratio is
+not forced to 1 here), the KL is a real per-token mean, G = 1 is refused instead of giving NaN,
+zero-std groups get A = 0 and are reported, and the retriever ratio compares log-probabilities of
+the same pool distribution.
+"""
+
+import torch
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+def _as_bool(mask):
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _zero_where_masked(x, mask):
+    return torch.where(_as_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def group_advantages(rewards, eps=1e-4, zero_std_tol=1e-6):
+    """Group-normalized advantages A = (r − mean) / (std + eps) over the last dim.
+
+    rewards: [..., G] float (G ≥ 2). std is the unbiased (n − 1) standard deviation.
+    Returns (advantages [..., G], zero_std [...] bool). A group whose std is below
+    ``zero_std_tol`` (all members scored alike) carries no signal: its advantages are exactly 0,
+    not the noise that (r − mean)/eps would amplify. Advantages carry no gradient.
+    """
+    if rewards.dim() == 0 or rewards.shape[-1] < 2:
+        size = "a scalar" if rewards.dim() == 0 else f"group size {rewards.shape[-1]}"
+        raise ValueError(f"group_advantages needs at least 2 members per group, got {size}")
+    r = rewards.detach().float()
+    mean = r.mean(dim=-1, keepdim=True)
+    std = r.std(dim=-1, keepdim=True, correction=1)
+    zero_std = std.squeeze(-1) < zero_std_tol
+    adv = (r - mean) / (std + eps)
+    adv = torch.where(zero_std.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv, zero_std
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / temperature) at the target ids.
+
+    logits: [R, T, V]; targets: [R, T] long. Returns [R, T] float32 (computed in float32 so a
+    bf16 model still gets accurate ratios). Use the temperature the replies were sampled at, so
+    that the scored policy is the sampling policy. Targets on padding positions are gathered
+    anyway (negative ids such as −100 are read as id 0); the caller's mask discards them.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits.float() / temperature
+    idx = targets.long().clamp(min=0).unsqueeze(-1)
+    picked = scaled.gather(-1, idx).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(π‖π_ref) on tokens sampled from π.
+
+    logp, ref_logp: same shape (log-probs of the sampled tokens). With d = ref − logp the value
+    is exp(d) − d − 1, which is ≥ 0 everywhere and 0 iff logp == ref_logp; its expectation
+    under π is the exact KL.
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, old_logp, advantages, clip_eps):
+    """Elementwise PPO-clipped surrogate loss.
+
+    logp: [...] log-probs under the current policy (with grad); old_logp: same shape, from the
+    policy that sampled (treated as a constant); advantages: broadcastable to logp (e.g. [R, 1]
+    against [R, T]), treated as a constant.
+    ratio = exp(logp − old_logp); loss = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A).
+    Returns (loss [...], clipped [...] bool): clipped is True where the clipped term is strictly
+    the smaller one, i.e. where the gradient through the ratio is cut off.
+    """
+    adv = advantages.detach()
+    ratio = torch.exp(logp - old_logp.detach())
+    unclipped_obj = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    loss = -torch.minimum(unclipped_obj, clipped_obj)
+    clipped = (clipped_obj < unclipped_obj).detach()
+    return loss, clipped
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is nonzero; empty selections give 0, not NaN.
+
+    x: any shape; mask: broadcastable to x. dim None -> scalar; otherwise reduce that dim.
+    """
+    m = _as_bool(mask).expand_as(x)
+    total = _zero_where_masked(x, m)
+    if dim is None:
+        return total.sum() / m.sum().clamp(min=1)
+    return total.sum(dim=dim) / m.sum(dim=dim).clamp(min=1)
+
+
+def aggregate_token_loss(per_token, mask, loss_type, max_len=None):
+    """Reduce a [R, T] per-token loss to a scalar.
+
+    - ``grpo``: mean over each reply's own tokens (count clamped ≥ 1), then mean over replies;
+      every reply weighs the same whatever its length.
+    - ``dr_grpo``: sum over all real tokens / (R × max_len); max_len is the generation max
+      length (defaults to T), a constant, so no per-length normalization bias.
+    - ``dapo``: sum over all real tokens / number of real tokens (clamped ≥ 1); every token
+      weighs the same.
+    """
+    if per_token.dim() != 2 or per_token.shape != mask.shape:
+        raise ValueError(
+            f"per_token and mask must both be [R, T], got {tuple(per_token.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
+    m = _as_bool(mask)
+    x = _zero_where_masked(per_token, m)
+    if loss_type == "grpo":
+        per_reply = x.sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
+        return per_reply.mean()
+    if loss_type == "dr_grpo":
+        length = per_token.shape[1] if max_len is None else max_len
+        if length < 1:
+            raise ValueError(f"max_len must be ≥ 1, got {length}")
+        return x.sum() / (per_token.shape[0] * length)
+    if loss_type == "dapo":
+        return x.sum() / m.sum().clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    clip_eps,
+    kl_coeff,
+    loss_type="grpo",
+    max_len=None,
+):
+    """GRPO loss of the generator.
+
+    logp: [R, T] current log-probs of the sampled tokens (with grad); old_logp: [R, T] from the
+    policy that sampled; ref_logp: [R, T] from the frozen reference, or None; advantages: [R]
+    (one per reply, every token of a reply shares it); mask: [R, T].
+    per-token = clipped_surrogate + kl_coeff · kl_k3(logp, ref_logp), reduced with
+    aggregate_token_loss(loss_type, max_len). ref_logp None or kl_coeff == 0 -> no KL term.
+    Returns (loss scalar, stats) with stats 0-d detached tensors: ``kl`` (masked mean k3; 0 when
+    ref_logp is None), ``clip_frac`` (masked fraction of clipped tokens), ``ratio_mean``,
+    ``ratio_max`` (over real tokens; 1 when there are none).
+    """
+    if advantages.dim() != 1 or advantages.shape[0] != logp.shape[0]:
+        raise ValueError(
+            f"advantages must be [R] with R = {logp.shape[0]}, got {tuple(advantages.shape)}"
+        )
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), clip_eps)
+    m = _as_bool(mask)
+    per_token = surrogate
+    if ref_logp is not None:
+        k3 = kl_k3(logp, ref_logp.detach())
+        if kl_coeff != 0:
+            per_token = per_token + kl_coeff * k3
+        kl_stat = masked_mean(k3.detach(), m)
+    else:
+        kl_stat = torch.zeros((), device=logp.device)
+    loss = aggregate_token_loss(per_token, m, loss_type, max_len)
+    with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)
+        if m.any():
+            ratio_max = ratio[m].max()
+        else:
+            ratio_max = torch.ones((), device=logp.device)
+        stats = {
+            "kl": kl_stat,
+            "clip_frac": masked_mean(clipped.float(), m),
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": ratio_max,
+        }
+    return loss, stats
+
+
+def categorical_kl(logp, ref_logp, dim=-1):
+    """Exact KL(π‖π_ref) = Σ π (log π − log π_ref) along ``dim``.
+
+    logp, ref_logp: log-probability vectors (from log_softmax), same shape. Returns that shape
+    without ``dim``; ≥ 0, and 0 when the two are equal. Entries with π = 0 (logp = −inf, e.g. a
+    padded pool slot) contribute 0, and give no NaN gradient.
+    """
+    support = logp > float("-inf")
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    lp = torch.where(support, logp, zero)
+    ref = torch.where(support, ref_logp, zero)
+    terms = torch.where(support, torch.exp(lp) * (lp - ref), zero)
+    return terms.sum(dim=dim)
+
+
+@torch.no_grad()
+def sample_without_replacement(logits, k, generator=None):
+    """k distinct indices per row, drawn from softmax(logits) without replacement.
+
+    logits: [B, M] (pass score/τ to sample at temperature τ); −inf marks unusable entries.
+    Gumbel-top-k: the k largest of logits + Gumbel noise are distributed as k successive draws
+    without replacement, in draw order (column 0 is the first draw). generator: an optional
+    torch.Generator on logits' device, for reproducible draws. Returns [B, k] long.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, M], got {tuple(logits.shape)}")
+    available = int((logits > float("-inf")).sum(dim=-1).min()) if logits.numel() else 0
+    if k < 1 or k > available:
+        raise ValueError(
+            f"cannot draw k={k} distinct items from rows with {available} usable entries "
+            f"(pool size {logits.shape[-1]})"
+        )
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    # The clamp keeps log(0) from producing an infinite key (probability ~2^-24 per entry).
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+    return torch.topk(logits.float() + gumbel, k, dim=-1).indices
+
+
+def retriever_policy_loss(
+    pool_logp,
+    old_sampled_logp,
+    ref_pool_logp,
+    sampled_idx,
+    advantages,
+    clip_eps,
+    kl_coeff,
+):
+    """GRPO loss of the retriever over its candidate pool.
+
+    pool_logp: [B, M] log_softmax(score/τ) over each query's pool (with grad);
+    old_sampled_logp: [B, k] log-probs of the sampled stories under the sampling retriever,
+    from the SAME pool and temperature (so the ratio is 1 on the first update);
+    ref_pool_logp: [B, M] from the frozen reference retriever, or None; sampled_idx: [B, k];
+    advantages: [B, k] (normalized across the k stories of a query).
+    loss = mean over B·k of the clipped surrogate + kl_coeff · mean over B of the exact
+    categorical KL(π_θ‖π_ref) over the pool. Returns (loss, stats) with ``kl``, ``clip_frac``,
+    ``ratio_mean`` (0-d detached tensors).
+    """
+    if sampled_idx.shape != old_sampled_logp.shape or sampled_idx.shape != advantages.shape:
+        raise ValueError(
+            f"sampled_idx, old_sampled_logp and advantages must share shape [B, k], got "
+            f"{tuple(sampled_idx.shape)}, {tuple(old_sampled_logp.shape)}, "
+            f"{tuple(advantages.shape)}"
+        )
+    sampled_logp = pool_logp.gather(-1, sampled_idx.long())
+    surrogate, clipped = clipped_surrogate(sampled_logp, old_sampled_logp, advantages, clip_eps)
+    loss = surrogate.mean()
+    if ref_pool_logp is not None:
+        kl = categorical_kl(pool_logp, ref_pool_logp.detach()).mean()
+        if kl_coeff != 0:
+            loss = loss + kl_coeff * kl
+        kl_stat = kl.detach()
+    else:
+        kl_stat = torch.zeros((), device=pool_logp.device)
+    with torch.no_grad():
+        stats = {
+            "kl": kl_stat,
+            "clip_frac": clipped.float().mean(),
+            "ratio_mean": torch.exp(sampled_logp - old_sampled_logp).mean(),
+        }
+    return loss, stats
+
+
+def sequence_logprob(token_logp, mask):
+    """log p(reply) = sum of the real tokens' log-probs. token_logp, mask: [R, T] -> [R]."""
+    return _zero_where_masked(token_logp, mask).sum(dim=-1)
+
+
+def reinforce_loss(seq_logp, rewards):
+    """REINFORCE with a mean-reward baseline: loss = mean(−(r − b) · log p), b = mean(r).
+
+    seq_logp: [R] log-probability of each sampled reply (with grad); rewards: [R].
+    Descending this loss raises log p of above-baseline replies and lowers the others (the
+    original minimized −R·NLL, which has the opposite sign). Returns (loss, stats) with
+    ``reward_mean`` and ``seq_logp_mean`` (0-d detached tensors).
+    """
+    if seq_logp.shape != rewards.shape:
+        raise ValueError(
+            f"seq_logp and rewards must have the same shape, got {tuple(seq_logp.shape)} "
+            f"and {tuple(rewards.shape)}"
+        )
+    r = rewards.detach().to(seq_logp.dtype)
+    baseline = r.mean()
+    loss = -((r - baseline) * seq_logp).mean()
+    stats = {"reward_mean": baseline.detach(), "seq_logp_mean": seq_logp.detach().mean()}
+    return loss, stats

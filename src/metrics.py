@@ -1,0 +1,152 @@
+"""Corpus-level text metrics with LAPDOG's definitions.
+
+One module serves compute_metrics.py, evaluate.py and the in-loop evaluation so the three
+can never disagree. Definitions (lapdog-behaviour.md, "Evaluation and metrics"):
+
+- every "R:" is removed from prediction and reference, then surrounding whitespace;
+- ``bleu``: sacreBLEU corpus BLEU, default 13a tokenization, cased;
+- ``rouge1/rouge2/rougeL``: F-scores of the ``rouge`` package (1.0.1) per example, x100,
+  averaged; an empty prediction or a scorer error counts 0 (errors are counted in
+  ``rouge_errors``, empty predictions in ``empty_predictions``);
+- ``f1`` / ``exact_match``: SQuAD-normalized token F1 / exact match, x100, averaged;
+- ``dist1/dist2``: distinct n-grams / all n-grams over all generations (whitespace tokens), x100;
+- ``length_ratio``: total hypothesis words / total reference words (a plain ratio, not x100).
+"""
+
+import re
+import string
+from collections import Counter
+
+from rouge import Rouge
+from sacrebleu.metrics import BLEU
+
+_ROUGE = Rouge()
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def strip_speaker(text: str) -> str:
+    """Remove every "R:" speaker tag and the surrounding whitespace."""
+    return text.replace("R:", "").strip()
+
+
+def squad_normalize(s: str) -> str:
+    """SQuAD answer normalization: lowercase, drop punctuation, drop a/an/the, collapse spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(pred: str, ref: str) -> float:
+    """Token F1 (0-1) between SQuAD-normalized pred and ref; 0 when nothing overlaps."""
+    pred_tokens = squad_normalize(pred).split()
+    ref_tokens = squad_normalize(ref).split()
+    same = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_exact_match(pred: str, ref: str) -> float:
+    """1.0 when the SQuAD-normalized strings are equal, else 0.0."""
+    return float(squad_normalize(pred) == squad_normalize(ref))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (0-1): unique n-grams / all n-grams, n-grams taken within each text.
+
+    Tokens are whitespace-split after removing "R:". Returns 0.0 when there is no n-gram.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n needs n >= 1, got {n}")
+    seen = set()
+    total = 0
+    for text in texts:
+        tokens = strip_speaker(text).split()
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def _rouge_f(pred: str, ref: str):
+    """(r1, r2, rL) F-scores in 0-1 and whether the scorer failed.
+
+    The rouge package raises on a reference with no words and can hit the recursion limit on
+    very long texts; LAPDOG scores such an example 0, and so do we, but report it.
+    """
+    try:
+        s = _ROUGE.get_scores(pred, ref)[0]
+    except Exception:  # "any scorer error counts 0" is part of the metric's definition
+        return (0.0, 0.0, 0.0), True
+    return (s["rouge-1"]["f"], s["rouge-2"]["f"], s["rouge-l"]["f"]), False
+
+
+def compute_metrics(generations: list[str], references: list[str]) -> dict:
+    """Corpus metrics of N generations against N references (one reference each).
+
+    Returns floats ``bleu, f1, rouge1, rouge2, rougeL, dist1, dist2, exact_match`` (x100),
+    ``length_ratio`` (plain ratio; 0.0 when the references have no words), and ints ``n``,
+    ``rouge_errors`` (examples where the rouge scorer raised, scored 0) and
+    ``empty_predictions`` (predictions empty after stripping, scored 0 by ROUGE).
+    With N = 0 every score is 0.0.
+    """
+    if len(generations) != len(references):
+        raise ValueError(
+            f"compute_metrics got {len(generations)} generations but {len(references)} references"
+        )
+    preds = [strip_speaker(g) for g in generations]
+    refs = [strip_speaker(r) for r in references]
+    n = len(preds)
+    out = {"n": n, "rouge_errors": 0, "empty_predictions": 0}
+    if n == 0:
+        for key in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2",
+                    "exact_match", "length_ratio"):
+            out[key] = 0.0
+        return out
+
+    # ConvAI2 replies are pre-tokenized ("... ."); force=True only silences sacreBLEU's warning
+    # about that, the score is unchanged.
+    out["bleu"] = float(BLEU(force=True).corpus_score(preds, [refs]).score)
+
+    r1 = r2 = rl = 0.0
+    for p, r in zip(preds, refs):
+        if not p:
+            out["empty_predictions"] += 1
+            continue
+        (a, b, c), failed = _rouge_f(p, r)
+        out["rouge_errors"] += int(failed)
+        r1, r2, rl = r1 + a, r2 + b, rl + c
+    out["rouge1"] = 100.0 * r1 / n
+    out["rouge2"] = 100.0 * r2 / n
+    out["rougeL"] = 100.0 * rl / n
+
+    out["f1"] = 100.0 * sum(squad_f1(p, r) for p, r in zip(preds, refs)) / n
+    out["exact_match"] = 100.0 * sum(squad_exact_match(p, r) for p, r in zip(preds, refs)) / n
+    out["dist1"] = 100.0 * distinct_n(preds, 1)
+    out["dist2"] = 100.0 * distinct_n(preds, 2)
+
+    hyp_words = sum(len(p.split()) for p in preds)
+    ref_words = sum(len(r.split()) for r in refs)
+    out["length_ratio"] = hyp_words / ref_words if ref_words else 0.0
+    return out
+
+
+def format_metrics(d: dict) -> str:
+    """One readable line, e.g. ``BLEU 1.23 | F1 15.00 | ... | len ratio 0.950 | n 100``."""
+    parts = []
+    for key, label in (("bleu", "BLEU"), ("f1", "F1"), ("rouge1", "R-1"), ("rouge2", "R-2"),
+                       ("rougeL", "R-L"), ("dist1", "Dist-1"), ("dist2", "Dist-2"),
+                       ("exact_match", "EM")):
+        if key in d:
+            parts.append(f"{label} {d[key]:.2f}")
+    if "length_ratio" in d:
+        parts.append(f"len ratio {d['length_ratio']:.3f}")
+    if "n" in d:
+        parts.append(f"n {d['n']}")
+    if d.get("rouge_errors"):
+        parts.append(f"rouge errors {d['rouge_errors']}")
+    return " | ".join(parts)

@@ -1,0 +1,450 @@
+"""Experiment tracking: console + ``run.log``, ``metrics.jsonl``, ``samples.jsonl`` and W&B.
+
+Only rank 0 writes anything. Files written under ``checkpoint_dir`` (all appended to, so a
+resumed run continues the same files; when a run crashes after logging a step but before
+the checkpoint of that step, the resumed run logs that step again: readers keep the last line
+per step):
+
+- ``run.log``: every console line, with a timestamp.
+- ``metrics.jsonl``: one JSON object per :meth:`Tracker.log` call, ``{"step": N, key: value...}``,
+  flushed at once. Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and
+  ``"-Infinity"`` (always, so the file stays strict JSON and a reader can tell NaN from inf;
+  Python's ``float()`` parses all three back).
+- ``samples.jsonl``: one JSON object per sample row, ``{"step": N, **row}``.
+- ``summary.json``: the final numbers (merged over :meth:`Tracker.log_summary` calls).
+- ``wandb_run_id.txt``: the W&B run id, so a resumed run continues the same W&B run.
+
+Console/file lines go through the named logger ``"lapdog"`` (not the root logger); other
+modules may log to ``logging.getLogger("lapdog.something")`` and their lines reach the same
+console and file. The newest Tracker of a process owns that logger's handlers: creating a
+second Tracker replaces the first one's handlers instead of duplicating them.
+"""
+
+import json
+import logging
+import math
+import netrc
+import os
+import resource
+import secrets
+import sys
+import time
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import torch
+
+from src.errors import flag_error
+
+LOGGER_NAME = "lapdog"
+DEFAULT_WANDB_PROJECT = "lapdog-grpo"
+RUN_ID_FILE = "wandb_run_id.txt"
+_HANDLER_TAG = "_lapdog_tracker_handler"
+
+
+# --------------------------------------------------------------------------------------------
+# Value conversion and formatting
+
+
+def _to_python(v):
+    """A JSON/W&B-friendly scalar: one-element tensors and numpy scalars become Python numbers."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"only one-element tensors can be logged, got shape {tuple(v.shape)}")
+        return v.detach().item()
+    if hasattr(v, "item"):  # numpy scalars and 0-d arrays
+        return v.item()
+    raise TypeError(f"cannot log a value of type {type(v).__name__}: {v!r}")
+
+
+def _json_safe(v):
+    """Non-finite floats as ``"NaN"``/``"Infinity"``/``"-Infinity"`` so the line stays strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        if math.isnan(v):
+            return "NaN"
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+def format_value(v):
+    """Compact human-readable text for one number: ``2.345``, ``12.3``, ``1.0e-04``, ``1234``.
+
+    Integers are printed whole; floats with 4 significant digits, in scientific notation when
+    tiny (< 1e-3, e.g. learning rates) or huge (>= 1e5); ``nan``/``inf`` as such; tensors and
+    numpy scalars are converted first; anything else with ``str``.
+    """
+    if isinstance(v, torch.Tensor) or (hasattr(v, "item") and not isinstance(v, (str, bytes))):
+        v = _to_python(v)
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        a = abs(v)
+        if a == 0.0:
+            return "0"
+        if a < 1e-3 or a >= 1e5:
+            return f"{v:.1e}"
+        if a >= 1000:
+            return f"{v:.0f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _key_group(key):
+    """Sort rank of a metric key on the console line: losses, rewards, the rest, lr, time, speed, memory."""
+    k = key.lower()
+    if k.startswith("loss") or "/loss" in k:
+        return 0
+    if k.startswith("reward"):
+        return 1
+    if k.startswith("lr"):
+        return 3
+    if k.startswith("time/"):
+        return 4
+    if k.endswith("/s") or k.endswith("per_sec") or k.startswith("throughput"):
+        return 5
+    if _is_memory_key(k):
+        return 6
+    return 2
+
+
+def _is_memory_key(key):
+    k = key.lower()
+    return k == "mem" or k.startswith("mem/") or k.startswith("memory") or k.endswith("_mb")
+
+
+def format_line(step, values):
+    """``step 20 | loss/reader 2.345 | lr/reader 1.0e-04 | ex/s 12.3 | mem 512MB``.
+
+    Keys keep the caller's order within their group (see ``_key_group``); ``time/*`` values are
+    seconds (``1.23s``) and memory keys (``mem``, ``mem/*``, ``memory*``, ``*_mb``) megabytes.
+    """
+    keys = sorted(values, key=lambda k: _key_group(k))  # stable: caller's order within a group
+    parts = [f"step {step}"]
+    for k in keys:
+        v = values[k]
+        if _is_memory_key(k) and isinstance(v, (int, float)) and math.isfinite(v):
+            text = f"{v:.0f}MB"
+        elif k.lower().startswith("time/") and isinstance(v, (int, float)):
+            text = f"{format_value(float(v))}s"
+        else:
+            text = format_value(v)
+        parts.append(f"{k} {text}")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and timing
+
+
+def _is_cuda(device):
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def peak_memory_mb(device):
+    """Peak memory in MB: CUDA max allocated for a cuda device, else the process's peak RSS."""
+    if _is_cuda(device):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is kilobytes on Linux but bytes on macOS.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class Timer:
+    """Wall-clock timer; a context manager (``with Timer(device) as t: ...; t.elapsed``).
+
+    On a cuda device the stream is synchronized on entry and exit, so queued kernels are
+    charged to the block that launched them rather than to whatever waits on them later.
+    ``elapsed`` is the last block's seconds, ``total`` the sum over all blocks.
+    """
+
+    def __init__(self, device=None):
+        self.device = device
+        self.elapsed = 0.0
+        self.total = 0.0
+        self._start = None
+
+    def _sync(self):
+        if _is_cuda(self.device):
+            torch.cuda.synchronize(torch.device(self.device))
+
+    def __enter__(self):
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._sync()
+        self.elapsed = time.perf_counter() - self._start
+        self.total += self.elapsed
+        self._start = None
+        return False
+
+
+@contextmanager
+def timed(stats, key, device=None):
+    """Add the wall seconds of the block to ``stats[key]`` (created at 0.0), e.g. ``time/sampling``."""
+    timer = Timer(device)
+    try:
+        with timer:
+            yield timer
+    finally:
+        stats[key] = stats.get(key, 0.0) + timer.elapsed
+
+
+# --------------------------------------------------------------------------------------------
+# W&B helpers
+
+
+def _wandb_host():
+    base = os.environ.get("WANDB_BASE_URL")
+    return (urlparse(base).hostname if base else None) or "api.wandb.ai"
+
+
+def wandb_api_key_available():
+    """True when ``WANDB_API_KEY`` is set or the netrc file has an entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.isfile(path):
+        return False
+    try:
+        return netrc.netrc(path).authenticators(_wandb_host()) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+class _StdStreamHandler(logging.StreamHandler):
+    """Writes to the *current* ``sys.stdout``/``sys.stderr``, so redirections made after the
+    Tracker was created (pytest capture, W&B console wrapping) still see the lines."""
+
+    def __init__(self, name):
+        super().__init__(getattr(sys, name))
+        self._name = name
+
+    def emit(self, record):
+        self.stream = getattr(sys, self._name)
+        super().emit(record)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracker
+
+
+class Tracker:
+    """Console/file logging, ``metrics.jsonl``, ``samples.jsonl`` and optional W&B for one run.
+
+    On ranks other than 0 every method is a no-op, except :meth:`warning`, which prints
+    ``[rank r] ...`` to stderr (``info`` stays silent to keep the console clean).
+    """
+
+    def __init__(self, checkpoint_dir, run_name, options, rank=0, use_wandb=False,
+                 wandb_project=None, wandb_entity=None, wandb_run_name=None):
+        self.checkpoint_dir = str(checkpoint_dir)
+        self.run_name = run_name
+        self.rank = rank
+        self.is_main = rank == 0
+        if options is None:
+            options = {}
+        # An argparse Namespace is accepted as well as a dict.
+        self.options = dict(options) if isinstance(options, dict) else dict(vars(options))
+        self.use_wandb = bool(use_wandb) and self.is_main
+        self.wandb_run = None
+        self.wandb_run_dir = None
+        self._wandb = None
+        self._metrics_file = None
+        self._samples_file = None
+        self._closed = False
+
+        self._logger = logging.getLogger(LOGGER_NAME)
+        self._logger.propagate = False  # the root logger would print every line a second time
+        self._logger.setLevel(logging.INFO)
+        self._handlers = []
+        self._install_handlers()
+
+        if not self.is_main:
+            return
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        self._metrics_file = open(os.path.join(self.checkpoint_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if self.use_wandb:
+            self._init_wandb(wandb_project or DEFAULT_WANDB_PROJECT, wandb_entity,
+                             wandb_run_name or run_name)
+
+    # ---- logging setup ---------------------------------------------------------------------
+
+    def _install_handlers(self):
+        for h in list(self._logger.handlers):
+            if getattr(h, _HANDLER_TAG, False):
+                self._logger.removeHandler(h)
+                h.close()
+        datefmt = "%Y-%m-%d %H:%M:%S"
+        if self.is_main:
+            fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt=datefmt)
+            console = _StdStreamHandler("stdout")
+            console.setLevel(logging.INFO)
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            file = logging.FileHandler(os.path.join(self.checkpoint_dir, "run.log"), mode="a",
+                                       encoding="utf-8")
+            file.setLevel(logging.INFO)
+            handlers = [console, file]
+        else:
+            fmt = logging.Formatter(f"[rank {self.rank}] %(asctime)s | %(message)s", datefmt=datefmt)
+            console = _StdStreamHandler("stderr")
+            console.setLevel(logging.WARNING)
+            handlers = [console]
+        for h in handlers:
+            h.setFormatter(fmt)
+            setattr(h, _HANDLER_TAG, True)
+            self._logger.addHandler(h)
+        self._handlers = handlers
+
+    # ---- W&B -------------------------------------------------------------------------------
+
+    def _init_wandb(self, project, entity, name):
+        import wandb  # lazily: runs without W&B do not pay for the import
+
+        self._wandb = wandb
+        wandb_dir = os.environ.get("WANDB_DIR") or self.checkpoint_dir
+        os.makedirs(wandb_dir, exist_ok=True)
+        mode = None  # None lets wandb read WANDB_MODE itself
+        no_key = False
+        if not os.environ.get("WANDB_MODE") and not wandb_api_key_available():
+            mode, no_key = "offline", True
+
+        id_path = os.path.join(self.checkpoint_dir, RUN_ID_FILE)
+        run_id = None
+        if os.path.isfile(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip() or None
+        if run_id is None:
+            run_id = secrets.token_hex(4)
+
+        try:
+            run = wandb.init(project=project, entity=entity, name=name, config=self.options,
+                             dir=wandb_dir, id=run_id, resume="allow", mode=mode)
+        except wandb.errors.Error as exc:
+            raise flag_error("--use_wandb", f"W&B could not start a run ({exc})",
+                             "run `wandb login`, or set WANDB_MODE=offline (sync later) or "
+                             "WANDB_MODE=disabled") from exc
+        self.wandb_run = run
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run.id + "\n")
+        # run.dir is ".../wandb/offline-run-DATE-ID/files"; the run directory is its parent.
+        self.wandb_run_dir = os.path.dirname(run.dir) if run.dir else None
+        if run.settings.mode == "offline":
+            why = ("no W&B API key found (WANDB_API_KEY or an api.wandb.ai entry in ~/.netrc)"
+                   if no_key else "WANDB_MODE=offline")
+            self.info(f"W&B: {why}; logging offline to {self.wandb_run_dir} — "
+                      f"upload later with: wandb sync {self.wandb_run_dir}")
+        else:
+            self.info(f"W&B: run {run.id} ({run.settings.mode})")
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def info(self, msg):
+        """One line on the console and in ``run.log`` (rank 0 only)."""
+        if self.is_main:
+            self._logger.info(msg)
+
+    def warning(self, msg):
+        """A warning: console + ``run.log`` on rank 0; ``[rank r]`` on stderr on other ranks."""
+        self._logger.warning(f"warning: {msg}")
+
+    def log(self, step, values):
+        """Append ``{"step": step, **values}`` to metrics.jsonl (flushed), print one line, W&B log.
+
+        ``values``: str -> number (Python, numpy scalar or one-element tensor), str or None.
+        """
+        if not self.is_main:
+            return
+        self._check_open()
+        clean = {str(k): _to_python(v) for k, v in values.items()}
+        record = {"step": int(step)}
+        record.update({k: _json_safe(v) for k, v in clean.items()})
+        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metrics_file.flush()  # a crash right after this call loses nothing
+        self._logger.info(format_line(step, clean))
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=int(step))
+
+    def log_samples(self, step, rows, key="samples"):
+        """Rows (dicts, e.g. prompt/reply/reward) to samples.jsonl and, with W&B, a ``wandb.Table``.
+
+        The table's columns are the keys in order of first appearance; missing cells are None.
+        """
+        if not self.is_main or not rows:
+            return
+        self._check_open()
+        clean_rows = [{str(k): _to_python(v) for k, v in row.items()} for row in rows]
+        if self._samples_file is None:
+            self._samples_file = open(os.path.join(self.checkpoint_dir, "samples.jsonl"), "a",
+                                      encoding="utf-8")
+        for row in clean_rows:
+            rec = {"step": int(step)}
+            rec.update({k: _json_safe(v) for k, v in row.items()})
+            self._samples_file.write(json.dumps(rec, allow_nan=False, ensure_ascii=False) + "\n")
+        self._samples_file.flush()
+        if self.wandb_run is not None:
+            columns = list(dict.fromkeys(k for row in clean_rows for k in row))
+            table = self._wandb.Table(columns=columns,
+                                      data=[[row.get(c) for c in columns] for row in clean_rows])
+            self.wandb_run.log({key: table}, step=int(step))
+
+    def log_summary(self, values):
+        """Final numbers: merged into ``summary.json`` and the W&B run summary, and printed."""
+        if not self.is_main:
+            return
+        self._check_open()
+        clean = {str(k): _to_python(v) for k, v in values.items()}
+        path = os.path.join(self.checkpoint_dir, "summary.json")
+        summary = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+        summary.update({k: _json_safe(v) for k, v in clean.items()})
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)  # never leave a half-written summary
+        self._logger.info("summary | " + " | ".join(f"{k} {format_value(v)}" for k, v in clean.items()))
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(clean)
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("Tracker is closed: log before close()")
+
+    def close(self, exit_code=0):
+        """Finish the W&B run, close the files and detach this Tracker's log handlers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+        for f in (self._metrics_file, self._samples_file):
+            if f is not None:
+                f.close()
+        self._metrics_file = self._samples_file = None
+        for h in self._handlers:
+            if h in self._logger.handlers:
+                self._logger.removeHandler(h)
+            h.close()
+        self._handlers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # A run that died with an exception is marked failed in W&B.
+        self.close(exit_code=0 if exc_type is None else 1)
+        return False

@@ -1,0 +1,147 @@
+"""Metrics against hand-computed values, and compute_metrics.py end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from src.metrics import (compute_metrics, distinct_n, format_metrics, squad_f1, squad_normalize,
+                         strip_speaker)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "compute_metrics.py")
+
+
+def test_strip_speaker_and_normalize():
+    assert strip_speaker("  R: hi R:there ") == "hi there"
+    assert squad_normalize("The Cat, sat!  on a mat.") == "cat sat on mat"
+    assert squad_normalize("An apple") == "apple"
+    # articles only as whole words
+    assert squad_normalize("theatre answer") == "theatre answer"
+
+
+def test_squad_f1_by_hand():
+    # normalized: "cat sat" vs "cat sat down": P = 2/2, R = 2/3 -> F1 = 0.8
+    assert squad_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)
+    assert squad_f1("dog", "cat") == 0.0
+    assert squad_f1("", "cat") == 0.0
+    # multiset overlap: "x x y" vs "x z": 1 shared -> P 1/3, R 1/2 -> 0.4
+    assert squad_f1("x x y", "x z") == pytest.approx(0.4)
+
+
+def test_distinct_n_by_hand():
+    texts = ["R: a b a", "a b"]
+    # unigrams a b a a b: 2 distinct of 5
+    assert distinct_n(texts, 1) == pytest.approx(2 / 5)
+    # bigrams (a b) (b a) (a b): 2 distinct of 3
+    assert distinct_n(texts, 2) == pytest.approx(2 / 3)
+    assert distinct_n(["one"], 2) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(texts, 0)
+
+
+def test_identical_corpus_is_perfect():
+    refs = ["i like to hike with my dog .", "R: my favorite color is blue"]
+    m = compute_metrics(refs, refs)
+    assert m["bleu"] == pytest.approx(100.0)
+    assert m["f1"] == pytest.approx(100.0)
+    assert m["exact_match"] == pytest.approx(100.0)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert m[k] == pytest.approx(100.0, abs=1e-4)
+    assert m["length_ratio"] == pytest.approx(1.0)
+    assert m["n"] == 2 and m["rouge_errors"] == 0
+
+
+def test_corpus_bleu_by_hand_and_cased():
+    # all n-gram precisions 1, hyp 4 words vs ref 5: BP = exp(1 - 5/4)
+    m = compute_metrics(["a b c d"], ["a b c d e"])
+    assert m["bleu"] == pytest.approx(100 * math.exp(-0.25))
+    assert compute_metrics(["Hello there my friend"], ["hello there my friend"])["bleu"] < 99
+
+
+def test_rouge_and_length_ratio_by_hand():
+    # "a b c d" vs "a c d e f": R1 P 3/4 R 3/5 -> 2/3; bigrams {ab,bc,cd} vs {ac,cd,de,ef}:
+    # P 1/3 R 1/4 -> 2/7; LCS "a c d" = 3 -> 2/3
+    m = compute_metrics(["a b c d"], ["a c d e f"])
+    assert m["rouge1"] == pytest.approx(200 / 3, abs=1e-4)
+    assert m["rouge2"] == pytest.approx(200 / 7, abs=1e-4)
+    assert m["rougeL"] == pytest.approx(200 / 3, abs=1e-4)
+    assert m["length_ratio"] == pytest.approx(4 / 5)
+    m = compute_metrics(["R: a b c", "d"], ["a b", "c d e f"])
+    assert m["length_ratio"] == pytest.approx(4 / 6)
+
+
+def test_empty_prediction_and_scorer_error_count_zero():
+    m = compute_metrics(["R:", "a b"], ["x y", "a b"])
+    assert m["rouge1"] == pytest.approx(50.0, abs=1e-4)
+    assert m["empty_predictions"] == 1 and m["rouge_errors"] == 0
+    # a reference of only "." has no sentence for the rouge package: it raises, we score 0
+    m = compute_metrics(["a b", "a b"], [".", "a b"])
+    assert m["rouge_errors"] == 1
+    assert m["rougeL"] == pytest.approx(50.0, abs=1e-4)
+
+
+def test_mismatch_empty_and_format():
+    with pytest.raises(ValueError):
+        compute_metrics(["a"], [])
+    z = compute_metrics([], [])
+    assert z["n"] == 0 and z["bleu"] == 0.0 and z["length_ratio"] == 0.0
+    line = format_metrics(compute_metrics(["a b"], ["a b"]))
+    assert "\n" not in line and "F1 100.00" in line and "n 1" in line and line.startswith("BLEU ")
+
+
+def _write(path, lines):
+    path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    return str(path)
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def test_script_end_to_end(tmp_path):
+    rows = [{"query": "q", "answers": ["R: i like dogs"], "generation": "i like cats"},
+            {"query": "q", "answers": ["my car is red", "x"], "generation": "R: my car is red"},
+            {"answer": "hello there", "generation": "hello"}]
+    path = _write(tmp_path / "res.jsonl", [json.dumps(r) for r in rows] + [""])
+    out = _run([path, "--json"], cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "ROUGE-L" in out.stdout and "Dist-2" in out.stdout and "length ratio" in out.stdout
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = compute_metrics(["i like cats", "my car is red", "hello"],
+                           ["i like dogs", "my car is red", "hello there"])
+    for k in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "length_ratio"):
+        assert got[k] == pytest.approx(want[k])
+    assert got["length_ratio"] == pytest.approx(8 / 9)
+    plain = _run([path], cwd="/")
+    assert plain.returncode == 0 and not plain.stdout.strip().splitlines()[-1].startswith("{")
+
+
+def test_script_bad_json_exits_2(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", ['{"generation": "a", "answers": ["b"]}', "{not json"])
+    out = _run([path], cwd=str(tmp_path))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:2: invalid JSON")
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("content, where, problem", [
+    (None, "", "file not found"),
+    ("", "", "no results"),
+    ('{"answers": ["b"]}', ":1", "'generation'"),
+    ('{"generation": "a"}', ":1", "no 'answers'"),
+    ('{"generation": "a", "answers": []}', ":1", "'answers'"),
+    ('[1, 2]', ":1", "not a JSON object"),
+])
+def test_script_bad_inputs_in_process(tmp_path, capsys, content, where, problem):
+    import compute_metrics as cm
+    path = tmp_path / "r.jsonl"
+    if content is not None:
+        path.write_text(content + "\n", encoding="utf-8")
+    assert cm.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}{where}: ") and problem in err[0]

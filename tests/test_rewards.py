@@ -1,0 +1,110 @@
+"""Per-reply rewards against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from src.errors import UsageError
+from src.rewards import (DEFAULT_SCALE, grpo_reward, lapdog_gold_scores, length_penalty,
+                         parse_metric_scale_factors, reply_scores, rouge_l, scale_tuple,
+                         sentence_bleu, token_f1)
+
+
+def test_sentence_bleu():
+    assert sentence_bleu("i like my dog", "i like my dog") == pytest.approx(100.0)
+    # effective order: hyp has no 4-gram, 1..3-gram precisions are 1; BP = exp(1 - 4/3)
+    assert sentence_bleu("a b c", "a b c d") == pytest.approx(100 * math.exp(-1 / 3))
+    assert sentence_bleu("", "a b") == 0.0
+    assert sentence_bleu("Dog", "dog") < 100  # cased
+
+
+def test_token_f1_unnormalized():
+    # "The" != "the" and no article removal: overlap {cat, sat}: P 2/3, R 2/4 -> 4/7
+    assert token_f1("The cat sat", "the cat sat down") == pytest.approx(4 / 7)
+    assert token_f1("a a b", "a c") == pytest.approx(0.4)  # multiset: one "a" shared
+    assert token_f1("", "a") == 0.0 and token_f1("a", "") == 0.0 and token_f1("x", "y") == 0.0
+
+
+def test_rouge_l_by_hand():
+    # LCS("a b c d", "a c d e f") = "a c d" = 3: P 3/4, R 3/5 -> F 2/3
+    assert rouge_l("a b c d", "a c d e f") == pytest.approx(2 / 3, rel=1e-6)
+    assert rouge_l("", "a") == 0.0 and rouge_l("a", "  ") == 0.0
+    assert rouge_l("a b", ".") == 0.0  # the scorer raises on a sentence-less reference
+
+
+def test_length_penalty_values():
+    assert length_penalty(5, 10, 1.0) == pytest.approx(math.exp(-2 * 0.5))  # short: 2s
+    assert length_penalty(15, 10, 1.0) == pytest.approx(math.exp(-0.5))
+    assert length_penalty(10, 10, 3.0) == 1.0
+    assert length_penalty(3, 10, 0.0) == 1.0 and length_penalty(0, 0, 0.0) == 1.0
+    assert length_penalty(0, 0, 1.0) == pytest.approx(math.exp(-2.0))  # r treated as 1
+    assert length_penalty(2, 0, 1.0) == pytest.approx(math.exp(-1.0))
+    with pytest.raises(ValueError):
+        length_penalty(1, 1, -0.5)
+
+
+def test_reply_scores_strip_speaker():
+    s = reply_scores(["R: a b c d", "x"], ["a c d e f", "R: y z"])
+    assert set(s) == {"bleu", "f1", "rouge", "hyp_len", "ref_len"}
+    assert s["hyp_len"] == [4.0, 1.0] and s["ref_len"] == [5.0, 2.0]
+    assert s["f1"][0] == pytest.approx(2 / 3) and s["rouge"][0] == pytest.approx(2 / 3, rel=1e-6)
+    assert s["f1"][1] == 0.0 and s["bleu"][1] == 0.0
+    with pytest.raises(ValueError):
+        reply_scores(["a"], [])
+
+
+def test_grpo_reward_formula():
+    hyps, refs = ["a b c d", "x", "a b c d e f"], ["a c d e f"] * 3
+    out = grpo_reward(hyps, refs, scale=(0.01, 1.0, 1.0), length_penalty_strength=1.0)
+    for k in ("reward", "bleu", "f1", "rouge", "length_ratio", "length_penalty"):
+        assert out[k].dtype == torch.float32 and out[k].shape == (3,)
+    bleu0 = sentence_bleu("a b c d", "a c d e f")
+    lp0 = math.exp(-2 * 1.0 * 0.2)  # h 4 < r 5
+    assert out["length_penalty"][0].item() == pytest.approx(lp0, rel=1e-6)
+    assert out["reward"][0].item() == pytest.approx((0.01 * bleu0 + 2 / 3 + 2 / 3) * lp0, rel=1e-5)
+    assert out["reward"][1].item() == 0.0
+    assert out["length_ratio"].tolist() == pytest.approx([0.8, 0.2, 1.2])
+    assert out["length_penalty"][2].item() == pytest.approx(math.exp(-0.2), rel=1e-6)  # long: s
+    # no batch normalization: a reply's reward does not depend on the others
+    alone = grpo_reward(hyps[:1], refs[:1], length_penalty_strength=1.0)["reward"]
+    assert alone[0].item() == pytest.approx(out["reward"][0].item())
+    # scale_rouge multiplies ROUGE by 100; strength 0 -> LP exactly 1
+    big = grpo_reward(hyps[:1], refs[:1], scale={"bleu": 0, "f1": 0, "rouge": 1}, scale_rouge=True)
+    assert big["reward"][0].item() == pytest.approx(200 / 3, rel=1e-5)
+    assert big["length_penalty"][0].item() == 1.0
+
+
+def test_lapdog_gold_scores():
+    # every BLEU 0: the normalized BLEU is 0, not NaN
+    z = lapdog_gold_scores(["x", "y z"], ["a", "b c"])
+    assert torch.isfinite(z).all() and z.dtype == torch.float32 and z.shape == (2,)
+    assert z.tolist() == [0.0, 0.0]
+    # BLEU normalized over the call: [b0, b1] / sqrt(b0^2 + b1^2)
+    b = [sentence_bleu("y z", "y w"), sentence_bleu("p q r", "p q r")]
+    g = lapdog_gold_scores(["y z", "p q r"], ["y w", "p q r"], scale=(1.0, 0.0, 0.0))
+    assert g.tolist() == pytest.approx([x / math.hypot(*b) for x in b], rel=1e-6)
+    # two perfect replies: BLEU [100, 100] / L2 norm -> 1/sqrt(2) each, F1 1, ROUGE 1
+    g = lapdog_gold_scores(["my dog is big", "i eat red apples"], ["my dog is big", "i eat red apples"])
+    assert g.tolist() == pytest.approx([1 / math.sqrt(2) + 2] * 2, rel=1e-6)
+    g = lapdog_gold_scores(["my dog is big"], ["my dog is big"], scale=(2.0, 0.0, 1.0), scale_rouge=True)
+    assert g.item() == pytest.approx(2.0 + 100.0, rel=1e-6)
+
+
+def test_parse_metric_scale_factors():
+    assert parse_metric_scale_factors("{'bleu':0.01,'f1':0.01,'rouge':0.01}") == {
+        "bleu": 0.01, "f1": 0.01, "rouge": 0.01}
+    assert parse_metric_scale_factors('{"f1": 2}') == {"bleu": 0.01, "f1": 2.0, "rouge": 1.0}
+    assert parse_metric_scale_factors(None) == DEFAULT_SCALE
+    assert parse_metric_scale_factors("  ") == DEFAULT_SCALE
+    assert scale_tuple({"bleu": 0.5}) == (0.5, 1.0, 1.0)
+    assert scale_tuple(DEFAULT_SCALE) == (0.01, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("bad", ["{'bleu': 'x'}", "__import__('os')", "{'foo':1}", "[1, 2]",
+                                 "{'bleu': -1}", "{'bleu': True}", "{'bleu': 1e999}",
+                                 "{'bleu': float('nan')}", "{bleu: 1}", "{'rouge': None}"])
+def test_parse_metric_scale_factors_rejects(bad):
+    with pytest.raises(UsageError) as info:
+        parse_metric_scale_factors(bad)
+    msg = str(info.value)
+    assert msg.startswith("--metric_scale_factors: ") and "\n" not in msg and " — " in msg
