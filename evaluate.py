@@ -1,0 +1,101 @@
+"""Evaluate a checkpoint: (index) -> generate -> results jsonl + metrics.
+
+    python evaluate.py --model_path ckpt/run/checkpoint/step-N --eval_data valid.jsonl \
+        [--passages stories.jsonl] [--write_results]
+
+The checkpoint's options.json supplies the defaults; options on this command line override them.
+Results go to --checkpoint_dir when it is given, else next to the checkpoint; the path is printed.
+"""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from src import checkpoint, distributed, options  # noqa: E402
+from src.data import load_dialogues, load_passages  # noqa: E402
+from src.errors import flag_error  # noqa: E402
+from src.evaluation import evaluate  # noqa: E402
+from src.lapdog import LapdogModel  # noqa: E402
+from src.metrics import format_metrics  # noqa: E402
+from src.reader import FiDReader  # noqa: E402
+from src.retrieval import StoryRetrieval  # noqa: E402
+from src.retriever import Retriever  # noqa: E402
+from train import entry  # noqa: E402
+
+
+def layered_options(argv):
+    """Defaults <- checkpoint options.json <- this command line."""
+    cli, explicit = options.parse(argv)
+    if not cli.model_path:
+        raise flag_error("--model_path", "is required", "pass a checkpoint folder, e.g. ckpt/run/checkpoint/step-N")
+    model_path = os.path.realpath(cli.model_path)
+    checkpoint.check_model_path(model_path)
+    saved = checkpoint.load_options(model_path)
+    merged = vars(cli)
+    for key, value in saved.items():
+        if key in merged and key not in explicit and key not in options.NOT_INHERITED:
+            merged[key] = value
+    if "passages" in explicit and "closed_book" not in explicit:
+        # Evaluating a closed-book (stage-1) reader with retrieval: the stories given here win.
+        cli.closed_book = False
+    opts = options.validate(cli)
+    opts.model_path = model_path
+    return opts, explicit
+
+
+def results_location(opts, explicit, name):
+    if "checkpoint_dir" in explicit:
+        return os.path.join(opts.checkpoint_dir, f"{name}.results.jsonl")
+    return os.path.join(os.path.dirname(opts.model_path), f"{os.path.basename(opts.model_path)}.{name}.results.jsonl")
+
+
+def main(argv=None):
+    opts, explicit = layered_options(argv)
+    if not opts.eval_data:
+        raise flag_error("--eval_data", "is required", "pass one or more dialogue jsonl files")
+    has_retriever = os.path.isdir(os.path.join(opts.model_path, "retriever"))
+    if has_retriever and not opts.closed_book and not opts.passages:
+        raise flag_error("--passages", "is required to evaluate a retrieval-augmented checkpoint",
+                         "pass the story corpus jsonl")
+    info = distributed.init_distributed(opts.local_rank)
+    options.validate_for_device(opts, info.device.type)
+    evals = {os.path.splitext(os.path.basename(p))[0]: load_dialogues(p)[: opts.max_eval_examples]
+             for p in opts.eval_data}
+    passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
+    reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"))
+    retriever = None
+    if passages is not None:
+        path = os.path.join(opts.model_path, "retriever") if has_retriever else opts.retriever_model_path
+        retriever = Retriever.from_pretrained(path)
+    model = LapdogModel(reader, retriever, opts).to(info.device).eval()
+    retrieval = None
+    if passages is not None:
+        retrieval = StoryRetrieval(passages, opts, info)
+        retrieval.build(retriever)
+    all_metrics = {}
+    for name, exs in evals.items():
+        path = results_location(opts, explicit, name) if opts.write_results else None
+        metrics = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}")
+        if info.is_main:
+            print(f"{name}: {format_metrics(metrics)}")
+            if "recall@1" in metrics:
+                k = opts.retriever_n_context
+                print(f"{name}: retrieval recall@1 {metrics['recall@1']:.2f} | recall@{k} {metrics[f'recall@{k}']:.2f}"
+                      f" | mean top-1 score {metrics['retrieval/top1_score']:.3f}")
+            if path:
+                print(f"results written to {path}")
+        all_metrics[name] = metrics
+    if info.is_main:
+        print(json.dumps(all_metrics))
+    distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry(main))

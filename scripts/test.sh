@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv/ if needed, then run the test suite (slow tests too unless FAST=1).
+#   bash scripts/test.sh            # everything CI runs
+#   FAST=1 bash scripts/test.sh     # skip tests marked slow
+#   bash scripts/test.sh tests/test_grpo.py -k advantages   # extra pytest arguments
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_venv.sh"
+cd "$root"
+export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+marker=()
+if [ "${FAST:-0}" = "1" ]; then marker=(-m "not slow"); fi
+exec "$root/.venv/bin/python" -m pytest -q --durations=15 "${marker[@]}" "$@"

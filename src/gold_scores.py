@@ -1,0 +1,140 @@
+"""LAPDOG's gold scores: how useful each retrieved story is to the reader, per --gold_score_mode.
+
+One parameterized path: every mode is a sum of components, each a function of the same inputs
+returning [B, K] scores (higher = more useful story). Components that need a reply generated from
+one story alone share one greedy generation pass.
+"""
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from src.data import encoder_inputs
+from src.reader import dropout_disabled
+from src.rewards import lapdog_gold_scores, sentence_bleu
+
+# mode -> components whose scores are added
+MODES = {
+    "ppmean": ("likelihood",), "pdist": ("likelihood",),
+    "loop": ("leave_one_out",),
+    "emdr": ("sequence_loglik",),
+    "evalnormsum": ("attention",), "adist": ("attention",),
+    "bleudist": ("bleu",),
+    "bleudist_pdist": ("bleu", "likelihood"),
+    "f1rougebleudist": ("f1rougebleu",),
+}
+
+
+class GoldInputs:
+    """What every component may need, built once per batch."""
+
+    def __init__(self, reader, queries, passages, labels, references, opts):
+        self.reader, self.queries, self.passages = reader, queries, passages
+        self.labels, self.references, self.opts = labels, references, opts
+        self.B, self.K = len(passages), len(passages[0])
+        self._replies = None
+
+    def single_story_inputs(self):
+        """[B*K, 1, L] reader inputs: each query with one story alone."""
+        texts = [encoder_inputs(q, [p], 1, self.opts.encoder_format)
+                 for q, plist in zip(self.queries, self.passages) for p in plist]
+        return self.reader.tokenize_inputs(texts, self.opts.text_maxlength)
+
+    def repeated_labels(self, times):
+        return self.labels.repeat_interleave(times, dim=0)
+
+    def replies(self):
+        if self._replies is None:
+            ids, mask = self.single_story_inputs()
+            dev = self.labels.device
+            self._replies = self.reader.generate_text(ids.to(dev), mask.to(dev),
+                                                      max_length=self.opts.generation_max_length)
+        return self._replies
+
+    def references_per_story(self):
+        return [r for r in self.references for _ in range(self.K)]
+
+
+def _likelihood(g):
+    ids, mask = g.single_story_inputs()
+    dev = g.labels.device
+    nll = g.reader.loss_per_example(ids.to(dev), mask.to(dev), g.repeated_labels(g.K))
+    return -nll.view(g.B, g.K)
+
+
+def _sequence_loglik(g):
+    ids, mask = g.single_story_inputs()
+    dev = g.labels.device
+    labels = g.repeated_labels(g.K)
+    n_tokens = (labels != -100).sum(-1).clamp(min=1)
+    nll = g.reader.loss_per_example(ids.to(dev), mask.to(dev), labels)
+    return -(nll * n_tokens).view(g.B, g.K)
+
+
+def _leave_one_out(g):
+    if g.K < 2:
+        raise ValueError("gold_score_mode=loop needs --retriever_n_context >= 2")
+    texts = [encoder_inputs(q, plist[:k] + plist[k + 1:], g.K - 1, g.opts.encoder_format)
+             for q, plist in zip(g.queries, g.passages) for k in range(g.K)]
+    ids, mask = g.reader.tokenize_inputs(texts, g.opts.text_maxlength)
+    dev = g.labels.device
+    nll = g.reader.loss_per_example(ids.to(dev), mask.to(dev), g.repeated_labels(g.K))
+    # Leaving a useful story out raises the loss of the gold reply.
+    return nll.view(g.B, g.K)
+
+
+def _attention(g):
+    """Decoder cross-attention mass on each story's tokens, weighted by the value vectors' norms."""
+    texts = [encoder_inputs(q, plist, g.K, g.opts.encoder_format) for q, plist in zip(g.queries, g.passages)]
+    ids, mask = g.reader.tokenize_inputs(texts, g.opts.text_maxlength)
+    dev = g.labels.device
+    return cross_attention_story_scores(g.reader, ids.to(dev), mask.to(dev), g.labels)
+
+
+def cross_attention_story_scores(reader, input_ids, attention_mask, labels):
+    """[B, N] Σ over layers of the mean over heads·reply tokens of attention × ||value|| per story.
+
+    Needs the attention probabilities, which sdpa does not return: eager attention for this pass.
+    """
+    B, N, L = input_ids.shape
+    model = reader.model
+    hidden, mask = reader.encode(input_ids, attention_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                    labels=labels, output_attentions=True, return_dict=True)
+    finally:
+        model.set_attn_implementation(previous)
+    tgt = (labels != -100).float()  # [B, T]
+    score = torch.zeros(B, N * L, device=hidden.device)
+    for block, attn in zip(model.decoder.block, out.cross_attentions):
+        cross = block.layer[1].EncDecAttention
+        v = cross.v(hidden).view(B, N * L, cross.n_heads, cross.key_value_proj_dim)
+        v_norm = v.norm(dim=-1).transpose(1, 2)  # [B, heads, S]
+        weighted = (attn * v_norm.unsqueeze(2)).sum(1)  # [B, T, S]
+        score += (weighted * tgt.unsqueeze(-1)).sum(1) / (tgt.sum(1, keepdim=True) * cross.n_heads).clamp(min=1)
+    return (score * mask).view(B, N, L).sum(-1)
+
+
+def _bleu(g):
+    scores = [sentence_bleu(h, r) for h, r in zip(g.replies(), g.references_per_story())]
+    return torch.tensor(scores, dtype=torch.float32, device=g.labels.device).view(g.B, g.K)
+
+
+def _f1rougebleu(g):
+    o = g.opts
+    scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
+    s = lapdog_gold_scores(g.replies(), g.references_per_story(), scale=scale, scale_rouge=o.scale_rouge)
+    return s.to(g.labels.device).view(g.B, g.K)
+
+
+COMPONENTS = {"likelihood": _likelihood, "sequence_loglik": _sequence_loglik, "leave_one_out": _leave_one_out,
+              "attention": _attention, "bleu": _bleu, "f1rougebleu": _f1rougebleu}
+
+
+@torch.no_grad()
+def gold_scores(mode, reader, queries, passages, labels, references, opts):
+    """[B, K] gold scores of the K stories of each example (no gradient, dropout off)."""
+    g = GoldInputs(reader, queries, passages, labels, references, opts)
+    with dropout_disabled(reader):
+        return sum(COMPONENTS[c](g) for c in MODES[mode]).float()

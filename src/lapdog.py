@@ -1,0 +1,251 @@
+"""The LAPDOG model: FiD reader + retriever (+ frozen references) and the training objectives.
+
+`LapdogModel.forward(kind, batch, rollout=None)` is the single entry point that DDP wraps, so every
+gradient of a step flows through one wrapped call. Kinds:
+  sft        reader cross-entropy (stage 1, or stage 2 without a trained retriever)
+  lapdog     reader cross-entropy + KL(softmax(gold/τ_g) ‖ softmax(score/τ_s)) on the retriever
+  reinforce  REINFORCE on the reader (one sampled reply per example), optional LAPDOG retriever loss
+  grpo       generator GRPO on the fused top n_context stories
+  grpo_joint joint GRPO: k stories sampled from the retriever's pool, G replies per story
+The batch (built by `make_batch`, outside the wrapped call) holds the texts, the retrieved stories
+and the tokenized tensors; retrieval itself (an index search, collective) happens there too.
+GRPO forwards return a `rollout` (samples, advantages, old and reference log-probs) so that
+--grpo_num_iterations > 1 reuses the samples for further updates.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from src import grpo
+from src.data import encoder_inputs, reader_query, reader_target
+from src.gold_scores import gold_scores
+from src.reader import dropout_disabled
+from src.retriever import retrieval_scores
+from src.rewards import grpo_reward
+
+
+class _Timer:
+    def __init__(self, stats, key, device):
+        self.stats, self.key, self.device = stats, key, device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats[self.key] = self.stats.get(self.key, 0.0) + time.perf_counter() - self.t0
+
+
+class Batch(dict):
+    """A plain dict with attribute access (texts, passages, tensors of one micro-batch)."""
+    __getattr__ = dict.__getitem__
+
+
+def training_kind(opts, step):
+    if opts.use_grpo:
+        return "grpo_joint" if opts.grpo_train_retriever else "grpo"
+    if opts.reader_rl_learning:
+        return "reinforce"
+    if opts.train_retriever and step >= max(opts.freeze_retriever_steps, 0):
+        return "lapdog"
+    return "sft"
+
+
+def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True):
+    """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective)."""
+    queries = [reader_query(ex["question"]) for ex in examples]
+    b = Batch(queries=queries, answers=answers, examples=examples, passages=None, retrieval_queries=None)
+    b["labels"] = reader.tokenize_targets([reader_target(a) for a in answers], opts.target_maxlength).to(device)
+    if retrieval is not None:
+        b["retrieval_queries"] = retrieval.query_texts(examples, rng)
+        k = opts.grpo_retriever_pool_size if (train and opts.grpo_train_retriever) else opts.retriever_n_context
+        passages, scores, rows = retrieval.search(retriever, b["retrieval_queries"], k)
+        if train and opts.add_random_retrieval > 0:
+            passages = retrieval.add_random(passages, opts.add_random_retrieval, rng)
+        b["passages"], b["retrieval_scores"] = passages, scores
+    n_ctx = 1 if opts.closed_book else opts.n_context
+    texts = [encoder_inputs(q, None if b["passages"] is None else ps, n_ctx, opts.encoder_format)
+             for q, ps in zip(queries, b["passages"] or [None] * len(queries))]
+    ids, mask = reader.tokenize_inputs(texts, opts.text_maxlength)
+    b["input_ids"], b["attention_mask"] = ids.to(device), mask.to(device)
+    return b
+
+
+class LapdogModel(nn.Module):
+    def __init__(self, reader, retriever, opts, ref_reader=None, ref_retriever=None):
+        super().__init__()
+        self.reader = reader
+        self.retriever = retriever
+        self.opts = opts
+        # Frozen references live outside the module tree: DDP must not sync them, checkpoints must
+        # not hold them (they are saved once under {checkpoint_dir}/reference/).
+        self.refs = {"reader": ref_reader, "retriever": ref_retriever}
+        self.step = 0
+
+    @property
+    def device(self):
+        return next(self.reader.parameters()).device
+
+    def forward(self, kind, batch, rollout=None):
+        stats = {}
+        loss, rollout = getattr(self, "_" + kind)(batch, stats, rollout)
+        return loss, stats, rollout
+
+    # ---------------------------------------------------------------- supervised and LAPDOG
+    def _sft(self, b, stats, rollout):
+        loss = self.reader(b.input_ids, b.attention_mask, b.labels).loss
+        stats["loss/reader"] = loss.item()
+        return loss, None
+
+    def _retriever_pool_logits(self, queries, passage_lists, temperature, model=None):
+        """Scores q·p/sqrt(H) of each query's stories, re-encoded (with gradient unless frozen)."""
+        model = model or self.retriever
+        o, dev = self.opts, self.device
+        q = model.tokenize(queries, o.retriever_maxlength)
+        flat = [p for plist in passage_lists for p in plist]
+        from src.data import retriever_passage_text
+        p = model.tokenize([retriever_passage_text(x, o.retriever_format) for x in flat], o.retriever_maxlength)
+        q_emb = model(q["input_ids"].to(dev), q["attention_mask"].to(dev))
+        p_emb = model(p["input_ids"].to(dev), p["attention_mask"].to(dev)).view(len(queries), -1, q_emb.shape[-1])
+        return retrieval_scores(q_emb, p_emb) / temperature
+
+    def _lapdog_retriever_loss(self, b, stats):
+        o = self.opts
+        t0 = time.perf_counter()
+        score_logits = self._retriever_pool_logits(b.retrieval_queries, b.passages, o.temperature_score)
+        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.labels, b.answers, o)
+        if o.gold_score_mode == "emdr":
+            # EMDR²: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), reader likelihoods held fixed.
+            loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
+        else:
+            target = torch.log_softmax(gold / o.temperature_gold, -1)
+            loss = grpo.categorical_kl(target, torch.log_softmax(score_logits, -1)).mean()
+        stats["loss/retriever"] = loss.item()
+        stats["gold_score/mean"] = gold.mean().item()
+        stats["time/retriever"] = time.perf_counter() - t0
+        return loss
+
+    def _lapdog(self, b, stats, rollout):
+        loss = self._lapdog_retriever_loss(b, stats)
+        if not self.opts.fix_reader:
+            reader_loss, _ = self._sft(b, stats, None)
+            loss = loss + reader_loss
+        return loss, None
+
+    # ---------------------------------------------------------------- REINFORCE
+    def _reinforce(self, b, stats, rollout):
+        o, dev = self.opts, self.device
+        with dropout_disabled(self.reader):
+            hidden, mask = self.reader.encode(b.input_ids, b.attention_mask)
+            with _Timer(stats, "time/sampling", dev), torch.no_grad():
+                replies = self.reader.sample(hidden.detach(), mask, 1, o.generation_max_length,
+                                             temperature=1.0, min_length=o.generation_min_length)
+            with _Timer(stats, "time/reward", dev):
+                r = self._rewards(replies, b.answers, stats)
+            with _Timer(stats, "time/policy", dev):
+                logp, tmask = self.reader.token_logprobs(hidden, mask, replies)
+        loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
+        stats["loss/reader"] = loss.item()
+        if self.opts.train_retriever and self.step >= max(o.freeze_retriever_steps, 0):
+            loss = loss + self._lapdog_retriever_loss(b, stats)
+        return loss, None
+
+    # ---------------------------------------------------------------- GRPO
+    def _rewards(self, replies, answers, stats, per_reply_answers=None):
+        o = self.opts
+        texts = self.reader.decode(replies)
+        refs = per_reply_answers or [a for a in answers for _ in range(len(texts) // len(answers))]
+        scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
+        r = grpo_reward(texts, refs, scale=scale, scale_rouge=o.scale_rouge,
+                        length_penalty_strength=o.generation_length_penalty)
+        for key in ("f1", "rouge", "bleu", "length_ratio"):
+            stats[f"reward/{key}"] = r[key].mean().item()
+        stats["reward/mean"] = r["reward"].mean().item()
+        stats["_texts"] = texts
+        return r
+
+    def _generator_grpo(self, ids, mask_in, answers, stats, rollout):
+        """Clipped surrogate + β·KL on G replies per prompt; returns (loss, rollout, rewards [P,G])."""
+        o, dev, G = self.opts, self.device, self.opts.grpo_group_size
+        reader = self.reader
+        with dropout_disabled(reader):
+            hidden, mask = reader.encode(ids, mask_in)  # encoder once per prompt, with gradient
+            if rollout is None:
+                with _Timer(stats, "time/sampling", dev), torch.no_grad():
+                    replies = reader.sample(hidden.detach(), mask, G, o.generation_max_length,
+                                            temperature=o.grpo_temperature, top_p=o.grpo_top_p,
+                                            min_length=o.generation_min_length)
+                with _Timer(stats, "time/reward", dev):
+                    r = self._rewards(replies, answers, stats)
+                    rewards = r["reward"].to(dev).view(-1, G)
+                    adv, zero_std = grpo.group_advantages(rewards)
+                with _Timer(stats, "time/reference", dev), torch.no_grad():
+                    ref = self.refs["reader"]
+                    with dropout_disabled(ref):
+                        ref_hidden, ref_mask = ref.encode(ids, mask_in)
+                        ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
+                rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
+                           "rewards": rewards, "zero_std": zero_std}
+            with _Timer(stats, "time/policy", dev):
+                logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature)
+        if rollout["old_logp"] is None:
+            # μ = 1 (or the first of μ updates): the sampling policy is the current one, so the
+            # old log-probs are the detached current ones and the ratio is exactly 1.
+            rollout["old_logp"] = logp.detach()
+        loss, pstats = grpo.policy_loss(logp, rollout["old_logp"], rollout["ref_logp"], rollout["adv"], tmask,
+                                        o.grpo_clip_epsilon, o.grpo_kl_coeff, o.grpo_loss_type,
+                                        max_len=o.generation_max_length)
+        rewards = rollout["rewards"]
+        stats.update({"loss/reader": loss.item(), "kl/reader": float(pstats["kl"]),
+                      "grpo/clip_frac": float(pstats["clip_frac"]), "grpo/ratio_mean": float(pstats["ratio_mean"]),
+                      "grpo/frac_zero_std": rollout["zero_std"].float().mean().item(),
+                      "reward/std": rewards.std(dim=-1, unbiased=True).mean().item(),
+                      "reply_length": tmask.sum(-1).mean().item()})
+        if "reward/mean" not in stats:
+            stats["reward/mean"] = rewards.mean().item()
+        return loss, rollout
+
+    def _grpo(self, b, stats, rollout):
+        return self._generator_grpo(b.input_ids, b.attention_mask, b.answers, stats, rollout)
+
+    def _grpo_joint(self, b, stats, rollout):
+        o, dev = self.opts, self.device
+        k, tau = o.grpo_retriever_group_size, o.grpo_retriever_temperature
+        train_retriever = self.step >= max(o.freeze_retriever_steps, 0)
+        t0 = time.perf_counter()
+        with dropout_disabled(self.retriever), torch.set_grad_enabled(train_retriever):
+            pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
+        if rollout is None:
+            with torch.no_grad():
+                idx = grpo.sample_without_replacement(pool_logp.detach(), k)
+                ref_ret = self.refs["retriever"]
+                with dropout_disabled(ref_ret):
+                    ref_pool_logp = torch.log_softmax(
+                        self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0, model=ref_ret) / tau, -1)
+            chosen = [[b.passages[i][j] for j in row] for i, row in enumerate(idx.tolist())]
+            texts = [encoder_inputs(q, [p], 1, o.encoder_format) for q, plist in zip(b.queries, chosen) for p in plist]
+            ids, mask = self.reader.tokenize_inputs(texts, o.text_maxlength)
+            rollout = {"idx": idx, "ref_pool_logp": ref_pool_logp, "ids": ids.to(dev), "mask": mask.to(dev),
+                       "old_sampled_logp": pool_logp.detach().gather(1, idx), "gen": None}
+        stats["time/retriever"] = time.perf_counter() - t0
+        answers = [a for a in b.answers for _ in range(k)]
+        gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"])
+        # A story's reward is the mean of its G replies' rewards; advantages across the k stories.
+        story_reward = rollout["gen"]["rewards"].view(-1, k, o.grpo_group_size).mean(-1)
+        ret_adv, ret_zero = grpo.group_advantages(story_reward)
+        loss = gen_loss
+        if train_retriever:
+            ret_loss, rstats = grpo.retriever_policy_loss(pool_logp, rollout["old_sampled_logp"], rollout["ref_pool_logp"],
+                                                          rollout["idx"], ret_adv, o.grpo_clip_epsilon, o.grpo_kl_coeff)
+            loss = loss + ret_loss
+            stats.update({"loss/retriever": ret_loss.item(), "kl/retriever": float(rstats["kl"]),
+                          "grpo/retriever_clip_frac": float(rstats["clip_frac"])})
+        stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
+        stats["reward/story_std"] = story_reward.std(-1).mean().item() if k > 1 else 0.0
+        return loss, rollout

@@ -1,0 +1,300 @@
+"""Every command-line option of train.py and evaluate.py (one shared set), with validation.
+
+Options are plain argparse values; `validate` turns impossible combinations into one clear line
+(`--flag: problem — what to do`). evaluate.py layers them: built-in defaults, then the
+checkpoint's `options.json`, then what was given on its own command line (`explicit_options`).
+"""
+
+import argparse
+import math
+import sys
+
+from src.errors import flag_error
+
+# Options that describe the run's inputs and bookkeeping rather than the model: evaluate.py
+# never takes these from a checkpoint's options.json.
+NOT_INHERITED = {"model_path", "checkpoint_dir", "local_rank", "write_results", "name",
+                 "eval_data", "use_wandb", "wandb_run_name", "load_index_path",
+                 "save_index_path", "max_eval_examples"}
+
+
+def _add_run_options(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default="experiment", help="run name (logs, W&B run name)")
+    g.add_argument("--checkpoint_dir", default="ckpt/run",
+                   help="checkpoints go to {checkpoint_dir}/checkpoint/step-N; logs and metrics.jsonl beside")
+    g.add_argument("--model_path", default=None,
+                   help="start from a checkpoint folder (step-N); `latest` in --checkpoint_dir wins when present")
+    g.add_argument("--load_reader_weights_only", action="store_true",
+                   help="with --model_path: take only the reader from the checkpoint (start stage 2 from a stage-1 reader)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=-1,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is used otherwise")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="autocast precision; fp16 needs a GPU, bf16 works on CPU and GPU")
+    g.add_argument("--task", default="qa", choices=["qa"], help="kept for LAPDOG command compatibility")
+
+
+def _add_data_options(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data", nargs="+", default=[], help="dialogue jsonl file(s)")
+    g.add_argument("--eval_data", nargs="+", default=[], help="one or more dialogue jsonl files")
+    g.add_argument("--max_eval_examples", type=int, default=None,
+                   help="evaluate on the first N examples of each eval file (default: all)")
+    g.add_argument("--passages", default=None, help="story corpus jsonl ({id, title, text})")
+    g.add_argument("--max_passages", type=int, default=None, help="use the first N stories only")
+    g.add_argument("--shuffle", action="store_true", help="shuffle the training data every epoch")
+    g.add_argument("--text_maxlength", type=int, default=512, help="reader input tokens per (query, story)")
+    g.add_argument("--target_maxlength", type=int, default=32, help="reply tokens for training")
+    g.add_argument("--retriever_maxlength", type=int, default=256, help="retriever tokens per query/story")
+    g.add_argument("--encoder_format", default="{query} story title: {title} story: {text}")
+    g.add_argument("--retriever_format", default="{title} {text}")
+    g.add_argument("--retriever_from", default="persona", choices=["persona", "context", "all", "persona_rand"],
+                   help="what part of the dialogue is the retrieval query")
+
+
+def _add_model_options(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--reader_model_type", default="t5-base",
+                   help="Hugging Face id (t5-base, google/t5-xl-lm-adapt) or a local reader folder")
+    g.add_argument("--retriever_model_path", default="facebook/contriever",
+                   help="Hugging Face id or a local folder of a BERT-style encoder")
+    g.add_argument("--closed_book", action="store_true", help="no retrieval (stage 1)")
+    g.add_argument("--n_context", type=int, default=1, help="retrieved stories fused in the reader")
+    g.add_argument("--retriever_n_context", type=int, default=5, help="stories retrieved per example")
+    g.add_argument("--dropout", type=float, default=0.1, help="reader dropout")
+    g.add_argument("--use_gradient_checkpoint_reader", action="store_true")
+    g.add_argument("--use_gradient_checkpoint_retriever", action="store_true")
+
+
+def _add_index_options(p):
+    g = p.add_argument_group("index")
+    g.add_argument("--index_mode", default="flat", choices=["flat", "faiss"])
+    g.add_argument("--faiss_index_type", default="flat", choices=["flat", "ivfflat", "ivfsq", "ivfpq", "pq"])
+    g.add_argument("--faiss_code_size", type=int, default=None, help="bytes per vector for pq / ivfpq")
+    g.add_argument("--per_gpu_embedder_batch_size", type=int, default=128)
+    g.add_argument("--save_index_path", default=None)
+    g.add_argument("--load_index_path", default=None)
+    g.add_argument("--save_index_n_shards", type=int, default=1)
+    g.add_argument("--refresh_index", default="-1",
+                   help='"-1" never, "N" every N steps, or "0-100:10,100-1000000:500"')
+    g.add_argument("--freeze_retriever_steps", type=int, default=-1,
+                   help="the retriever is not updated (nor the index refreshed) before this step")
+
+
+def _add_optim_options(p):
+    g = p.add_argument_group("optimization")
+    g.add_argument("--per_gpu_batch_size", type=int, default=1)
+    g.add_argument("--per_gpu_eval_batch_size", type=int, default=None, help="default: per_gpu_batch_size")
+    g.add_argument("--accumulation_steps", type=int, default=1)
+    g.add_argument("--total_steps", type=int, default=1000, help="optimizer updates")
+    g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "fixed"])
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr_retriever", type=float, default=1e-5)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (<= 0: off)")
+    g.add_argument("--shard_optim", action="store_true", help="fairscale OSS optimizer state sharding")
+    g.add_argument("--shard_grads", action="store_true", help="fairscale ShardedDataParallel (needs --shard_optim)")
+    g.add_argument("--eval_freq", type=int, default=500, help="evaluate every N steps (0: never in the loop)")
+    g.add_argument("--save_freq", type=int, default=500, help="save every N steps (and always at the end)")
+    g.add_argument("--log_freq", type=int, default=10)
+
+
+def _add_generation_options(p):
+    g = p.add_argument_group("generation")
+    g.add_argument("--generation_max_length", type=int, default=32)
+    g.add_argument("--generation_min_length", type=int, default=0)
+    g.add_argument("--generation_num_beams", type=int, default=1, help="1: greedy; beam search keeps length_penalty 1.0")
+    g.add_argument("--write_results", action="store_true", help="write one JSON line per evaluated example")
+    g.add_argument("--dont_write_passages", action="store_true", help="leave retrieved passages out of the results")
+
+
+def _add_retriever_training_options(p):
+    g = p.add_argument_group("retriever training (LAPDOG)")
+    g.add_argument("--train_retriever", action="store_true")
+    g.add_argument("--gold_score_mode", default="f1rougebleudist",
+                   choices=["ppmean", "pdist", "loop", "emdr", "evalnormsum", "adist", "bleudist",
+                            "bleudist_pdist", "f1rougebleudist"])
+    g.add_argument("--temperature_score", type=float, default=0.1)
+    g.add_argument("--temperature_gold", type=float, default=0.1)
+    g.add_argument("--scale_rouge", action="store_true", help="ROUGE-L ×100 in the gold score / reward")
+    g.add_argument("--metric_scale_factors", default=None,
+                   help="\"{'bleu':0.01,'f1':1,'rouge':1}\" (default); weights of BLEU, F1, ROUGE-L")
+    g.add_argument("--add_random_retrieval", type=float, default=0.0,
+                   help="fraction of each example's retrieved stories replaced by random ones in training")
+    g.add_argument("--fix_reader", action="store_true", help="train the retriever only")
+    g.add_argument("--reader_rl_learning", action="store_true",
+                   help="RL for the reader: REINFORCE, or GRPO with --use_grpo")
+
+
+def _add_grpo_options(p):
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--use_grpo", action="store_true")
+    g.add_argument("--grpo_group_size", type=int, default=4, help="G: replies sampled per prompt")
+    g.add_argument("--grpo_kl_coeff", type=float, default=0.1, help="β: weight of the KL to the reference")
+    g.add_argument("--grpo_clip_epsilon", type=float, default=0.2, help="ε: PPO clip range")
+    g.add_argument("--grpo_train_retriever", action="store_true", help="joint GRPO on the retriever")
+    g.add_argument("--grpo_retriever_group_size", type=int, default=5, help="k: stories sampled per query")
+    g.add_argument("--grpo_retriever_pool_size", type=int, default=20, help="M: candidate pool from the index")
+    g.add_argument("--grpo_retriever_temperature", type=float, default=1.0, help="τ in softmax(score/τ)")
+    g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
+    g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
+    g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
+    g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
+    g.add_argument("--generation_length_penalty", type=float, default=0.0,
+                   help="strength s of the reward's length penalty (beam search keeps 1.0)")
+
+
+def _add_wandb_options(p):
+    g = p.add_argument_group("monitoring")
+    g.add_argument("--use_wandb", action="store_true")
+    g.add_argument("--wandb_project", default="lapdog-grpo")
+    g.add_argument("--wandb_run_name", default=None)
+    g.add_argument("--wandb_entity", default=None)
+
+
+def build_parser(prog=None):
+    p = argparse.ArgumentParser(prog=prog, description="LAPDOG-GRPO: train and evaluate",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_add_run_options, _add_data_options, _add_model_options, _add_index_options,
+                _add_optim_options, _add_generation_options, _add_retriever_training_options,
+                _add_grpo_options, _add_wandb_options):
+        add(p)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so bad flags become one `error:` line."""
+
+    def error(self, message):
+        raise flag_error("command line", message, "see --help for the options")
+
+
+def _quiet_parser():
+    p = build_parser()
+    p.__class__ = _Parser
+    return p
+
+
+def parse(argv=None):
+    """Parse a command line; returns (options namespace, set of option names given explicitly)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().parse_args(argv)  # prints help and exits 0
+    opts = _quiet_parser().parse_args(argv)
+    return opts, explicit_options(argv)
+
+
+def explicit_options(argv):
+    """Names of the options that appear on the command line (for evaluate.py's layering)."""
+    p = _quiet_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)).keys())
+
+
+def retriever_trained(opts):
+    return bool(opts.train_retriever or opts.grpo_train_retriever)
+
+
+def validate(opts):
+    """Check values and combinations; normalise derived values. Raises UsageError."""
+    positive = ["per_gpu_batch_size", "accumulation_steps", "total_steps", "text_maxlength",
+                "target_maxlength", "retriever_maxlength", "generation_max_length",
+                "generation_num_beams", "per_gpu_embedder_batch_size", "save_index_n_shards",
+                "grpo_num_iterations", "n_context", "retriever_n_context"]
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise flag_error(f"--{name}", f"must be >= 1, got {getattr(opts, name)}", "pass a positive integer")
+    for name in ["warmup_steps", "eval_freq", "save_freq", "log_freq", "generation_min_length"]:
+        if getattr(opts, name) < 0:
+            raise flag_error(f"--{name}", f"must be >= 0, got {getattr(opts, name)}", "pass 0 or a positive integer")
+    if opts.per_gpu_eval_batch_size is None:
+        opts.per_gpu_eval_batch_size = opts.per_gpu_batch_size
+    if opts.per_gpu_eval_batch_size < 1:
+        raise flag_error("--per_gpu_eval_batch_size", "must be >= 1", "pass a positive integer")
+    for name in ["lr", "lr_retriever", "weight_decay", "dropout"]:
+        v = getattr(opts, name)
+        if not math.isfinite(v) or v < 0:
+            raise flag_error(f"--{name}", f"must be a finite number >= 0, got {v}", "pass e.g. 1e-4")
+    if opts.dropout >= 1:
+        raise flag_error("--dropout", f"must be < 1, got {opts.dropout}", "pass e.g. 0.1")
+    if opts.generation_min_length > opts.generation_max_length:
+        raise flag_error("--generation_min_length", "is larger than --generation_max_length",
+                         "lower it or raise --generation_max_length")
+    if opts.max_passages is not None and opts.max_passages < 1:
+        raise flag_error("--max_passages", "must be >= 1", "pass a positive integer or leave it out")
+    if opts.max_eval_examples is not None and opts.max_eval_examples < 1:
+        raise flag_error("--max_eval_examples", "must be >= 1", "pass a positive integer or leave it out")
+    if not 0.0 <= opts.add_random_retrieval <= 1.0:
+        raise flag_error("--add_random_retrieval", f"must be a fraction in [0, 1], got {opts.add_random_retrieval}",
+                         "pass e.g. 0.2")
+    for name in ["temperature_score", "temperature_gold", "grpo_temperature", "grpo_retriever_temperature"]:
+        if not getattr(opts, name) > 0:
+            raise flag_error(f"--{name}", "must be > 0", "pass a positive temperature")
+    if not 0 < opts.grpo_top_p <= 1:
+        raise flag_error("--grpo_top_p", f"must be in (0, 1], got {opts.grpo_top_p}", "pass e.g. 1.0")
+    if opts.grpo_kl_coeff < 0 or opts.grpo_clip_epsilon <= 0:
+        raise flag_error("--grpo_kl_coeff/--grpo_clip_epsilon", "β must be >= 0 and ε > 0", "pass e.g. 0.1 and 0.2")
+    if opts.generation_length_penalty < 0:
+        raise flag_error("--generation_length_penalty", "must be >= 0", "pass 0 (off) or a positive strength")
+    if opts.shard_grads and not opts.shard_optim:
+        raise flag_error("--shard_grads", "needs --shard_optim (ShardedDataParallel runs on an OSS optimizer)",
+                         "add --shard_optim")
+
+    if opts.closed_book:
+        opts.n_context = opts.retriever_n_context = 1
+        if retriever_trained(opts):
+            raise flag_error("--closed_book", "has no retriever to train",
+                             "drop --train_retriever/--grpo_train_retriever, or drop --closed_book and pass --passages")
+    elif opts.n_context > opts.retriever_n_context:
+        raise flag_error("--n_context", f"{opts.n_context} is larger than --retriever_n_context {opts.retriever_n_context}",
+                         "retrieve at least as many stories as the reader fuses")
+
+    # GRPO
+    if opts.use_grpo and not opts.reader_rl_learning:
+        raise flag_error("--use_grpo", "needs --reader_rl_learning (GRPO is the reader's RL algorithm)",
+                         "add --reader_rl_learning")
+    if opts.use_grpo and opts.gold_score_mode != "f1rougebleudist":
+        raise flag_error("--gold_score_mode", f"'{opts.gold_score_mode}' cannot be a GRPO reward",
+                         "use --gold_score_mode=f1rougebleudist with --use_grpo")
+    if opts.grpo_train_retriever and not opts.use_grpo:
+        raise flag_error("--grpo_train_retriever", "needs --use_grpo", "add --use_grpo --reader_rl_learning")
+    if opts.grpo_train_retriever and opts.train_retriever:
+        raise flag_error("--grpo_train_retriever", "and --train_retriever are two retriever objectives",
+                         "pick one: GRPO (--grpo_train_retriever) or LAPDOG's KL to the gold scores (--train_retriever)")
+    if opts.use_grpo and opts.grpo_group_size < 2:
+        raise flag_error("--grpo_group_size", f"must be >= 2, got {opts.grpo_group_size} (a group of one has no spread)",
+                         "pass 2 or more, e.g. 4")
+    if opts.grpo_train_retriever:
+        k, m = opts.grpo_retriever_group_size, opts.grpo_retriever_pool_size
+        if k < 2:
+            raise flag_error("--grpo_retriever_group_size", f"must be >= 2, got {k}", "pass 2 or more, e.g. 4")
+        if k > m:
+            raise flag_error("--grpo_retriever_group_size", f"k={k} is larger than --grpo_retriever_pool_size M={m}",
+                             "sample at most M stories: raise the pool size or lower k")
+    if opts.reader_rl_learning and not opts.use_grpo and opts.fix_reader:
+        raise flag_error("--reader_rl_learning", "trains the reader but --fix_reader freezes it", "drop one of them")
+    if opts.fix_reader and not opts.train_retriever:
+        raise flag_error("--fix_reader", "leaves nothing to train without --train_retriever", "add --train_retriever")
+    if opts.load_reader_weights_only and not opts.model_path:
+        raise flag_error("--load_reader_weights_only", "needs --model_path", "pass the stage-1 checkpoint with --model_path")
+
+    # Parsed here so a bad value fails before any model is loaded.
+    from src.index import RefreshSchedule
+    from src.rewards import parse_metric_scale_factors
+    opts.metric_scale = parse_metric_scale_factors(opts.metric_scale_factors)
+    RefreshSchedule.parse(opts.refresh_index)
+    return opts
+
+
+def validate_for_device(opts, device_type):
+    if opts.precision == "fp16" and device_type != "cuda":
+        raise flag_error("--precision", "fp16 needs a GPU (this run is on CPU)",
+                         "use --precision bf16 (works on CPU and GPU) or fp32")
+
+
+def to_json_dict(opts):
+    """Options as a JSON-serialisable dict (what options.json holds)."""
+    return {k: v for k, v in vars(opts).items() if k not in ("metric_scale",)}

@@ -1,0 +1,331 @@
+"""Train LAPDOG-GRPO: stage 1 (closed-book reader), stage 2 (LAPDOG retriever training, REINFORCE,
+generator GRPO, joint GRPO). Readable top to bottom:
+options -> distributed -> data -> models (resume / --model_path / fresh) -> optimizers -> index -> steps.
+
+    python train.py --closed_book --train_data ... --eval_data ... --reader_model_type DIR
+    python -m torch.distributed.launch --nproc_per_node=2 train.py ...   (or torchrun)
+
+A step is one optimizer update everywhere (--total_steps, --warmup_steps, --eval_freq,
+--save_freq, --log_freq, step-N).
+"""
+
+import contextlib
+import copy
+import math
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from src import checkpoint, distributed, options  # noqa: E402
+from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
+from src.errors import UsageError, flag_error  # noqa: E402
+from src.evaluation import evaluate  # noqa: E402
+from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
+from src.reader import FiDReader  # noqa: E402
+from src.retrieval import StoryRetrieval  # noqa: E402
+from src.retriever import Retriever  # noqa: E402
+from src.tracking import Tracker, peak_memory_mb  # noqa: E402
+
+
+def lr_multiplier(step, warmup, total, kind):
+    """Learning-rate factor for the update that follows `step` completed updates.
+
+    Warmup is linear from 1/warmup to 1 (the first update already moves); with warmup >= total
+    the rate simply stays in warmup. Then linear decay to 0 at `total`, cosine, or constant.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "fixed":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def load_data(opts, info):
+    train = [ex for path in opts.train_data for ex in load_dialogues(path)]
+    evals = {}
+    for path in opts.eval_data:
+        exs = load_dialogues(path)
+        evals[os.path.splitext(os.path.basename(path))[0]] = exs[: opts.max_eval_examples]
+    passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
+    return train, evals, passages
+
+
+def load_models(opts, resume_path):
+    """(reader, retriever, where from). `latest` in --checkpoint_dir wins over --model_path."""
+    retriever = None
+    if resume_path:
+        reader = FiDReader.from_pretrained(os.path.join(resume_path, "reader"), dropout=opts.dropout,
+                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+        src_ret = os.path.join(resume_path, "retriever")
+        origin = f"resumed from {resume_path}"
+    elif opts.model_path:
+        checkpoint.check_model_path(opts.model_path)
+        reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"), dropout=opts.dropout,
+                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+        src_ret = None if opts.load_reader_weights_only else os.path.join(opts.model_path, "retriever")
+        origin = f"started from {opts.model_path}"
+    else:
+        reader = FiDReader.from_pretrained(opts.reader_model_type, dropout=opts.dropout,
+                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+        src_ret, origin = None, f"new run from {opts.reader_model_type}"
+    if not opts.closed_book:
+        path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
+        retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)
+    return reader, retriever, origin
+
+
+def reference_models(opts, reader, retriever, info):
+    """Frozen copies taken when stage 2 starts; saved once under {checkpoint_dir}/reference/."""
+    if not opts.use_grpo:
+        return None, None
+    ref_dir = os.path.join(opts.checkpoint_dir, "reference")
+    need_ret = opts.grpo_train_retriever
+    if os.path.isfile(os.path.join(ref_dir, "complete")):
+        ref_reader = FiDReader.from_pretrained(os.path.join(ref_dir, "reader"))
+        ref_ret = Retriever.from_pretrained(os.path.join(ref_dir, "retriever")) if need_ret else None
+    else:
+        ref_reader = copy.deepcopy(reader)
+        ref_ret = copy.deepcopy(retriever) if need_ret else None
+        if info.is_main:
+            ref_reader.save_pretrained(os.path.join(ref_dir, "reader"))
+            if ref_ret is not None:
+                ref_ret.save_pretrained(os.path.join(ref_dir, "retriever"))
+            open(os.path.join(ref_dir, "complete"), "w").close()
+        distributed.barrier()
+    for m in (ref_reader, ref_ret):
+        if m is not None:
+            m.to(info.device).eval().requires_grad_(False)
+    return ref_reader, ref_ret
+
+
+def make_optimizer(params, lr, opts):
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=lr, weight_decay=opts.weight_decay)
+    if opts.shard_optim and distributed.is_distributed():
+        from fairscale.optim.oss import OSS
+        opt = OSS(params, optim=torch.optim.AdamW, **kwargs)
+    else:
+        opt = torch.optim.AdamW(params, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.total_steps, opts.scheduler))
+    return opt, sched
+
+
+def optimizer_state(opt):
+    if hasattr(opt, "consolidate_state_dict"):  # fairscale OSS: every rank takes part
+        opt.consolidate_state_dict(recipient_rank=0)
+        return opt.state_dict() if distributed.is_distributed() and torch.distributed.get_rank() == 0 else {}
+    return opt.state_dict()
+
+
+def clip_and_norm(opt, params, max_norm):
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = max_norm if max_norm > 0 else float("inf")
+    if hasattr(opt, "clip_grad_norm"):
+        return float(opt.clip_grad_norm(limit))
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def save(opts, info, step, model, optims, scheds, sampler, tracker):
+    states = {name: optimizer_state(o) for name, o in optims.items()}  # collective for OSS
+    if info.is_main:
+        tmp = checkpoint.begin_save(opts.checkpoint_dir, step)
+    distributed.barrier()
+    tmp = checkpoint.tmp_dir(opts.checkpoint_dir, step)
+    checkpoint.write_rank_rng(tmp, info.rank)
+    distributed.barrier()
+    if info.is_main:
+        models = {"reader": model.reader}
+        if model.retriever is not None:
+            models["retriever"] = model.retriever
+        state = {"step": step, "sampler": sampler.state_dict(),
+                 "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
+                 "world": info.world}
+        checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
+        path = checkpoint.commit_save(opts.checkpoint_dir, step)
+        tracker.info(f"saved {path}")
+    distributed.barrier()
+
+
+def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
+    results = {}
+    for name, exs in evals.items():
+        path = os.path.join(opts.checkpoint_dir, "results", f"step-{step}-{name}.jsonl") if opts.write_results else None
+        m = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}")
+        results.update({f"eval/{name}/{k}": v for k, v in m.items()})
+        if path:
+            tracker.info(f"wrote {path}")
+    tracker.log(step, results)
+    return results
+
+
+def main(argv=None):
+    opts, _ = options.parse(argv)
+    options.validate(opts)
+    if not opts.train_data:
+        raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
+    if not opts.closed_book and not opts.passages:
+        raise flag_error("--passages", "is required unless --closed_book", "pass the story corpus jsonl")
+    info = distributed.init_distributed(opts.local_rank)
+    options.validate_for_device(opts, info.device.type)
+    os.makedirs(opts.checkpoint_dir, exist_ok=True)
+    train, evals, passages = load_data(opts, info)  # validated before anything is trained
+
+    resume_path = checkpoint.latest_checkpoint(opts.checkpoint_dir)
+    tracker = Tracker(opts.checkpoint_dir, opts.name, options.to_json_dict(opts), rank=info.rank,
+                      use_wandb=opts.use_wandb, wandb_project=opts.wandb_project,
+                      wandb_entity=opts.wandb_entity, wandb_run_name=opts.wandb_run_name or opts.name)
+    random.seed(opts.seed + info.rank)
+    np.random.seed(opts.seed + info.rank)
+    torch.manual_seed(opts.seed + info.rank)
+
+    reader, retriever, origin = load_models(opts, resume_path)
+    tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
+                 + ("" if passages is None else f", {len(passages)} stories"))
+    ref_reader, ref_retriever = reference_models(opts, reader, retriever, info)
+    model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever).to(info.device)
+    train_retriever = options.retriever_trained(opts)
+    if retriever is not None and not train_retriever:
+        retriever.requires_grad_(False)
+    if opts.fix_reader:
+        reader.requires_grad_(False)
+
+    optims, scheds = {}, {}
+    if not opts.fix_reader:
+        optims["reader"], scheds["reader"] = make_optimizer(reader.parameters(), opts.lr, opts)
+    if train_retriever:
+        optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
+    sampler = ShardedSampler(len(train), opts.per_gpu_batch_size, info.rank, info.world, opts.shuffle, opts.seed)
+    step = 0
+    if resume_path:
+        state = checkpoint.load_state(resume_path)
+        step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        for name, o in optims.items():
+            o.load_state_dict(state["optimizers"][name])
+        for name, s in scheds.items():
+            s.load_state_dict(state["schedulers"][name])
+        rng = checkpoint.load_rank_rng(resume_path, info.rank)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        tracker.info(f"continuing at step {step}")
+    wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values())
+    data_rng = random.Random(opts.seed * 1000 + info.rank + step)
+
+    retrieval = None
+    if passages is not None:
+        retrieval = StoryRetrieval(passages, opts, info)
+        seconds = retrieval.build(retriever)
+        tracker.info(f"index over {len(passages)} stories built in {seconds:.1f}s")
+
+    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if opts.precision == "bf16"
+                else torch.autocast(info.device.type, dtype=torch.float16) if opts.precision == "fp16"
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
+    if step >= opts.total_steps:
+        tracker.info(f"already at step {step} >= --total_steps {opts.total_steps}: nothing to train")
+    window, window_t0, window_examples = {}, time.perf_counter(), 0
+    mu = opts.grpo_num_iterations if opts.use_grpo else 1
+    model.train()
+    while step < opts.total_steps:
+        kind = training_kind(opts, step)
+        t_retrieval = time.perf_counter()
+        micro = []
+        for _ in range(opts.accumulation_steps):
+            exs = [train[i] for i in sampler.next_batch()]
+            answers = [pick_answer(ex, data_rng) for ex in exs]
+            micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device))
+        t_retrieval = time.perf_counter() - t_retrieval
+        rollouts = [None] * len(micro)
+        for _ in range(mu):
+            if step >= opts.total_steps:
+                break
+            model.step = step
+            for o in optims.values():
+                o.zero_grad(set_to_none=True)
+            step_stats = {}
+            for i, b in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
+                with sync:
+                    with autocast:
+                        loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
+                    loss = loss / len(micro)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                texts = stats.pop("_texts", None)
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
+            if scaler:
+                for o in optims.values():
+                    scaler.unscale_(o)
+            if "reader" in optims:
+                step_stats["grad_norm/reader"] = clip_and_norm(optims["reader"], reader.parameters(), opts.clip)
+            if "retriever" in optims:
+                step_stats["grad_norm/retriever"] = clip_and_norm(optims["retriever"], retriever.parameters(), opts.clip)
+            for name, o in optims.items():
+                if name == "retriever" and step < opts.freeze_retriever_steps:
+                    continue
+                scaler.step(o) if scaler else o.step()
+            if scaler:
+                scaler.update()
+            for s in scheds.values():
+                s.step()
+            step += 1
+            step_stats["time/retrieval"] = t_retrieval
+            t_retrieval = 0.0
+            for k, v in step_stats.items():
+                window[k] = window.get(k, 0.0) + v
+            window["_n"] = window.get("_n", 0) + 1
+            window_examples += opts.per_gpu_batch_size * opts.accumulation_steps * info.world
+
+            if opts.log_freq and step % opts.log_freq == 0:
+                n = window.pop("_n")
+                logged = distributed.all_reduce_mean({k: v / n for k, v in window.items()}, info.device)
+                elapsed = time.perf_counter() - window_t0
+                logged.update({f"lr/{name}": s.get_last_lr()[0] for name, s in scheds.items()})
+                logged["examples_per_s"] = window_examples / max(elapsed, 1e-9)
+                logged["memory/peak_mb"] = peak_memory_mb(info.device)
+                logged["epoch"] = sampler.epoch
+                tracker.log(step, logged)
+                if texts and opts.use_grpo:
+                    tracker.log_samples(step, [{"prompt": micro[-1].queries[0], "reference": micro[-1].answers[0],
+                                                "reply": t} for t in texts[:4]])
+                window, window_t0, window_examples = {}, time.perf_counter(), 0
+            if retrieval is not None and retrieval.should_refresh(step):
+                seconds = retrieval.build(retriever, allow_load=False)
+                tracker.log(step, {"time/index_refresh": seconds})
+            if opts.eval_freq and step % opts.eval_freq == 0 and evals:
+                model.eval()
+                run_evaluations(opts, info, model, retrieval, evals, step, tracker)
+                model.train()
+            if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps:
+                save(opts, info, step, model, optims, scheds, sampler, tracker)
+    tracker.close()
+    distributed.cleanup()
+    return 0
+
+
+def entry(main_fn, argv=None):
+    try:
+        return main_fn(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(entry(main))
