@@ -1,0 +1,247 @@
+"""Fusion-in-decoder reader around transformers' ``T5ForConditionalGeneration``.
+
+Shapes: B examples, N passages per example, L tokens per passage input, T target tokens,
+R = B·G replies (G samples per example, example-major), d = d_model, V = vocabulary size.
+
+Fusion-in-decoder: each of the B·N (query + passage) inputs is encoded on its own; the encoder
+states of one example are concatenated along the sequence ([B, N·L, d]) and the decoder
+cross-attends over all of them. Every tensor method works on the device of the model's
+parameters; the tokenize methods return tensors on that device.
+
+``max_length`` / ``min_length`` of the generation methods have transformers' meaning for
+encoder-decoders (as in the original Atlas/LAPDOG code): they count the decoder start token, so
+at most ``max_length - 1`` tokens (EOS included) are produced and returned, and EOS is blocked
+until ``min_length - 1`` other tokens have been produced.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import logging as hf_logging
+
+from src.errors import flag_error
+
+
+@contextlib.contextmanager
+def dropout_disabled(*modules):
+    """Put ``modules`` in eval mode (dropout off) for the block; restore every submodule's own
+    ``training`` flag on exit (not just the top-level one: a frozen submodule stays in eval)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class FiDReader(torch.nn.Module):
+    """A T5 used as a fusion-in-decoder reader, plus its tokenizer (``self.tokenizer``)."""
+
+    def __init__(self, model: T5ForConditionalGeneration, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------ construction / saving
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=None, gradient_checkpointing=False):
+        """Load a T5 + tokenizer from a HF id or local folder; ``dropout`` overrides
+        ``config.dropout_rate`` when given. Raises ``UsageError`` (``--reader_model_type``)."""
+        hf_logging.disable_progress_bar()
+        name = str(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(name)
+            if dropout is not None:
+                config.dropout_rate = float(dropout)
+            model = T5ForConditionalGeneration.from_pretrained(name, config=config)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise flag_error(
+                "--reader_model_type",
+                f"cannot load reader '{name}': {reason}",
+                "pass a local folder such as the reader/ written by scripts/build_small_models.py, "
+                "or a checkpoint via --model_path",
+            ) from exc
+        reader = cls(model, tokenizer)
+        if gradient_checkpointing:
+            reader.enable_gradient_checkpointing()
+        return reader
+
+    def enable_gradient_checkpointing(self):
+        """Activation checkpointing on the T5 blocks (non-reentrant, so frozen inputs still work)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers releases before the rename (the GPU machine has 5.17)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def save_pretrained(self, directory):
+        """Write model (safetensors) + config + tokenizer into ``directory``."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def pad_token_id(self):
+        return self.model.config.pad_token_id
+
+    @property
+    def eos_token_id(self):
+        return self.model.config.eos_token_id
+
+    @property
+    def decoder_start_token_id(self):
+        return self.model.config.decoder_start_token_id
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ tokenization
+    def tokenize_inputs(self, inputs, max_length):
+        """``inputs``: B lists of N strings each -> ``(input_ids, attention_mask)`` both [B, N, L]
+        long; each string truncated to ``max_length`` tokens (EOS kept), padded to the batch max."""
+        if not inputs:
+            raise ValueError("tokenize_inputs needs at least one example")
+        n = len(inputs[0])
+        if n == 0 or any(len(x) != n for x in inputs):
+            raise ValueError(f"every example needs the same non-zero number of passages; got {[len(x) for x in inputs]}")
+        flat = [s for example in inputs for s in example]
+        enc = self.tokenizer(flat, truncation=True, max_length=max_length, padding="longest",
+                             return_tensors="pt")
+        shape = (len(inputs), n, enc["input_ids"].shape[1])
+        device = self.device
+        return (enc["input_ids"].view(shape).to(device), enc["attention_mask"].view(shape).to(device))
+
+    def tokenize_targets(self, targets, max_length):
+        """``targets``: B strings -> labels [B, T] long, EOS included (truncated to
+        ``max_length`` tokens), -100 at padding."""
+        enc = self.tokenizer(list(targets), truncation=True, max_length=max_length, padding="longest",
+                             return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return labels.to(self.device)
+
+    def decode(self, ids):
+        """[B, T] ids (or list of lists) -> B strings; special tokens skipped, spaces untouched."""
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [t.strip() for t in texts]
+
+    # ------------------------------------------------------------------ model passes
+    def encode(self, input_ids, attention_mask):
+        """[B, N, L] ids and mask -> ``(hidden [B, N·L, d], mask [B, N·L])``: the B·N inputs are
+        encoded independently, then each example's N states are concatenated."""
+        b, n, length = input_ids.shape
+        out = self.model.encoder(input_ids=input_ids.reshape(b * n, length),
+                                 attention_mask=attention_mask.reshape(b * n, length), return_dict=True)
+        hidden = out.last_hidden_state
+        return hidden.reshape(b, n * length, hidden.shape[-1]), attention_mask.reshape(b, n * length)
+
+    def _decoder_pass(self, hidden, mask, labels=None, decoder_input_ids=None):
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                          labels=labels, decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True)
+
+    def forward(self, input_ids, attention_mask, labels):
+        """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> ``Seq2SeqLMOutput`` with ``loss``
+        (mean CE over non-ignored tokens) and ``logits`` [B, T, V]."""
+        hidden, mask = self.encode(input_ids, attention_mask)
+        return self._decoder_pass(hidden, mask, labels=labels)
+
+    def loss_per_example(self, input_ids, attention_mask, labels):
+        """[B, N, L] inputs, [B, T] labels -> [B] mean token NLL of each example's labels."""
+        hidden, mask = self.encode(input_ids, attention_mask)
+        logits = self._decoder_pass(hidden, mask, decoder_input_ids=self.model._shift_right(labels)).logits
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        count = (labels != -100).sum(1).clamp(min=1)
+        return nll.sum(1) / count
+
+    # ------------------------------------------------------------------ generation
+    def _generation_config(self, **kwargs):
+        # An explicit config so a checkpoint's generation_config.json (task prefixes, top_k=50
+        # defaults, ...) never changes what greedy/beam/sampling mean here.
+        return GenerationConfig(
+            decoder_start_token_id=self.decoder_start_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            length_penalty=1.0,
+            use_cache=True,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def _generate(self, hidden, mask, **kwargs):
+        # transformers expands encoder_outputs in place for num_return_sequences > 1, so a fresh
+        # BaseModelOutput is built on every call to keep the caller's tensors intact.
+        out = self.model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            generation_config=self._generation_config(**kwargs),
+        )
+        # Drop the decoder start token; everything after the first EOS becomes pad.
+        return self._pad_after_eos(out[:, 1:])
+
+    def _pad_after_eos(self, ids):
+        eos = (ids == self.eos_token_id).long()
+        after = (eos.cumsum(1) - eos) > 0
+        return ids.masked_fill(after, self.pad_token_id)
+
+    def generate(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1):
+        """[B, N, L] inputs -> [B, T] reply ids (no decoder start token, pad after EOS, T <
+        ``max_length``): greedy when ``num_beams`` == 1 else beam search; length_penalty 1."""
+        hidden, mask = self.encode(input_ids, attention_mask)
+        return self.generate_from_states(hidden, mask, max_length, min_length=min_length, num_beams=num_beams)
+
+    def generate_from_states(self, hidden, mask, max_length, min_length=0, num_beams=1):
+        """Like ``generate`` but from cached encoder states ``hidden`` [B, S, d], ``mask`` [B, S]."""
+        return self._generate(hidden, mask, max_length=max_length, min_length=min_length, num_beams=num_beams,
+                              do_sample=False, num_return_sequences=1)
+
+    def generate_text(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1):
+        """``decode(generate(...))``: B reply strings."""
+        with torch.no_grad():
+            ids = self.generate(input_ids, attention_mask, max_length, min_length=min_length, num_beams=num_beams)
+        return self.decode(ids)
+
+    def sample(self, hidden, mask, num_samples, max_length, temperature=1.0, top_p=1.0, min_length=0):
+        """Sample ``num_samples`` replies per example from cached encoder states (``hidden``
+        [B, S, d], ``mask`` [B, S]; the encoder is not re-run) -> [B·num_samples, T] ids,
+        example-major (b0s0, b0s1, ..., b1s0, ...), no decoder start token, pad after the first
+        EOS. Uses torch's global RNG. No top-k cut-off; ``top_p`` < 1 enables nucleus sampling."""
+        if temperature <= 0:
+            raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+        return self._generate(hidden.detach(), mask, max_length=max_length, min_length=min_length, num_beams=1,
+                              do_sample=True, num_return_sequences=num_samples, temperature=float(temperature),
+                              top_p=float(top_p), top_k=0)
+
+    def token_logprobs(self, hidden, mask, targets, temperature=1.0):
+        """Teacher-forced log-probabilities of replies ``targets`` [R, T] (R a multiple of B,
+        example-major as ``sample`` returns them) given ``hidden`` [B, S, d] / ``mask`` [B, S]
+        -> ``(logp [R, T] float32, token_mask [R, T] float32)``. One decoder pass over all R
+        replies, logits divided by ``temperature``; token_mask is 1 up to and including the
+        first EOS (and 0 at -100 label padding, so tokenized gold labels work too).
+        Differentiable w.r.t. the decoder and ``hidden``."""
+        b, r = hidden.shape[0], targets.shape[0]
+        if r % b:
+            raise ValueError(f"{r} replies is not a multiple of {b} examples")
+        if r != b:
+            hidden = hidden.repeat_interleave(r // b, dim=0)
+            mask = mask.repeat_interleave(r // b, dim=0)
+        targets = targets.to(hidden.device)
+        decoder_input_ids = self.model._shift_right(targets)
+        logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        eos = (targets == self.eos_token_id).long()
+        token_mask = (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
+        return logp, token_mask

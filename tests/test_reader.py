@@ -1,0 +1,253 @@
+"""FiDReader on a tiny random T5 with the project's reader tokenizer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import T5Config, T5ForConditionalGeneration
+
+from scripts.build_small_models import build_reader_tokenizer
+from src.errors import UsageError
+from src.reader import FiDReader, dropout_disabled
+
+QUERY = "dialog with R's persona: persona: i like dogs . context:  Q: hi , how are you ? R: <extra_id_0>"
+PASSAGES = [
+    "story title: the pet bug story: oliver was playing in his yard one day .",
+    "story title: big break story: joey had dreams of being a singer .",
+    "story title: rain story: it rained all day and we stayed inside .",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_reader_tokenizer()
+
+
+def tiny_t5(tokenizer, seed=0, dropout=0.0):
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, d_kv=16, dropout_rate=dropout, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def reader(tokenizer):
+    return FiDReader(tiny_t5(tokenizer), tokenizer)
+
+
+def eos_bias(model, bias):
+    """Forward hook on lm_head that adds ``bias`` to the EOS logit (makes EOS positions testable)."""
+    def hook(module, args, output):
+        output = output.clone()
+        output[..., 1] += bias
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def post_process_plain(reader, out):
+    """model.generate output -> FiDReader convention (no start token, pad after the first EOS)."""
+    return reader._pad_after_eos(out[:, 1:])
+
+
+def batch_one(reader, n=1, b=2):
+    inputs = [[f"{QUERY} {p}" for p in PASSAGES[:n]], [f"{QUERY} hello there {p}" for p in PASSAGES[:n]]][:b]
+    ids, mask = reader.tokenize_inputs(inputs, max_length=64)
+    labels = reader.tokenize_targets(["<extra_id_0> i am good , thanks !", "<extra_id_0> fine"][:b], max_length=16)
+    return ids, mask, labels
+
+
+def test_tokenize_shapes_truncation_and_labels(reader):
+    ids, mask = reader.tokenize_inputs([[QUERY, QUERY + " " + PASSAGES[0]], ["hi", "hello"]], max_length=12)
+    assert ids.shape == mask.shape and ids.shape[:2] == (2, 2) and ids.dtype == torch.long
+    assert ids.shape[2] == 12
+    assert ids[0, 0, -1].item() == reader.eos_token_id  # truncated, EOS kept
+    assert mask[1, 0].sum().item() == 2 and ids[1, 0, :2].tolist()[1] == reader.eos_token_id
+    labels = reader.tokenize_targets(["<extra_id_0> i am good", "<extra_id_0> a b c d e f g h"], max_length=6)
+    assert labels.shape == (2, 6)
+    assert labels[0, 5].item() == -100 and labels[0, 4].item() == reader.eos_token_id
+    assert labels[1, -1].item() == reader.eos_token_id
+    assert labels[0, 0].item() == reader.tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    with pytest.raises(ValueError):
+        reader.tokenize_inputs([["a", "b"], ["c"]], max_length=8)
+
+
+def test_single_passage_equals_plain_t5(reader):
+    ids, mask, labels = batch_one(reader, n=1)
+    plain = reader.model(input_ids=ids[:, 0], attention_mask=mask[:, 0], labels=labels)
+    fid = reader(ids, mask, labels)
+    assert abs(fid.loss.item() - plain.loss.item()) < 1e-6
+    assert fid.logits.shape == (2, labels.shape[1], len(reader.tokenizer))
+    out = reader.model.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], max_length=9, do_sample=False,
+                                num_beams=1)
+    assert torch.equal(reader.generate(ids, mask, max_length=9), post_process_plain(reader, out))
+    out = reader.model.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], max_length=9, do_sample=False,
+                                num_beams=3, length_penalty=1.0)
+    assert torch.equal(reader.generate(ids, mask, max_length=9, num_beams=3), post_process_plain(reader, out))
+
+
+def test_encode_is_fusion_of_separate_encodings(reader):
+    ids, mask, _ = batch_one(reader, n=3)
+    hidden, fmask = reader.encode(ids, mask)
+    b, n, length = ids.shape
+    assert hidden.shape == (b, n * length, reader.config.d_model) and fmask.shape == (b, n * length)
+    manual = torch.cat([reader.model.encoder(input_ids=ids[:, k], attention_mask=mask[:, k]).last_hidden_state
+                        for k in range(n)], dim=1)
+    torch.testing.assert_close(hidden, manual, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fmask, mask.reshape(b, n * length))
+    # the decoder really sees all passages: changing the last passage changes the loss
+    labels = reader.tokenize_targets(["<extra_id_0> a", "<extra_id_0> b"], max_length=8)
+    ids2 = ids.clone()
+    ids2[:, -1, :3] = 500
+    assert reader(ids, mask, labels).loss.item() != reader(ids2, mask, labels).loss.item()
+
+
+def test_loss_per_example(reader):
+    ids, mask, _ = batch_one(reader, n=2)
+    labels = torch.tensor([[5000, 6000, 7000, 1], [8000, 9000, 10000, 1]])
+    per = reader.loss_per_example(ids, mask, labels)
+    assert per.shape == (2,)
+    assert abs(per.mean().item() - reader(ids, mask, labels).loss.item()) < 1e-5
+    # padding is ignored: example 1 scored alone with and without -100 padding agrees
+    padded = torch.tensor([[5000, 6000, 7000, 1], [8000, 1, -100, -100]])
+    alone = reader.loss_per_example(ids[1:], mask[1:], padded[1:, :2])
+    assert abs(reader.loss_per_example(ids, mask, padded)[1].item() - alone.item()) < 1e-5
+
+
+def test_generation_lengths(reader):
+    ids, mask, _ = batch_one(reader, n=2)
+    for beams in (1, 3):
+        out = reader.generate(ids, mask, max_length=7, num_beams=beams)
+        assert out.shape[0] == 2 and out.shape[1] <= 6
+    handle = eos_bias(reader.model, 50.0)
+    try:
+        for beams in (1, 3):
+            assert reader.generate(ids, mask, max_length=10, num_beams=beams)[:, 0].tolist() == [1, 1]
+            out = reader.generate(ids, mask, max_length=10, min_length=5, num_beams=beams)
+            # transformers' min_length counts the decoder start token: 4 real tokens, then EOS
+            assert out.shape[1] == 5 and out[:, 4].tolist() == [1, 1] and (out[:, :4] != 1).all()
+        texts = reader.generate_text(ids, mask, max_length=10, min_length=5)
+        assert len(texts) == 2 and all(len(t.split()) <= 4 for t in texts)
+    finally:
+        handle.remove()
+
+
+def test_sample_from_cached_states_matches_generate(reader):
+    ids, mask, _ = batch_one(reader, n=1)
+    hidden, fmask = reader.encode(ids, mask)
+    hidden_before = hidden.clone()
+    handle = eos_bias(reader.model, 9.0)
+    try:
+        torch.manual_seed(123)
+        ours = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7)
+        torch.manual_seed(123)
+        plain = reader.model.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], do_sample=True,
+                                      num_return_sequences=3, max_length=12, temperature=0.7, top_p=1.0, top_k=0)
+        torch.manual_seed(123)
+        again = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7)
+    finally:
+        handle.remove()
+    assert ours.shape[0] == 6 and ours.shape[1] <= 11
+    assert torch.equal(ours, post_process_plain(reader, plain))
+    assert torch.equal(ours, again)
+    assert torch.equal(hidden, hidden_before) and hidden.shape[0] == 2
+    assert (ours[:, 0] != 0).all()  # the decoder start token is not returned
+
+
+def test_token_logprobs_match_generation_scores(reader):
+    ids, mask, _ = batch_one(reader, n=2)
+    hidden, fmask = reader.encode(ids, mask)
+    temp = 0.7
+    handle = eos_bias(reader.model, 9.0)
+    try:
+        torch.manual_seed(7)
+        res = reader.model.generate(encoder_outputs=reader_encoder_output(hidden), attention_mask=fmask,
+                                    do_sample=True, num_return_sequences=4, max_length=12, temperature=temp,
+                                    top_p=1.0, top_k=0, output_scores=True, return_dict_in_generate=True)
+        seqs = post_process_plain(reader, res.sequences)
+        logp, tmask = reader.token_logprobs(hidden, fmask, seqs, temperature=temp)
+    finally:
+        handle.remove()
+    assert logp.shape == seqs.shape == tmask.shape and tmask.dtype == torch.float32
+    ref = torch.stack([F.log_softmax(s.float(), dim=-1) for s in res.scores], dim=1)
+    ref = ref.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    on = tmask.bool()
+    torch.testing.assert_close(logp[on], ref[on], atol=1e-4, rtol=1e-4)
+    eos_pos = [(row == 1).nonzero()[0].item() if (row == 1).any() else None for row in seqs]
+    assert any(p is not None and p < seqs.shape[1] - 1 for p in eos_pos), "test needs an early EOS"
+    for row, p in enumerate(eos_pos):
+        expected = torch.ones(seqs.shape[1])
+        if p is not None:
+            expected[p + 1:] = 0
+        assert torch.equal(tmask[row], expected)
+
+
+def reader_encoder_output(hidden):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=hidden)
+
+
+def test_token_logprobs_gradients(tokenizer):
+    reader = FiDReader(tiny_t5(tokenizer, seed=1), tokenizer)
+    ids, mask, _ = batch_one(reader, n=2)
+    hidden, fmask = reader.encode(ids, mask)
+    hidden = hidden.detach().requires_grad_(True)
+    targets = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 11], [12, 1, 0, 0]])
+    logp, tmask = reader.token_logprobs(hidden, fmask, targets, temperature=0.5)
+    (logp * tmask).sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    assert reader.model.decoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+    assert reader.model.encoder.block[0].layer[0].SelfAttention.q.weight.grad is None
+    # end to end through the encoder as well, with gradient checkpointing in training mode
+    reader.model.zero_grad()
+    ck = FiDReader(tiny_t5(tokenizer, seed=1, dropout=0.1), tokenizer)
+    ck.enable_gradient_checkpointing()
+    ck.train()
+    hidden, fmask = ck.encode(ids, mask)
+    logp, tmask = ck.token_logprobs(hidden, fmask, targets)
+    (logp * tmask).sum().backward()
+    assert ck.model.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+
+
+def test_dropout_disabled_restores_flags(tokenizer):
+    a = tiny_t5(tokenizer).train()
+    b = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    a.encoder.eval()  # a frozen part stays frozen afterwards
+    before = {id(m): m.training for mod in (a, b) for m in mod.modules()}
+    with dropout_disabled(a, b):
+        assert not any(m.training for mod in (a, b) for m in mod.modules())
+        x = torch.ones(1, 2)
+        assert torch.equal(b(x), b(x))
+    assert {id(m): m.training for mod in (a, b) for m in mod.modules()} == before
+    assert a.training and not a.encoder.training and a.decoder.training
+    with pytest.raises(RuntimeError):
+        with dropout_disabled(b):
+            raise RuntimeError("boom")
+    assert b.training and b[1].training
+
+
+def test_save_and_from_pretrained(reader, tmp_path):
+    reader.save_pretrained(tmp_path / "r")
+    assert (tmp_path / "r" / "model.safetensors").exists()
+    loaded = FiDReader.from_pretrained(str(tmp_path / "r"), dropout=0.3, gradient_checkpointing=True)
+    assert loaded.config.dropout_rate == 0.3 and loaded.pad_token_id == 0 and loaded.eos_token_id == 1
+    assert loaded.model.is_activation_checkpointing
+    ids, mask, labels = batch_one(reader, n=2)
+    loaded.eval()
+    assert abs(loaded(ids, mask, labels).loss.item() - reader(ids, mask, labels).loss.item()) < 1e-6
+    assert loaded.tokenizer("<extra_id_0> hi")["input_ids"] == reader.tokenizer("<extra_id_0> hi")["input_ids"]
+
+
+def test_from_pretrained_error_is_usage_error(tmp_path):
+    with pytest.raises(UsageError) as info:
+        FiDReader.from_pretrained(str(tmp_path / "no_such_reader"))
+    msg = str(info.value)
+    assert msg.startswith("--reader_model_type: cannot load reader") and "build_small_models.py" in msg
+    assert "\n" not in msg
+
+
+def test_decode_skips_specials_and_keeps_spaces(reader):
+    text = "<extra_id_0> i'm good , thanks ! do you like dogs ?"
+    ids = torch.tensor([reader.tokenizer(text)["input_ids"] + [0, 0]])
+    assert reader.decode(ids) == ["i'm good , thanks ! do you like dogs ?"]
