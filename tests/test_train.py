@@ -1,0 +1,185 @@
+"""train.py / evaluate.py end to end: bad input, checkpoints, resume equivalence, several processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SAMPLE
+
+PY = sys.executable
+ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run(args, nproc=1, check=True, timeout=600):
+    cmd = [PY, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    p = subprocess.run(cmd + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}")
+    return p
+
+
+def stage1(ckpt, models, steps=4, extra=()):
+    return ["train.py", "--closed_book", "--shuffle", "--per_gpu_batch_size=4", f"--total_steps={steps}",
+            "--eval_freq=0", "--save_freq=2", "--log_freq=1", "--name=t", f"--checkpoint_dir={ckpt}",
+            f"--reader_model_type={models['reader']}", "--lr=1e-3", "--warmup_steps=2", "--text_maxlength=96",
+            "--target_maxlength=16", "--generation_max_length=8", "--dropout=0.1",
+            f"--train_data={SAMPLE}/train.jsonl", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=6",
+            *extra]
+
+
+def grpo_stage2(ckpt, models, stage1_ckpt, steps=4, extra=()):
+    return ["train.py", "--shuffle", "--per_gpu_batch_size=2", "--accumulation_steps=2", f"--total_steps={steps}",
+            "--eval_freq=0", "--save_freq=2", "--log_freq=1", "--name=g", f"--checkpoint_dir={ckpt}",
+            "--gold_score_mode=f1rougebleudist", "--reader_rl_learning", "--use_grpo", "--grpo_group_size=2",
+            "--grpo_train_retriever", "--grpo_retriever_group_size=2", "--grpo_retriever_pool_size=4",
+            "--grpo_kl_coeff=0.01", "--grpo_clip_epsilon=0.2", "--lr=1e-4", "--lr_retriever=1e-4",
+            "--warmup_steps=1", "--text_maxlength=96", "--generation_max_length=8", "--retriever_n_context=2",
+            f"--train_data={SAMPLE}/train.jsonl", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=4",
+            f"--passages={SAMPLE}/stories.jsonl", "--max_passages=64", f"--model_path={stage1_ckpt}",
+            f"--retriever_model_path={models['retriever']}", "--generation_length_penalty=1.0", "--refresh_index=2",
+            *extra]
+
+
+def weights(step_dir, part="reader"):
+    return load_file(os.path.join(step_dir, part, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def crash_after(ckpt, step):
+    """Pretend the run died right after saving `step`: later checkpoints vanish, latest points back."""
+    root = os.path.join(ckpt, "checkpoint")
+    for name in os.listdir(root):
+        if name.startswith("step-") and int(name.split("-")[1]) > step:
+            shutil.rmtree(os.path.join(root, name))
+    os.remove(os.path.join(root, "latest"))
+    os.symlink(f"step-{step}", os.path.join(root, "latest"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"question": "persona: a. context: Q: hi", "answers": ["x"]}\n{bad json\n', ":2: "),
+    (b'{"question": "persona: a. context: Q: hi", "answers": []}\n', ":1: "),
+    (b"", ": "),
+    (b'{"question": "persona: a. context: Q: hi", "answers": ["caf\xe9"]}\n', ":1: "),
+])
+def test_bad_training_data_stops_before_training(tmp_path, tiny_models, content, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    p = run(["train.py", "--closed_book", f"--train_data={bad}", f"--reader_model_type={tiny_models['reader']}",
+             f"--checkpoint_dir={tmp_path / 'ck'}"], check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}{expected}") and " — " in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint")
+
+
+def test_bad_flag_is_one_line(tmp_path):
+    p = run(["train.py", "--closed_book", "--train_data=x.jsonl", "--precision=fp16"], check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: --precision: fp16 needs a GPU"), p.stderr
+
+
+@pytest.mark.slow
+def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
+    """Checkpoint layout and round trip; N steps in one go == N/2 then the same command continued."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(stage1(a, tiny_models))
+    step4 = a / "checkpoint" / "step-4"
+    assert os.path.realpath(a / "checkpoint" / "latest") == str(step4)
+    assert {"reader", "options.json", "state.pt", "rng-rank0.pt"} <= set(os.listdir(step4))
+    state = torch.load(step4 / "state.pt", weights_only=True)
+    assert state["step"] == 4 and "reader" in state["optimizers"]
+    torch.load(step4 / "rng-rank0.pt", weights_only=True)
+    opts = json.load(open(step4 / "options.json"))
+    assert opts["total_steps"] == 4 and opts["closed_book"] is True
+    from src.reader import FiDReader
+    reader = FiDReader.from_pretrained(str(step4 / "reader"))
+    saved = weights(step4)
+    for k, v in reader.model.state_dict().items():
+        if k in saved:
+            assert torch.equal(v, saved[k])
+    log = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    assert [r["step"] for r in log if "loss/reader" in r] == [1, 2, 3, 4]
+    assert {"lr/reader", "grad_norm/reader", "examples_per_s", "memory/peak_mb"} <= set(log[0])
+
+    run(stage1(b, tiny_models))
+    crash_after(b, 2)
+    p = run(stage1(b, tiny_models))
+    assert "continuing at step 2" in p.stdout
+    assert_same_weights(weights(step4), weights(b / "checkpoint" / "step-4"))
+    sa, sb = torch.load(step4 / "state.pt", weights_only=True), torch.load(b / "checkpoint/step-4/state.pt", weights_only=True)
+    assert sa["sampler"] == sb["sampler"]
+
+    # a larger --total_steps continues from latest
+    run(stage1(b, tiny_models, steps=6))
+    assert os.path.realpath(b / "checkpoint" / "latest").endswith("step-6")
+
+    # evaluate.py: checkpoint options as defaults, results next to the checkpoint, input order
+    p = run(["evaluate.py", f"--model_path={step4}", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=5",
+             "--write_results", "--per_gpu_eval_batch_size=2"])
+    out = str(step4) + ".valid.results.jsonl"
+    assert f"results written to {out}" in p.stdout
+    rows = [json.loads(line) for line in open(out)]
+    valid = [json.loads(line) for line in open(f"{SAMPLE}/valid.jsonl")][:5]
+    assert [r["query"] for r in rows] == [v["question"] for v in valid]
+    assert all(set(r) >= {"query", "answers", "generation"} for r in rows)
+    metrics = json.loads(p.stdout.strip().splitlines()[-1])["valid"]
+    assert {"bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "length_ratio"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_two_process_stage1_trains_saves_evaluates(tmp_path, tiny_models):
+    ck = tmp_path / "ddp"
+    p = run(stage1(ck, tiny_models, steps=2, extra=["--eval_freq=2", "--write_results", "--max_eval_examples=7",
+                                                     "--per_gpu_eval_batch_size=2"]), nproc=2)
+    assert "2 process(es)" in p.stdout
+    rows = [json.loads(line) for line in open(ck / "results" / "step-2-valid.jsonl")]
+    valid = [json.loads(line) for line in open(f"{SAMPLE}/valid.jsonl")][:7]
+    assert [r["query"] for r in rows] == [v["question"] for v in valid]
+    assert os.path.isdir(ck / "checkpoint" / "step-2" / "reader")
+    # sharded optimizer state and gradients (fairscale OSS + ShardedDDP), saved and resumed
+    ck2 = tmp_path / "oss"
+    run(stage1(ck2, tiny_models, steps=2, extra=["--shard_optim", "--shard_grads"]), nproc=2)
+    state = torch.load(ck2 / "checkpoint" / "step-2" / "state.pt", weights_only=True)
+    assert state["optimizers"]["reader"]["state"]
+    run(stage1(ck2, tiny_models, steps=3, extra=["--shard_optim", "--shard_grads"]), nproc=2)
+    assert os.path.realpath(ck2 / "checkpoint" / "latest").endswith("step-3")
+
+
+@pytest.mark.slow
+def test_joint_grpo_resume_equals_uninterrupted(tmp_path, tiny_models):
+    s1 = tmp_path / "s1"
+    run(stage1(s1, tiny_models, steps=2))
+    s1_step = s1 / "checkpoint" / "step-2"
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(grpo_stage2(a, tiny_models, s1_step))
+    run(grpo_stage2(b, tiny_models, s1_step))
+    ref_before = weights(b / "reference", "reader")
+    crash_after(b, 2)
+    run(grpo_stage2(b, tiny_models, s1_step))
+    for part in ("reader", "retriever"):
+        assert_same_weights(weights(a / "checkpoint/step-4", part), weights(b / "checkpoint/step-4", part))
+    # references: the stage-1 reader, saved once outside step-N, reused on resume
+    assert_same_weights(ref_before, weights(b / "reference", "reader"))
+    assert_same_weights(weights(s1_step, "reader"), ref_before)
+    assert not os.path.exists(b / "checkpoint/step-4/reference")
+    state = torch.load(b / "checkpoint/step-4/state.pt", weights_only=True)
+    assert set(state["optimizers"]) == {"reader", "retriever"}
+    log = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    keys = set().union(*log)
+    for k in ["loss/reader", "loss/retriever", "kl/reader", "kl/retriever", "reward/mean", "reward/std",
+              "reward/f1", "reward/rouge", "reward/bleu", "reward/length_ratio", "grpo/frac_zero_std",
+              "grpo/clip_frac", "reply_length", "lr/reader", "lr/retriever", "grad_norm/reader",
+              "grad_norm/retriever", "memory/peak_mb", "time/sampling", "time/reward", "time/policy",
+              "time/reference", "time/retriever", "time/index_refresh"]:
+        assert k in keys, k
