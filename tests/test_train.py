@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,9 +17,17 @@ PY = sys.executable
 ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run(args, nproc=1, check=True, timeout=600):
-    cmd = [PY, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
-    p = subprocess.run(cmd + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, nproc=1, check=True, timeout=600, env=None):
+    cmd = [PY, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] \
+        if nproc > 1 else [PY]
+    p = subprocess.run(cmd + args, cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}")
     return p

@@ -1,0 +1,87 @@
+"""bench/grpo_step.py: the naive per-sample joint GRPO loss computes the objective of the batched
+step (src/lapdog.py "grpo_joint") on one shared rollout, with tiny models."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_grpo_step", os.path.join(ROOT, "bench", "grpo_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SIZES = dict(batch=2, G=3, k=2, M=4, gen_len=8)
+SHORT = ["--text_maxlength", "96", "--retriever_maxlength", "48"]
+
+
+def test_naive_loss_agrees_with_fast_step(tiny_models):
+    bench = _bench()
+    # A large learning rate so that one update moves the policies well away from the references:
+    # the KL terms (the only non-zero part of the loss value at ratio 1) are then far from 0.
+    opts = bench.bench_options(tiny_models, **SIZES, extra=[*SHORT, "--lr", "0.02", "--lr_retriever", "0.02"])
+    batches, _, _ = bench.make_batches(tiny_models, opts, "cpu", 2, seed=0)
+    torch.manual_seed(0)
+    model = bench.load_lapdog(tiny_models, opts, "cpu")
+    optims = bench.make_optimizers(model, opts)
+    bench.train_step(model, optims, batches[0], naive=False, device="cpu")
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    agree = bench.agreement(model, batches[1])
+    assert agree["kl_reader_fast"] > 1e-3 and agree["kl_retriever_fast"] > 1e-6, agree
+    assert abs(agree["loss_fast"] - agree["loss_naive"]) < 1e-4, agree
+    assert agree["kl_reader_naive"] == pytest.approx(agree["kl_reader_fast"], rel=1e-4, abs=1e-7)
+    assert agree["kl_retriever_naive"] == pytest.approx(agree["kl_retriever_fast"], rel=1e-3, abs=1e-7)
+    assert agree["reward_naive"] == pytest.approx(agree["reward_fast"], abs=1e-6)
+    assert agree["grad_rel_diff"] < 1e-3, agree
+    # The check only measures: the parameters are untouched.
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_naive_loss_detects_a_different_objective(tiny_models, monkeypatch):
+    """The agreement check can fail: a naive loss with another KL weight disagrees."""
+    bench = _bench()
+    opts = bench.bench_options(tiny_models, **SIZES, extra=[*SHORT, "--lr", "0.02", "--lr_retriever", "0.02"])
+    batches, _, _ = bench.make_batches(tiny_models, opts, "cpu", 2, seed=1)
+    torch.manual_seed(0)
+    model = bench.load_lapdog(tiny_models, opts, "cpu")
+    bench.train_step(model, bench.make_optimizers(model, opts), batches[0], naive=False, device="cpu")
+    real = bench.naive_grpo_joint
+
+    def doubled_kl(m, batch, stats, samples=None):
+        m.opts.grpo_kl_coeff *= 2
+        try:
+            return real(m, batch, stats, samples)
+        finally:
+            m.opts.grpo_kl_coeff /= 2
+
+    monkeypatch.setattr(bench, "naive_grpo_joint", doubled_kl)
+    agree = bench.agreement(model, batches[1])
+    assert abs(agree["loss_fast"] - agree["loss_naive"]) > 1e-4, agree
+
+
+def test_cli_json_last_line(tiny_models, capsys):
+    bench = _bench()
+    models_dir = os.path.dirname(tiny_models["reader"])
+    assert bench.main(["--models", models_dir, "--device", "cpu", "--batch", "1", "--G", "2", "--k", "2",
+                       "--M", "3", "--gen_len", "6", "--steps", "1", "--warmup", "0", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    for key in ("speedup", "loss_fast", "loss_naive", "step_s_fast", "step_s_naive"):
+        assert key in result
+    assert result["speedup"] > 0 and abs(result["loss_fast"] - result["loss_naive"]) < 1e-4
+    assert any(line.startswith("| sampling |") for line in out)
+
+
+def test_bad_models_folder_is_a_usage_error(tmp_path):
+    bench = _bench()
+    from src.errors import UsageError
+    with pytest.raises(UsageError, match="--models"):
+        bench.main(["--models", str(tmp_path), "--device", "cpu"])

@@ -1,0 +1,342 @@
+"""Model-level tests of the LAPDOG objectives (src/lapdog.py, src/gold_scores.py) on tiny models.
+
+The helpers here (options, models, a brute-force in-memory retrieval) are shared with
+tests/test_grpo_model.py.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import SAMPLE
+from src import options
+from src.data import load_dialogues, load_passages, retrieval_query, retriever_passage_text
+from src.gold_scores import MODES, gold_scores
+from src.lapdog import LapdogModel, make_batch, training_kind
+from src.reader import FiDReader
+from src.retriever import Retriever, retrieval_scores
+
+SHORT = ["--text_maxlength", "96", "--retriever_maxlength", "64", "--target_maxlength", "24",
+         "--generation_max_length", "10"]
+
+
+def make_opts(*flags):
+    opts, _ = options.parse(["--passages", "x", "--train_data", "y", *SHORT, *flags])
+    options.validate(opts)
+    return opts
+
+
+def load_models(tiny_models, dropout=0.0):
+    reader = FiDReader.from_pretrained(tiny_models["reader"], dropout=dropout)
+    retriever = Retriever.from_pretrained(tiny_models["retriever"])
+    return reader, retriever
+
+
+def frozen_copy(module):
+    import copy
+    ref = copy.deepcopy(module)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+class BruteForceRetrieval:
+    """The retrieval interface make_batch uses, scoring every story exactly (no index)."""
+
+    def __init__(self, passages, opts):
+        self.passages, self.opts = passages, opts
+
+    def query_texts(self, examples, rng):
+        return [retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]
+
+    @torch.no_grad()
+    def search(self, retriever, texts, k):
+        o = self.opts
+        q = retriever.embed_texts(texts, batch_size=64, max_length=o.retriever_maxlength)
+        p = retriever.embed_texts([retriever_passage_text(x, o.retriever_format) for x in self.passages],
+                                  batch_size=64, max_length=o.retriever_maxlength)
+        scores, rows = retrieval_scores(q, p).topk(k, dim=-1)
+        return [[self.passages[r] for r in row] for row in rows.tolist()], scores, rows
+
+    def add_random(self, passage_lists, fraction, rng):
+        return passage_lists
+
+
+_CACHE = {}
+
+
+def sample_data():
+    if not _CACHE:
+        _CACHE["train"] = load_dialogues(os.path.join(SAMPLE, "train.jsonl"))
+        _CACHE["valid"] = load_dialogues(os.path.join(SAMPLE, "valid.jsonl"))
+        _CACHE["stories"] = load_passages(os.path.join(SAMPLE, "stories.jsonl"))
+    return _CACHE["train"], _CACHE["valid"], _CACHE["stories"]
+
+
+def examples_with_story(split, n, start=0):
+    train, valid, _ = sample_data()
+    data = train if split == "train" else valid
+    return [ex for ex in data if ex.get("story_id")][start:start + n]
+
+
+def retrieval_batch(model, examples, stories, seed=0):
+    """A make_batch batch whose retrieval runs over ``stories`` with the model's retriever."""
+    o = model.opts
+    retrieval = BruteForceRetrieval(stories, o)
+    answers = [ex["answers"][0] for ex in examples]
+    return make_batch(examples, answers, model.reader, retrieval, model.retriever, o, random.Random(seed),
+                      model.device)
+
+
+def grad_norm(module):
+    total = 0.0
+    for p in module.parameters():
+        if p.grad is not None:
+            total += p.grad.float().pow(2).sum().item()
+    return math.sqrt(total)
+
+
+# ------------------------------------------------------------------------------------------ gold scores
+
+ALL_MODES = ["ppmean", "pdist", "loop", "emdr", "evalnormsum", "adist", "bleudist", "bleudist_pdist",
+             "f1rougebleudist"]
+
+
+def test_every_documented_mode_is_known():
+    assert set(ALL_MODES) == set(MODES)
+
+
+@pytest.fixture(scope="module")
+def lapdog_setup(tiny_models):
+    torch.manual_seed(0)
+    reader, retriever = load_models(tiny_models)
+    _, _, stories = sample_data()
+    return reader, retriever, stories[:12]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_gold_scores_and_lapdog_loss(lapdog_setup, mode):
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--train_retriever", "--gold_score_mode", mode, "--retriever_n_context", "3",
+                     "--n_context", "2")
+    model = LapdogModel(reader, retriever, opts)
+    model.train()
+    batch = retrieval_batch(model, examples_with_story("train", 2), stories)
+    assert len(batch.passages) == 2 and all(len(p) == 3 for p in batch.passages)
+    gold = gold_scores(mode, reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    assert gold.shape == (2, 3)
+    assert torch.isfinite(gold).all()
+    assert not gold.requires_grad
+    assert training_kind(opts, 0) == "lapdog"
+    model.zero_grad()
+    loss, stats, rollout = model("lapdog", batch)
+    assert rollout is None
+    assert torch.isfinite(loss)
+    assert math.isfinite(stats["loss/retriever"]) and math.isfinite(stats["gold_score/mean"])
+    loss.backward()
+    assert grad_norm(retriever) > 0
+    assert grad_norm(reader) > 0  # reader cross-entropy is part of the lapdog loss unless --fix_reader
+
+
+def test_gold_score_signs(lapdog_setup):
+    """ppmean is −NLL, loop is the NLL with the story left out, emdr the sequence log-likelihood."""
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--retriever_n_context", "3", "--n_context", "3")
+    model = LapdogModel(reader, retriever, opts)
+    batch = retrieval_batch(model, examples_with_story("train", 2), stories)
+    pp = gold_scores("ppmean", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    em = gold_scores("emdr", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    n_tokens = (batch.labels != -100).sum(-1, keepdim=True).float()
+    assert (pp < 0).all()
+    assert torch.allclose(em, pp * n_tokens, rtol=1e-4, atol=1e-3)
+    loop = gold_scores("loop", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    assert (loop > 0).all()
+
+
+def test_fix_reader_trains_retriever_only(lapdog_setup):
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--train_retriever", "--fix_reader", "--gold_score_mode", "ppmean",
+                     "--retriever_n_context", "3")
+    model = LapdogModel(reader, retriever, opts)
+    batch = retrieval_batch(model, examples_with_story("train", 2), stories)
+    model.zero_grad()
+    loss, stats, _ = model("lapdog", batch)
+    loss.backward()
+    assert grad_norm(retriever) > 0
+    assert grad_norm(reader) == 0
+    assert "loss/reader" not in stats
+
+
+def test_f1rougebleudist_all_zero_bleu_is_finite(lapdog_setup, monkeypatch):
+    """Every greedy reply shares no word with its reference: BLEU is 0 everywhere, no NaN."""
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--train_retriever", "--gold_score_mode", "f1rougebleudist", "--retriever_n_context", "3")
+    model = LapdogModel(reader, retriever, opts)
+    batch = retrieval_batch(model, examples_with_story("train", 2), stories)
+    monkeypatch.setattr(FiDReader, "generate_text", lambda self, ids, mask, **kw: ["zzzq"] * ids.shape[0])
+    gold = gold_scores("f1rougebleudist", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    assert gold.shape == (2, 3)
+    assert torch.equal(gold, torch.zeros(2, 3))
+    loss, _, _ = model("lapdog", batch)
+    assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------ REINFORCE
+
+def closed_book_batch(model, examples, seed=0):
+    answers = [ex["answers"][0] for ex in examples]
+    return make_batch(examples, answers, model.reader, None, None, model.opts, random.Random(seed), model.device)
+
+
+def reply_logprob(reader, batch, replies):
+    """[R] log p(reply) under the reader, dropout off, no gradient."""
+    from src.grpo import sequence_logprob
+    from src.reader import dropout_disabled
+    with torch.no_grad(), dropout_disabled(reader):
+        hidden, mask = reader.encode(batch.input_ids, batch.attention_mask)
+        logp, tmask = reader.token_logprobs(hidden, mask, replies)
+    return sequence_logprob(logp, tmask)
+
+
+def test_reinforce_step_raises_the_rewarded_reply(tiny_models, monkeypatch):
+    torch.manual_seed(0)
+    reader, retriever = load_models(tiny_models, dropout=0.1)
+    opts = make_opts("--reader_rl_learning", "--closed_book")
+    assert training_kind(opts, 0) == "reinforce"
+    model = LapdogModel(reader, retriever, opts)
+    model.train()
+    batch = closed_book_batch(model, examples_with_story("train", 4))
+
+    seen = {}
+
+    def rewards(self, replies, answers, stats, per_reply_answers=None):
+        seen["replies"] = replies.clone()
+        r = torch.zeros(replies.shape[0])
+        r[1] = 1.0  # only the second example's reply is rewarded
+        return {"reward": r}
+
+    monkeypatch.setattr(LapdogModel, "_rewards", rewards)
+    torch.manual_seed(1)
+    loss, stats, _ = model("reinforce", batch)
+    replies = seen["replies"]
+    assert replies.shape[0] == 4
+    before = reply_logprob(reader, batch, replies)
+    opt = torch.optim.SGD(reader.parameters(), lr=0.05)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = reply_logprob(reader, batch, replies)
+    delta = after - before
+    assert delta[1] > 0, delta
+    assert delta[1] > delta[[0, 2, 3]].max(), delta
+    assert reader.training  # dropout_disabled restored the train flag
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+def recall_at_1(retriever, examples, stories, opts):
+    q = retriever.embed_texts([retrieval_query(ex["question"], opts.retriever_from, None) for ex in examples],
+                              batch_size=64, max_length=opts.retriever_maxlength)
+    p = retriever.embed_texts([retriever_passage_text(s, opts.retriever_format) for s in stories],
+                              batch_size=64, max_length=opts.retriever_maxlength)
+    top = retrieval_scores(q, p).argmax(-1).tolist()
+    return sum(stories[t]["id"] == ex["story_id"] for t, ex in zip(top, examples)) / len(examples)
+
+
+@pytest.mark.slow
+def test_lapdog_retriever_training_raises_recall(tiny_models, minilm_path):
+    """gold_score_mode=ppmean, the real MiniLM retriever, and an *oracle-like* reader.
+
+    The reader is the tiny random T5 after 100 supervised steps on (query + its own story ->
+    reply) pairs of the training split, so that its likelihood of a reply is higher with the story
+    the reply is about: the ppmean gold signal is then informative. The retriever is trained with
+    the "lapdog" kind (--train_retriever --fix_reader) on training examples with a story_id, over
+    a pool of 4 stories per query (the gold story plus 3 others, so the gold signal can act),
+    and recall@1 of the story_id over all 288 stories is measured on the validation examples that
+    have one, before and after.
+    """
+    torch.manual_seed(0)
+    reader, _ = load_models(tiny_models)
+    retriever = Retriever.from_pretrained(minilm_path)
+    train, valid, stories = sample_data()
+    by_id = {s["id"]: s for s in stories}
+    opts = make_opts("--train_retriever", "--fix_reader", "--gold_score_mode", "ppmean", "--retriever_n_context",
+                     "4", "--n_context", "1", "--retriever_from", "context",
+                     "--temperature_gold", "0.1", "--temperature_score", "0.1", "--text_maxlength", "320")
+    model = LapdogModel(reader, retriever, opts)
+    tr = [ex for ex in train if ex.get("story_id")]
+    va = [ex for ex in valid if ex.get("story_id")]
+    rng = random.Random(0)
+
+    def pools(examples):
+        out = []
+        for ex in examples:
+            others = [s for s in rng.sample(stories, 4) if s["id"] != ex["story_id"]][:3]
+            plist = others + [by_id[ex["story_id"]]]
+            rng.shuffle(plist)
+            out.append(plist)
+        return out
+
+    def batch_for(examples):
+        answers = [ex["answers"][0] for ex in examples]
+        b = make_batch(examples, answers, reader, None, None, opts, rng, model.device)
+        b["passages"] = pools(examples)
+        b["retrieval_queries"] = [retrieval_query(ex["question"], opts.retriever_from, rng) for ex in examples]
+        return b
+
+    # 1) make the reader favour the right story
+    from src.data import encoder_inputs
+    ropt = torch.optim.AdamW(reader.parameters(), lr=3e-3)
+    reader.train()
+    for step in range(100):
+        exs = rng.sample(tr, 8)
+        b = batch_for(exs)
+        ids, mask = reader.tokenize_inputs(
+            [encoder_inputs(q, [by_id[ex["story_id"]]], 1) for q, ex in zip(b.queries, exs)], opts.text_maxlength)
+        loss = reader(ids, mask, b.labels).loss
+        ropt.zero_grad()
+        loss.backward()
+        ropt.step()
+    reader.eval()
+    reader.requires_grad_(False)
+    # the gold signal: how often the right story has the best ppmean score in a pool of 4
+    b = batch_for(va[:32])
+    gold = gold_scores("ppmean", reader, b.queries, b.passages, b.labels, b.answers, opts)
+    best = gold.argmax(-1).tolist()
+    gold_acc = sum(p[i]["id"] == ex["story_id"] for p, i, ex in zip(b.passages, best, va[:32])) / 32
+
+    before = recall_at_1(retriever, va, stories, opts)
+    opt = torch.optim.AdamW(retriever.parameters(), lr=3e-5)
+    retriever.train()
+    for step in range(30):
+        b = batch_for(rng.sample(tr, 8))
+        loss, stats, _ = model("lapdog", b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = recall_at_1(retriever, va, stories, opts)
+    print(f"gold top-1 accuracy in pools of 4: {gold_acc:.3f}; recall@1 before {before:.3f} after {after:.3f}")
+    assert gold_acc > 0.5
+    assert after > before + 0.05
+
+
+def test_f1rougebleudist_default_weights_are_lapdogs(lapdog_setup, monkeypatch):
+    """Without --metric_scale_factors the gold score is BLEU/||BLEU|| + F1 + ROUGE-L (weights 1, not the
+    reward's 0.01 for BLEU, which would scale the already-normalized BLEU twice); with the flag, its weights."""
+    from src.rewards import lapdog_gold_scores
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--retriever_n_context", "2")
+    model = LapdogModel(reader, retriever, opts)
+    batch = retrieval_batch(model, examples_with_story("train", 2), stories)
+    fake = ["i have a dog named max", "max loves his stick", "i like to sing", "the stick"]
+    monkeypatch.setattr(FiDReader, "generate_text", lambda self, ids, mask, **kw: fake[:ids.shape[0]])
+    refs = [a for a in batch.answers for _ in range(2)]
+    gold = gold_scores("f1rougebleudist", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    expected = lapdog_gold_scores(fake, refs, scale=(1.0, 1.0, 1.0)).view(2, 2)
+    assert torch.allclose(gold, expected)
+    assert not torch.allclose(gold, lapdog_gold_scores(fake, refs, scale=(0.01, 1.0, 1.0)).view(2, 2))
+    opts = make_opts("--retriever_n_context", "2", "--metric_scale_factors", "{'bleu':0.5,'f1':2,'rouge':0}")
+    gold = gold_scores("f1rougebleudist", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
+    assert torch.allclose(gold, lapdog_gold_scores(fake, refs, scale=(0.5, 2.0, 0.0)).view(2, 2))
