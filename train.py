@@ -266,7 +266,7 @@ def main(argv=None):
                         loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
                     loss = loss / len(micro)
                     (scaler.scale(loss) if scaler else loss).backward()
-                texts = stats.pop("_texts", None)
+                samples = stats.pop("_samples", None)
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
             if scaler:
@@ -301,9 +301,8 @@ def main(argv=None):
                 logged["memory/peak_mb"] = peak_memory_mb(info.device)
                 logged["epoch"] = sampler.epoch
                 tracker.log(step, logged)
-                if texts and opts.use_grpo:
-                    tracker.log_samples(step, [{"prompt": micro[-1].queries[0], "reference": micro[-1].answers[0],
-                                                "reply": t} for t in texts[:4]])
+                if samples:
+                    tracker.log_samples(step, samples[:8])
                 window, window_t0, window_examples = {}, time.perf_counter(), 0
             if retrieval is not None and retrieval.should_refresh(step):
                 seconds = retrieval.build(retriever, allow_load=False)

@@ -121,10 +121,23 @@ def _bleu(g):
     return torch.tensor(scores, dtype=torch.float32, device=g.labels.device).view(g.B, g.K)
 
 
+def gold_metric_scale(opts):
+    """(a, b, c) weights of (normalized BLEU, F1, ROUGE-L) in the f1rougebleudist gold score.
+
+    LAPDOG's gold score is BLEU/||BLEU|| + F1 + ROUGE-L unless --metric_scale_factors is given.
+    The default of opts.metric_scale (bleu 0.01) exists to bring a 0-100 BLEU to the 0-1 range
+    in the GRPO reward; the gold score's BLEU is already L2-normalized, so applying that default
+    here would scale it twice and all but drop BLEU from the gold score.
+    """
+    if getattr(opts, "metric_scale_factors", None) is None:
+        return (1.0, 1.0, 1.0)
+    m = opts.metric_scale
+    return (m["bleu"], m["f1"], m["rouge"])
+
+
 def _f1rougebleu(g):
-    o = g.opts
-    scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
-    s = lapdog_gold_scores(g.replies(), g.references_per_story(), scale=scale, scale_rouge=o.scale_rouge)
+    scale = gold_metric_scale(g.opts)
+    s = lapdog_gold_scores(g.replies(), g.references_per_story(), scale=scale, scale_rouge=g.opts.scale_rouge)
     return s.to(g.labels.device).view(g.B, g.K)
 
 

@@ -86,6 +86,9 @@ class LapdogModel(nn.Module):
         # Frozen references live outside the module tree: DDP must not sync them, checkpoints must
         # not hold them (they are saved once under {checkpoint_dir}/reference/).
         self.refs = {"reader": ref_reader, "retriever": ref_retriever}
+        if opts.use_grpo and (ref_reader is None or (opts.grpo_train_retriever and ref_retriever is None)):
+            raise ValueError("GRPO needs frozen reference models: pass ref_reader (and ref_retriever when the "
+                             "retriever is trained)")
         self.step = 0
 
     @property
@@ -167,7 +170,8 @@ class LapdogModel(nn.Module):
         for key in ("f1", "rouge", "bleu", "length_ratio"):
             stats[f"reward/{key}"] = r[key].mean().item()
         stats["reward/mean"] = r["reward"].mean().item()
-        stats["_texts"] = texts
+        stats["_samples"] = [{"reference": ref, "reply": t, "reward": float(v)}
+                              for ref, t, v in zip(refs, texts, r["reward"].tolist())]
         return r
 
     def _generator_grpo(self, ids, mask_in, answers, stats, rollout):

@@ -120,7 +120,8 @@ def _add_retriever_training_options(p):
     g.add_argument("--temperature_gold", type=float, default=0.1)
     g.add_argument("--scale_rouge", action="store_true", help="ROUGE-L ×100 in the gold score / reward")
     g.add_argument("--metric_scale_factors", default=None,
-                   help="\"{'bleu':0.01,'f1':1,'rouge':1}\" (default); weights of BLEU, F1, ROUGE-L")
+                   help="weights of BLEU, F1, ROUGE-L, e.g. \"{'bleu':0.01,'f1':1,'rouge':1}\" (the RL reward's "
+                        "default); LAPDOG's gold score defaults to 1, 1, 1 (its BLEU is L2-normalized)")
     g.add_argument("--add_random_retrieval", type=float, default=0.0,
                    help="fraction of each example's retrieved stories replaced by random ones in training")
     g.add_argument("--fix_reader", action="store_true", help="train the retriever only")
@@ -276,6 +277,9 @@ def validate(opts):
                              "sample at most M stories: raise the pool size or lower k")
     if opts.reader_rl_learning and not opts.use_grpo and opts.fix_reader:
         raise flag_error("--reader_rl_learning", "trains the reader but --fix_reader freezes it", "drop one of them")
+    if opts.reader_rl_learning and not opts.use_grpo and opts.per_gpu_batch_size < 2:
+        raise flag_error("--reader_rl_learning", "REINFORCE's baseline is the batch mean reward, so a batch of one "
+                         "has zero advantage", "use --per_gpu_batch_size 2 or more (or --use_grpo)")
     if opts.fix_reader and not opts.train_retriever:
         raise flag_error("--fix_reader", "leaves nothing to train without --train_retriever", "add --train_retriever")
     if opts.load_reader_weights_only and not opts.model_path:

@@ -126,7 +126,8 @@ def test_real_reward_statistics(tiny_models):
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
     loss, stats, rollout = model("grpo", batch)
-    texts = stats["_texts"]
+    texts = [row["reply"] for row in stats["_samples"]]
+    assert [row["reward"] for row in stats["_samples"]] == pytest.approx(rollout["rewards"].reshape(-1).tolist())
     expected = grpo_reward(texts, [a for a in batch.answers for _ in range(G)])["reward"]
     assert torch.allclose(rollout["rewards"].reshape(-1), expected)
     for key in ("reward/mean", "reward/f1", "reward/bleu", "reward/rouge", "reward/std", "reply_length",
