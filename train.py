@@ -112,7 +112,8 @@ def reference_models(opts, reader, retriever, info):
 
 def make_optimizer(params, lr, opts):
     params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=lr, weight_decay=opts.weight_decay)
+    # foreach: one multi-tensor update instead of a Python loop over parameters (also on CPU)
+    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, foreach=True)
     if opts.shard_optim and distributed.is_distributed():
         from fairscale.optim.oss import OSS
         opt = OSS(params, optim=torch.optim.AdamW, **kwargs)

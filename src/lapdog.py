@@ -179,7 +179,8 @@ class LapdogModel(nn.Module):
         o, dev, G = self.opts, self.device, self.opts.grpo_group_size
         reader = self.reader
         with dropout_disabled(reader):
-            hidden, mask = reader.encode(ids, mask_in)  # encoder once per prompt, with gradient
+            with _Timer(stats, "time/policy", dev):
+                hidden, mask = reader.encode(ids, mask_in)  # encoder once per prompt, with gradient
             if rollout is None:
                 with _Timer(stats, "time/sampling", dev), torch.no_grad():
                     replies = reader.sample(hidden.detach(), mask, G, o.generation_max_length,
@@ -222,11 +223,11 @@ class LapdogModel(nn.Module):
         o, dev = self.opts, self.device
         k, tau = o.grpo_retriever_group_size, o.grpo_retriever_temperature
         train_retriever = self.step >= max(o.freeze_retriever_steps, 0)
-        t0 = time.perf_counter()
-        with dropout_disabled(self.retriever), torch.set_grad_enabled(train_retriever):
+        timer = _Timer(stats, "time/retriever", dev)
+        with timer, dropout_disabled(self.retriever), torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
         if rollout is None:
-            with torch.no_grad():
+            with timer, torch.no_grad():
                 idx = grpo.sample_without_replacement(pool_logp.detach(), k)
                 ref_ret = self.refs["retriever"]
                 with dropout_disabled(ref_ret):
@@ -237,7 +238,6 @@ class LapdogModel(nn.Module):
             ids, mask = self.reader.tokenize_inputs(texts, o.text_maxlength)
             rollout = {"idx": idx, "ref_pool_logp": ref_pool_logp, "ids": ids.to(dev), "mask": mask.to(dev),
                        "old_sampled_logp": pool_logp.detach().gather(1, idx), "gen": None}
-        stats["time/retriever"] = time.perf_counter() - t0
         answers = [a for a in b.answers for _ in range(k)]
         gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"])
         # A story's reward is the mean of its G replies' rewards; advantages across the k stories.

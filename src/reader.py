@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging as hf_logging
 
 from src.errors import flag_error
+from src.grpo import token_logprobs
 
 
 @contextlib.contextmanager
@@ -238,10 +239,9 @@ class FiDReader(torch.nn.Module):
             mask = mask.repeat_interleave(r // b, dim=0)
         targets = targets.to(hidden.device)
         decoder_input_ids = self.model._shift_right(targets)
-        logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits.float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
+        # log_softmax + gather: ~3x faster than cross_entropy(reduction="none") on CPU at vocab 30k
+        logp = token_logprobs(logits, targets, temperature)
         eos = (targets == self.eos_token_id).long()
         token_mask = (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
         return logp, token_mask
