@@ -47,6 +47,7 @@ from src import grpo, options  # noqa: E402
 from src.data import (encoder_inputs, load_dialogues, load_passages, pick_answer,  # noqa: E402
                       retriever_passage_text)
 from src.errors import UsageError, flag_error  # noqa: E402
+from src.tracking import timed
 from src.lapdog import LapdogModel, make_batch  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
@@ -118,23 +119,6 @@ def make_batches(models, opts, device, n_batches, seed):
     return batches, index_s, sum(batch_s) / len(batch_s)
 
 
-class _Clock:
-    """Adds the seconds of a block to stats[key] (synchronizing CUDA so kernels are charged here)."""
-
-    def __init__(self, stats, key, device):
-        self.stats, self.key, self.device = stats, key, torch.device(device)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats[self.key] = self.stats.get(self.key, 0.0) + time.perf_counter() - self.t0
-
-
 # ---------------------------------------------------------------------------------- naive loss
 def _reply_length(reply, eos_id):
     """Tokens of one reply up to and including its first EOS (all of them when there is none)."""
@@ -195,7 +179,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
     reader_terms, ret_surrogate, ret_kl, kl_tokens, rewards_all = [], [], [], [], []
     with dropout_disabled(reader, retriever):
         for i in range(B):
-            with _Clock(stats, "time/retriever", dev):
+            with timed(stats, "time/retriever", dev):
                 pool_logp = _pool_logprobs(model, retriever, batch.retrieval_queries[i], batch.passages[i], tau)
                 with torch.no_grad():
                     ref_pool_logp = _pool_logprobs(model, ref_retriever, batch.retrieval_queries[i],
@@ -212,7 +196,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                 replies = []
                 for g in range(G):
                     if samples is None:
-                        with _Clock(stats, "time/sampling", dev), torch.no_grad():
+                        with timed(stats, "time/sampling", dev), torch.no_grad():
                             hidden, hmask = reader.encode(ids.unsqueeze(1), mask.unsqueeze(1))
                             reply = reader.sample(hidden, hmask, 1, o.generation_max_length, temperature=T,
                                                   top_p=o.grpo_top_p, min_length=o.generation_min_length)[0]
@@ -221,25 +205,25 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                     replies.append(reply[:_reply_length(reply, eos)])
                 rewards = []
                 for reply in replies:
-                    with _Clock(stats, "time/reward", dev):
+                    with timed(stats, "time/reward", dev):
                         hyp = reader.decode(reply.unsqueeze(0))
                         rewards.append(float(grpo_reward(hyp, [batch.answers[i]], scale=scale, scale_rouge=o.scale_rouge,
                                                          length_penalty_strength=o.generation_length_penalty)["reward"][0]))
                 rewards_all += rewards
                 story_rewards.append(sum(rewards) / G)
                 for reply, adv in zip(replies, _group_advantages(rewards)):
-                    with _Clock(stats, "time/policy", dev):
+                    with timed(stats, "time/policy", dev):
                         logp = _reply_logprobs(reader.model, ids, mask, reply, T)
-                    with _Clock(stats, "time/reference", dev), torch.no_grad(), dropout_disabled(ref_reader):
+                    with timed(stats, "time/reference", dev), torch.no_grad(), dropout_disabled(ref_reader):
                         ref_logp = _reply_logprobs(ref_reader.model, ids, mask, reply, T)
-                    with _Clock(stats, "time/policy", dev):
+                    with timed(stats, "time/policy", dev):
                         # μ = 1: old log-probs are the detached current ones (ratio exactly 1).
                         ratio = torch.exp(logp - logp.detach())
                         d = ref_logp - logp
                         k3 = torch.exp(d) - d - 1
                         reader_terms.append((_clipped(ratio, adv, eps) + beta * k3).mean())
                         kl_tokens.append(k3.detach())
-            with _Clock(stats, "time/retriever", dev):
+            with timed(stats, "time/retriever", dev):
                 for j, adv in zip(chosen, _group_advantages(story_rewards)):
                     ratio = torch.exp(pool_logp[j] - pool_logp[j].detach())
                     ret_surrogate.append(_clipped(ratio, adv, eps))
@@ -287,16 +271,16 @@ def train_step(model, optims, batch, naive, device):
     """One optimizer update as train.py does it; returns the stats with time/* parts, time/step
     and time/backward_optim (backward + clipping + AdamW)."""
     stats = {}
-    with _Clock(stats, "time/step", device):
+    with timed(stats, "time/step", device):
         for o in optims.values():
             o.zero_grad(set_to_none=True)
-        with _Clock(stats, "time/forward", device):
+        with timed(stats, "time/forward", device):
             if naive:
                 loss = naive_grpo_joint(model, batch, stats)
             else:
                 loss, fstats, _ = model("grpo_joint", batch)
                 stats.update({k: v for k, v in fstats.items() if k.startswith(("time/", "kl/", "reward/mean"))})
-        with _Clock(stats, "time/backward_optim", device):
+        with timed(stats, "time/backward_optim", device):
             loss.backward()
             clip = model.opts.clip if model.opts.clip > 0 else float("inf")
             torch.nn.utils.clip_grad_norm_([p for p in model.reader.parameters() if p.grad is not None], clip)

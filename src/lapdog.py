@@ -13,33 +13,16 @@ GRPO forwards return a `rollout` (samples, advantages, old and reference log-pro
 --grpo_num_iterations > 1 reuses the samples for further updates.
 """
 
-import math
-import time
-
 import torch
 import torch.nn as nn
 
 from src import grpo
-from src.data import encoder_inputs, reader_query, reader_target
+from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
 from src.gold_scores import gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.rewards import grpo_reward
-
-
-class _Timer:
-    def __init__(self, stats, key, device):
-        self.stats, self.key, self.device = stats, key, device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats[self.key] = self.stats.get(self.key, 0.0) + time.perf_counter() - self.t0
+from src.tracking import timed
 
 
 class Batch(dict):
@@ -112,15 +95,19 @@ class LapdogModel(nn.Module):
         o, dev = self.opts, self.device
         q = model.tokenize(queries, o.retriever_maxlength)
         flat = [p for plist in passage_lists for p in plist]
-        from src.data import retriever_passage_text
         p = model.tokenize([retriever_passage_text(x, o.retriever_format) for x in flat], o.retriever_maxlength)
         q_emb = model(q["input_ids"].to(dev), q["attention_mask"].to(dev))
         p_emb = model(p["input_ids"].to(dev), p["attention_mask"].to(dev)).view(len(queries), -1, q_emb.shape[-1])
         return retrieval_scores(q_emb, p_emb) / temperature
 
     def _lapdog_retriever_loss(self, b, stats):
+        with timed(stats, "time/retriever", self.device):
+            loss = self._lapdog_retriever_objective(b, stats)
+        stats["loss/retriever"] = loss.item()
+        return loss
+
+    def _lapdog_retriever_objective(self, b, stats):
         o = self.opts
-        t0 = time.perf_counter()
         score_logits = self._retriever_pool_logits(b.retrieval_queries, b.passages, o.temperature_score)
         gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.labels, b.answers, o)
         if o.gold_score_mode == "emdr":
@@ -129,9 +116,7 @@ class LapdogModel(nn.Module):
         else:
             target = torch.log_softmax(gold / o.temperature_gold, -1)
             loss = grpo.categorical_kl(target, torch.log_softmax(score_logits, -1)).mean()
-        stats["loss/retriever"] = loss.item()
         stats["gold_score/mean"] = gold.mean().item()
-        stats["time/retriever"] = time.perf_counter() - t0
         return loss
 
     def _lapdog(self, b, stats, rollout):
@@ -146,12 +131,12 @@ class LapdogModel(nn.Module):
         o, dev = self.opts, self.device
         with dropout_disabled(self.reader):
             hidden, mask = self.reader.encode(b.input_ids, b.attention_mask)
-            with _Timer(stats, "time/sampling", dev), torch.no_grad():
+            with timed(stats, "time/sampling", dev), torch.no_grad():
                 replies = self.reader.sample(hidden.detach(), mask, 1, o.generation_max_length,
                                              temperature=1.0, min_length=o.generation_min_length)
-            with _Timer(stats, "time/reward", dev):
+            with timed(stats, "time/reward", dev):
                 r = self._rewards(replies, b.answers, stats)
-            with _Timer(stats, "time/policy", dev):
+            with timed(stats, "time/policy", dev):
                 logp, tmask = self.reader.token_logprobs(hidden, mask, replies)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
@@ -179,25 +164,25 @@ class LapdogModel(nn.Module):
         o, dev, G = self.opts, self.device, self.opts.grpo_group_size
         reader = self.reader
         with dropout_disabled(reader):
-            with _Timer(stats, "time/policy", dev):
+            with timed(stats, "time/policy", dev):
                 hidden, mask = reader.encode(ids, mask_in)  # encoder once per prompt, with gradient
             if rollout is None:
-                with _Timer(stats, "time/sampling", dev), torch.no_grad():
+                with timed(stats, "time/sampling", dev), torch.no_grad():
                     replies = reader.sample(hidden.detach(), mask, G, o.generation_max_length,
                                             temperature=o.grpo_temperature, top_p=o.grpo_top_p,
                                             min_length=o.generation_min_length)
-                with _Timer(stats, "time/reward", dev):
+                with timed(stats, "time/reward", dev):
                     r = self._rewards(replies, answers, stats)
                     rewards = r["reward"].to(dev).view(-1, G)
                     adv, zero_std = grpo.group_advantages(rewards)
-                with _Timer(stats, "time/reference", dev), torch.no_grad():
+                with timed(stats, "time/reference", dev), torch.no_grad():
                     ref = self.refs["reader"]
                     with dropout_disabled(ref):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
                         ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
                 rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
                            "rewards": rewards, "zero_std": zero_std}
-            with _Timer(stats, "time/policy", dev):
+            with timed(stats, "time/policy", dev):
                 logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature)
         if rollout["old_logp"] is None:
             # μ = 1 (or the first of μ updates): the sampling policy is the current one, so the
@@ -223,11 +208,11 @@ class LapdogModel(nn.Module):
         o, dev = self.opts, self.device
         k, tau = o.grpo_retriever_group_size, o.grpo_retriever_temperature
         train_retriever = self.step >= max(o.freeze_retriever_steps, 0)
-        timer = _Timer(stats, "time/retriever", dev)
-        with timer, dropout_disabled(self.retriever), torch.set_grad_enabled(train_retriever):
+        with timed(stats, "time/retriever", dev), dropout_disabled(self.retriever), \
+                torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
         if rollout is None:
-            with timer, torch.no_grad():
+            with timed(stats, "time/retriever", dev), torch.no_grad():
                 idx = grpo.sample_without_replacement(pool_logp.detach(), k)
                 ref_ret = self.refs["retriever"]
                 with dropout_disabled(ref_ret):
