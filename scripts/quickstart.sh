@@ -9,7 +9,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
 PY="$root/.venv/bin/python"
-: "${OUT:=runs/quickstart}" "${S1_STEPS:=400}" "${S2_STEPS:=60}" "${S1_BS:=16}" "${S2_BS:=2}" "${NPROC:=1}"
+: "${OUT:=runs/quickstart}" "${S1_STEPS:=300}" "${S2_STEPS:=40}" "${S1_BS:=16}" "${S2_BS:=2}" "${NPROC:=1}"
 : "${EVAL_N:=198}" "${TEXT_MAXLEN:=192}"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
 DATA=data/sample
@@ -39,8 +39,8 @@ echo "== stage 2: joint GRPO ($S2_STEPS steps)"
 launch train.py --shuffle --per_gpu_batch_size="$S2_BS" --accumulation_steps=2 --total_steps="$S2_STEPS" \
   --eval_freq=0 --save_freq="$S2_STEPS" --log_freq=5 --name=quickstart_grpo --checkpoint_dir="$OUT/stage2" \
   --gold_score_mode=f1rougebleudist --reader_rl_learning --use_grpo --grpo_group_size=4 \
-  --grpo_train_retriever --grpo_retriever_group_size=4 --grpo_retriever_pool_size=8 --grpo_kl_coeff=0.01 \
-  --grpo_clip_epsilon=0.2 --lr=2e-4 --lr_retriever=1e-4 --warmup_steps=5 --n_context=1 --retriever_n_context=5 \
+  --grpo_train_retriever --grpo_retriever_group_size=4 --grpo_retriever_pool_size=8 --grpo_kl_coeff=0.05 \
+  --grpo_clip_epsilon=0.2 --grpo_temperature=0.7 --lr=5e-5 --lr_retriever=1e-5 --warmup_steps=5 --n_context=1 --retriever_n_context=5 \
   --refresh_index=10 --text_maxlength="$TEXT_MAXLEN" --train_data="$DATA/train.jsonl" \
   --eval_data="$DATA/valid.jsonl" --passages="$DATA/stories.jsonl" --model_path="$OUT/stage1/checkpoint/latest" \
   --retriever_model_path="$OUT/models/retriever" --generation_length_penalty=1.0

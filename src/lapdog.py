@@ -69,9 +69,6 @@ class LapdogModel(nn.Module):
         # Frozen references live outside the module tree: DDP must not sync them, checkpoints must
         # not hold them (they are saved once under {checkpoint_dir}/reference/).
         self.refs = {"reader": ref_reader, "retriever": ref_retriever}
-        if opts.use_grpo and (ref_reader is None or (opts.grpo_train_retriever and ref_retriever is None)):
-            raise ValueError("GRPO needs frozen reference models: pass ref_reader (and ref_retriever when the "
-                             "retriever is trained)")
         self.step = 0
 
     @property
@@ -159,8 +156,13 @@ class LapdogModel(nn.Module):
                               for ref, t, v in zip(refs, texts, r["reward"].tolist())]
         return r
 
+    def _require_reference(self, name):
+        if self.refs[name] is None:
+            raise ValueError(f"GRPO needs the frozen reference {name}: pass ref_{name} to LapdogModel")
+        return self.refs[name]
+
     def _generator_grpo(self, ids, mask_in, answers, stats, rollout):
-        """Clipped surrogate + β·KL on G replies per prompt; returns (loss, rollout, rewards [P,G])."""
+        """Clipped surrogate + β·KL on G replies per prompt; returns (loss, rollout)."""
         o, dev, G = self.opts, self.device, self.opts.grpo_group_size
         reader = self.reader
         with dropout_disabled(reader):
@@ -176,7 +178,7 @@ class LapdogModel(nn.Module):
                     rewards = r["reward"].to(dev).view(-1, G)
                     adv, zero_std = grpo.group_advantages(rewards)
                 with timed(stats, "time/reference", dev), torch.no_grad():
-                    ref = self.refs["reader"]
+                    ref = self._require_reference("reader")
                     with dropout_disabled(ref):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
                         ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
@@ -214,7 +216,7 @@ class LapdogModel(nn.Module):
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
                 idx = grpo.sample_without_replacement(pool_logp.detach(), k)
-                ref_ret = self.refs["retriever"]
+                ref_ret = self._require_reference("retriever")
                 with dropout_disabled(ref_ret):
                     ref_pool_logp = torch.log_softmax(
                         self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0, model=ref_ret) / tau, -1)
