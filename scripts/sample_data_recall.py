@@ -125,7 +125,7 @@ def hard_negatives(model, tokenizer, pairs, stories, batch_size=64):
 
 
 def finetune(model, tokenizer, pairs, negatives=None, epochs=4, lr=1e-4, batch_size=32,
-             temperature=0.05, seed=0, log=print):
+             temperature=1.0, seed=0, log=print):
     """In-batch contrastive fine-tuning: persona i should score its own story above the others.
 
     Scores are dot products of mean-pooled embeddings divided by ``temperature``, against the
@@ -182,7 +182,8 @@ def main(argv=None):
     parser.add_argument("--no_hard_negatives", action="store_true",
                         help="in-batch negatives only (no mined hard negative per pair)")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="divides the dot products; mean-pooled MiniLM dot products are already ~3-12")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
