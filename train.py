@@ -224,7 +224,8 @@ def main(argv=None):
         if rng is not None:
             checkpoint.set_rng_state(rng)
         tracker.info(f"continuing at step {step}")
-    wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values())
+    wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values(),
+                                     find_unused_parameters=train_retriever)
     data_rng = random.Random(opts.seed * 1000 + info.rank + step)
 
     retrieval = None

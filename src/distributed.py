@@ -91,11 +91,12 @@ def unwrap(module):
     return module.module if hasattr(module, "module") else module
 
 
-def wrap_model(module, info, shard_grads=False, optimizers=()):
+def wrap_model(module, info, shard_grads=False, optimizers=(), find_unused_parameters=False):
     """DDP (or fairscale ShardedDataParallel with --shard_grads) when there is more than one rank.
 
-    find_unused_parameters: a step may leave a part unused (the retriever in closed-book runs,
-    the reader with --fix_reader, the retriever before --freeze_retriever_steps).
+    Frozen parts (requires_grad False) are invisible to DDP; find_unused_parameters is needed
+    when the retriever is trained: it sits out steps before --freeze_retriever_steps, and a
+    BERT checkpoint's pooler is never used by mean pooling.
     """
     if not info.distributed:
         return module
@@ -103,7 +104,8 @@ def wrap_model(module, info, shard_grads=False, optimizers=()):
         from fairscale.nn.data_parallel import ShardedDataParallel
         return ShardedDataParallel(module, sharded_optimizer=list(optimizers), auto_refresh_trainable=True)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
 
 
 def cleanup():
