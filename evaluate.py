@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
 
 from src import checkpoint, distributed, options  # noqa: E402
 from src.data import load_dialogues, load_passages  # noqa: E402

@@ -352,7 +352,7 @@ def table(fast, naive, mem_fast, mem_naive, mem_kind):
     rows = [("step (total)", "time/step")] + [(p, f"time/{p}") for p in PARTS]
     rows.append(("other forward", None))
     rows.append(("backward + AdamW", "time/backward_optim"))
-    lines = [f"| part | fast s | naive s | naive/fast |", "|---|---:|---:|---:|"]
+    lines = ["| part | fast s | naive s | naive/fast |", "|---|---:|---:|---:|"]
     for name, key in rows:
         if key is None:
             f = fast["time/forward"] - sum(fast.get(f"time/{p}", 0.0) for p in PARTS)
@@ -391,7 +391,7 @@ def resolve_models(path, tmp):
     for name, d in models.items():
         if not os.path.isdir(d):
             raise flag_error("--models", f"{d} does not exist",
-                             f"pass the --out folder of scripts/build_small_models.py (with reader/ and retriever/ inside)")
+                             "pass the --out folder of scripts/build_small_models.py (with reader/ and retriever/ inside)")
     return models
 
 

@@ -65,12 +65,6 @@ def all_reduce_mean(values, device):
     return {k: v for k, v in zip(keys, t.tolist())}
 
 
-def all_reduce_sum(t):
-    if is_distributed():
-        dist.all_reduce(t)
-    return t
-
-
 def all_gather_objects(obj):
     if not is_distributed():
         return [obj]
@@ -85,10 +79,6 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def unwrap(module):
-    return module.module if hasattr(module, "module") else module
 
 
 def wrap_model(module, info, shard_grads=False, optimizers=(), find_unused_parameters=False):

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from src.data import retrieval_query, retriever_passage_text
+from src.data import retrieval_query
 from src.errors import flag_error
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_trained
@@ -54,9 +54,6 @@ class StoryRetrieval:
 
     def query_texts(self, examples, rng):
         return [retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]
-
-    def passage_texts(self, passages):
-        return [retriever_passage_text(p, self.opts.retriever_format) for p in passages]
 
     @torch.no_grad()
     def search(self, retriever, query_texts, k):
