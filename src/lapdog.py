@@ -52,6 +52,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         if train and opts.add_random_retrieval > 0:
             passages = retrieval.add_random(passages, opts.add_random_retrieval, rng)
         b["passages"], b["retrieval_scores"] = passages, scores
+    if train and opts.grpo_train_retriever:
+        return b  # joint GRPO builds one reader input per sampled story itself
     n_ctx = 1 if opts.closed_book else opts.n_context
     texts = [encoder_inputs(q, None if b["passages"] is None else ps, n_ctx, opts.encoder_format)
              for q, ps in zip(queries, b["passages"] or [None] * len(queries))]
