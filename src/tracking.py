@@ -242,7 +242,7 @@ class _StdStreamHandler(logging.StreamHandler):
 class Tracker:
     """Console/file logging, ``metrics.jsonl``, ``samples.jsonl`` and optional W&B for one run.
 
-    On ranks other than 0 every method is a no-op, except :meth:`warning`, which prints
+    On ranks other than 0 every method is a no-op apart from :meth:`warning`, which prints
     ``[rank r] ...`` to stderr (``info`` stays silent to keep the console clean).
     """
 
