@@ -141,13 +141,13 @@ def clip_and_norm(opt, params, max_norm):
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
-def save(opts, info, step, model, optims, scheds, sampler, tracker):
+def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
     states = {name: optimizer_state(o) for name, o in optims.items()}  # collective for OSS
     if info.is_main:
         tmp = checkpoint.begin_save(opts.checkpoint_dir, step)
     distributed.barrier()
     tmp = checkpoint.tmp_dir(opts.checkpoint_dir, step)
-    checkpoint.write_rank_rng(tmp, info.rank)
+    checkpoint.write_rank_rng(tmp, info.rank, data_rng)
     distributed.barrier()
     if info.is_main:
         models = {"reader": model.reader}
@@ -211,6 +211,7 @@ def main(argv=None):
     if train_retriever:
         optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
     sampler = ShardedSampler(len(train), opts.per_gpu_batch_size, info.rank, info.world, opts.shuffle, opts.seed)
+    data_rng = random.Random(opts.seed * 1000 + info.rank)
     step = 0
     if resume_path:
         state = checkpoint.load_state(resume_path)
@@ -222,11 +223,10 @@ def main(argv=None):
             s.load_state_dict(state["schedulers"][name])
         rng = checkpoint.load_rank_rng(resume_path, info.rank)
         if rng is not None:
-            checkpoint.set_rng_state(rng)
+            checkpoint.set_rng_state(rng, data_rng)
         tracker.info(f"continuing at step {step}")
     wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values(),
                                      find_unused_parameters=train_retriever)
-    data_rng = random.Random(opts.seed * 1000 + info.rank + step)
 
     retrieval = None
     if passages is not None:
@@ -314,7 +314,7 @@ def main(argv=None):
                 run_evaluations(opts, info, model, retrieval, evals, step, tracker)
                 model.train()
             if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps:
-                save(opts, info, step, model, optims, scheds, sampler, tracker)
+                save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
     tracker.close()
     distributed.cleanup()
     return 0

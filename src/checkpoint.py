@@ -39,10 +39,13 @@ def latest_checkpoint(checkpoint_dir):
     return path if os.path.isfile(os.path.join(path, "state.pt")) else None
 
 
-def rng_state():
+def rng_state(data_rng=None):
+    """Every RNG a rank draws from; `data_rng` is the trainer's own random.Random (answer picks,
+    persona_rand queries, candidate augmentation)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
+        "data": data_rng.getstate() if data_rng is not None else None,
         # numpy's state tuple holds an ndarray, which weights_only loading rejects: store plain lists.
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
@@ -50,9 +53,14 @@ def rng_state():
     }
 
 
-def set_rng_state(state):
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+def _as_random_state(st):
+    return (st[0], tuple(st[1]), st[2])
+
+
+def set_rng_state(state, data_rng=None):
+    random.setstate(_as_random_state(state["python"]))
+    if data_rng is not None and state.get("data") is not None:
+        data_rng.setstate(_as_random_state(state["data"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
@@ -82,8 +90,8 @@ def tmp_dir(checkpoint_dir, step):
     return os.path.join(checkpoint_root(checkpoint_dir), f".tmp-step-{step}")
 
 
-def write_rank_rng(tmp, rank):
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+def write_rank_rng(tmp, rank, data_rng=None):
+    torch.save(rng_state(data_rng), os.path.join(tmp, f"rng-rank{rank}.pt"))
 
 
 def write_main(tmp, models, options, state):

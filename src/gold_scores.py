@@ -32,12 +32,15 @@ class GoldInputs:
         self.labels, self.references, self.opts = labels, references, opts
         self.B, self.K = len(passages), len(passages[0])
         self._replies = None
+        self._single = None
 
     def single_story_inputs(self):
-        """[B*K, 1, L] reader inputs: each query with one story alone."""
-        texts = [encoder_inputs(q, [p], 1, self.opts.encoder_format)
-                 for q, plist in zip(self.queries, self.passages) for p in plist]
-        return self.reader.tokenize_inputs(texts, self.opts.text_maxlength)
+        """[B*K, 1, L] reader inputs: each query with one story alone (tokenized once per batch)."""
+        if self._single is None:
+            texts = [encoder_inputs(q, [p], 1, self.opts.encoder_format)
+                     for q, plist in zip(self.queries, self.passages) for p in plist]
+            self._single = self.reader.tokenize_inputs(texts, self.opts.text_maxlength)
+        return self._single
 
     def repeated_labels(self, times):
         return self.labels.repeat_interleave(times, dim=0)

@@ -192,3 +192,17 @@ def test_joint_grpo_resume_equals_uninterrupted(tmp_path, tiny_models):
               "grad_norm/retriever", "memory/peak_mb", "time/sampling", "time/reward", "time/policy",
               "time/reference", "time/retriever", "time/index_refresh"]:
         assert k in keys, k
+
+
+def test_rng_state_round_trip_includes_the_data_rng(tmp_path):
+    """Answer picks and persona_rand queries continue exactly after a resume."""
+    import random
+
+    from src import checkpoint
+    data_rng = random.Random(7)
+    data_rng.random()
+    checkpoint.write_rank_rng(str(tmp_path), 0, data_rng)
+    expected = [data_rng.random() for _ in range(3)] + [random.random(), torch.rand(1).item()]
+    restored = random.Random(0)
+    checkpoint.set_rng_state(checkpoint.load_rank_rng(str(tmp_path), 0), restored)
+    assert [restored.random() for _ in range(3)] + [random.random(), torch.rand(1).item()] == expected
