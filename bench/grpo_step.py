@@ -38,6 +38,7 @@ import time
 import types
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -126,6 +127,18 @@ def _reply_length(reply, eos_id):
     return int(hits[0, 0]) + 1 if hits.numel() else reply.shape[0]
 
 
+def _generate_one(reader, hidden, mask, o):
+    """ONE sampled reply [T] with transformers' ``generate`` (do_sample, multinomial), as the
+    original extension drew its samples; the fast side uses FiDReader.sample's own loop. Same
+    law: softmax(logits / temperature), no top-k, nucleus at ``--grpo_top_p``."""
+    out = reader.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                                do_sample=True, num_return_sequences=1, temperature=o.grpo_temperature,
+                                top_p=o.grpo_top_p, top_k=0, max_length=o.generation_max_length,
+                                min_length=o.generation_min_length, decoder_start_token_id=reader.decoder_start_token_id,
+                                eos_token_id=reader.eos_token_id, pad_token_id=reader.pad_token_id)
+    return reader._pad_after_eos(out[:, 1:])[0]
+
+
 def _reply_logprobs(reader_model, ids, mask, reply, temperature):
     """Encoder + decoder forward of ONE reply [T] -> log-probs of its tokens [T] (float32)."""
     decoder_input = reader_model._shift_right(reply.unsqueeze(0))
@@ -198,8 +211,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                     if samples is None:
                         with timed(stats, "time/sampling", dev), torch.no_grad():
                             hidden, hmask = reader.encode(ids.unsqueeze(1), mask.unsqueeze(1))
-                            reply = reader.sample(hidden, hmask, 1, o.generation_max_length, temperature=T,
-                                                  top_p=o.grpo_top_p, min_length=o.generation_min_length)[0]
+                            reply = _generate_one(reader, hidden, hmask, o)
                     else:
                         reply = samples["replies"][(i * k + j) * G + g].to(dev)
                     replies.append(reply[:_reply_length(reply, eos)])

@@ -92,11 +92,13 @@ class LapdogModel(nn.Module):
         """Scores q·p/sqrt(H) of each query's stories, re-encoded (with gradient unless frozen)."""
         model = model or self.retriever
         o, dev = self.opts, self.device
-        q = model.tokenize(queries, o.retriever_maxlength)
-        flat = [p for plist in passage_lists for p in plist]
-        p = model.tokenize([retriever_passage_text(x, o.retriever_format) for x in flat], o.retriever_maxlength)
-        q_emb = model(q["input_ids"].to(dev), q["attention_mask"].to(dev))
-        p_emb = model(p["input_ids"].to(dev), p["attention_mask"].to(dev)).view(len(queries), -1, q_emb.shape[-1])
+        flat = [retriever_passage_text(x, o.retriever_format) for plist in passage_lists for x in plist]
+        # Queries and stories in ONE forward: the word-embedding gradient is a dense [V, H]
+        # buffer per forward call (47 MB for MiniLM), and building it twice cost more than the
+        # padding of the shorter queries to the stories' length.
+        enc = model.tokenize(list(queries) + flat, o.retriever_maxlength)
+        emb = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        q_emb, p_emb = emb[:len(queries)], emb[len(queries):].view(len(queries), -1, emb.shape[-1])
         return retrieval_scores(q_emb, p_emb) / temperature
 
     def _lapdog_retriever_loss(self, b, stats):

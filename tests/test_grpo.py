@@ -105,6 +105,67 @@ def test_token_logprobs_matches_log_softmax_and_tolerates_pad_ids():
         grpo.token_logprobs(logits, targets, temperature=0.0)
 
 
+def test_token_logprobs_gradient_by_hand_and_against_autograd():
+    # d logp / d logits = (onehot(target) − softmax) / T; softmax([1, 2, 3]) = [0.090031, 0.244728, 0.665241]
+    logits = torch.tensor([[[1.0, 2.0, 3.0]]], requires_grad=True)
+    grpo.token_logprobs(logits, torch.tensor([[2]])).sum().backward()
+    close(logits.grad[0], [[-0.090031, -0.244728, 0.334759]])
+    # with T = 2 and an upstream gradient of 3: softmax([0.5, 1, 1.5]) = [0.186324, 0.307196, 0.506480]
+    logits.grad = None
+    (3 * grpo.token_logprobs(logits, torch.tensor([[0]]), 2.0)).sum().backward()
+    close(logits.grad[0], [[3 * (1 - 0.186324) / 2, -3 * 0.307196 / 2, -3 * 0.506480 / 2]])
+    # random shapes, repeated targets, several temperatures: same values and gradients as autograd
+    torch.manual_seed(3)
+    for temp in (1.0, 0.7):
+        x = torch.randn(4, 5, 11, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, 3, (4, 5))
+        assert torch.autograd.gradcheck(lambda z: grpo._TargetLogProb.apply(z, t, temp), (x,))  # float64 inside
+        g = torch.randn(4, 5)
+        ours = torch.autograd.grad((grpo.token_logprobs(x.float(), t, temp) * g).sum(), x)[0]
+        ref = torch.autograd.grad((torch.log_softmax(x.float() / temp, -1).gather(-1, t[..., None])[..., 0] * g).sum(), x)[0]
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, None])
+@pytest.mark.parametrize("temp", [1.0, 0.6])
+def test_linear_token_logprobs_equals_full_logits(chunk, temp):
+    torch.manual_seed(4)
+    h = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (2, 7))
+    t[1, -1] = -100  # ignore ids are read as 0, like token_logprobs
+    g = torch.randn(2, 7, dtype=torch.float64)
+    ours = grpo.linear_token_logprobs(h, w, t, temp, chunk_rows=chunk)
+    gh, gw = torch.autograd.grad((ours * g).sum(), (h, w))
+    ref = torch.log_softmax((h @ w.t()) / temp, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    rh, rw = torch.autograd.grad((ref * g).sum(), (h, w))
+    assert ours.dtype == torch.float32 and ours.shape == (2, 7)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-6, rtol=1e-5)
+
+
+def test_linear_token_logprobs_by_hand_and_validation():
+    # h = [1, 0], W rows [1, 0], [2, 0], [3, 0] -> logits [1, 2, 3]: target 2 -> −0.407606
+    h = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    out = grpo.linear_token_logprobs(h, w, torch.tensor([2]))
+    close(out, [-0.407606])
+    out.sum().backward()
+    # d/dh = W[2] − Σ softmax·W = 3 − (0.090031 + 2·0.244728 + 3·0.665241) = 0.424790 (first coordinate)
+    close(h.grad, [[0.424790, 0.0]])
+    # d/dW_j = (onehot − softmax)_j · h
+    close(w.grad, [[-0.090031, 0.0], [-0.244728, 0.0], [0.334759, 0.0]])
+    with pytest.raises(ValueError, match="temperature"):
+        grpo.linear_token_logprobs(h, w, torch.tensor([2]), 0.0)
+    with pytest.raises(ValueError, match="does not match"):
+        grpo.linear_token_logprobs(h, w, torch.tensor([[2]]))
+    hb, wb = h.detach().bfloat16().requires_grad_(True), w.detach().bfloat16().requires_grad_(True)
+    out = grpo.linear_token_logprobs(hb, wb, torch.tensor([2]))
+    out.sum().backward()
+    assert out.dtype == torch.float32 and hb.grad.dtype == wb.grad.dtype == torch.bfloat16
+
+
 def test_token_logprobs_bf16_logits_give_float32():
     logits = torch.randn(2, 3, 5).to(torch.bfloat16)
     out = grpo.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))

@@ -132,26 +132,82 @@ def test_generation_lengths(reader):
         handle.remove()
 
 
-def test_sample_from_cached_states_matches_generate(reader):
-    ids, mask, _ = batch_one(reader, n=1)
+def sample_without_cache(reader, ids, mask, num_samples, max_length, temperature, min_length=0):
+    """Reference sampler from the raw inputs: re-runs the encoder and the whole decoder prefix at
+    every step (no key/value cache), same per-step maths and RNG draws as ``FiDReader.sample``."""
+    from src import sampling
+
+    b, n, length = ids.shape
+    ids = ids.repeat_interleave(num_samples, 0)
+    mask = mask.repeat_interleave(num_samples, 0)
+    prefix = torch.zeros(b * num_samples, 1, dtype=torch.long)
+    finished = torch.zeros(b * num_samples, dtype=torch.bool)
+    for step in range(max_length - 1):
+        hidden = reader.model.encoder(input_ids=ids.reshape(-1, length), attention_mask=mask.reshape(-1, length))
+        hidden = hidden.last_hidden_state.reshape(ids.shape[0], n * length, -1)
+        logits = reader.model(encoder_outputs=reader_encoder_output(hidden), attention_mask=mask.reshape(ids.shape[0], -1),
+                              decoder_input_ids=prefix, use_cache=False).logits[:, -1].float() / temperature
+        if step + 1 < min_length:
+            logits[:, 1] = float("-inf")
+        token = sampling.categorical(torch.softmax(logits, -1)).masked_fill(finished, 0)
+        prefix = torch.cat([prefix, token[:, None]], 1)
+        finished |= token == 1
+        if finished.all():
+            break
+    return reader._pad_after_eos(prefix[:, 1:])
+
+
+@pytest.mark.parametrize("n,min_length", [(1, 0), (2, 4)])
+def test_sample_from_cached_states_equals_sampling_from_inputs(reader, n, min_length):
+    ids, mask, _ = batch_one(reader, n=n)
     hidden, fmask = reader.encode(ids, mask)
     hidden_before = hidden.clone()
     handle = eos_bias(reader.model, 9.0)
     try:
         torch.manual_seed(123)
-        ours = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7)
+        ours = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7, min_length=min_length)
         torch.manual_seed(123)
-        plain = reader.model.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], do_sample=True,
-                                      num_return_sequences=3, max_length=12, temperature=0.7, top_p=1.0, top_k=0)
+        plain = sample_without_cache(reader, ids, mask, 3, 12, 0.7, min_length=min_length)
         torch.manual_seed(123)
-        again = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7)
+        again = reader.sample(hidden, fmask, num_samples=3, max_length=12, temperature=0.7, min_length=min_length)
     finally:
         handle.remove()
     assert ours.shape[0] == 6 and ours.shape[1] <= 11
-    assert torch.equal(ours, post_process_plain(reader, plain))
+    assert torch.equal(ours, plain)
     assert torch.equal(ours, again)
     assert torch.equal(hidden, hidden_before) and hidden.shape[0] == 2
     assert (ours[:, 0] != 0).all()  # the decoder start token is not returned
+    eos_at = [(row == 1).nonzero()[0].item() for row in ours if (row == 1).any()]
+    assert eos_at, "the EOS bias should end some replies early"
+    assert min(eos_at) >= max(min_length - 1, 0)
+    assert any(p < ours.shape[1] - 1 for p in eos_at)
+    for row in ours:  # pad after the first EOS, nothing else
+        if (row == 1).any():
+            p = (row == 1).nonzero()[0].item()
+            assert (row[p + 1:] == 0).all()
+
+
+def test_sample_follows_the_model_distribution(reader):
+    """First-token frequencies of 4,000 samples match softmax(logits / T) of the first step."""
+    ids, mask, _ = batch_one(reader, n=1, b=1)
+    hidden, fmask = reader.encode(ids, mask)
+    temp = 0.5
+    with torch.no_grad():
+        start = torch.zeros(1, 1, dtype=torch.long)
+        logits = reader.model(encoder_outputs=reader_encoder_output(hidden), attention_mask=fmask,
+                              decoder_input_ids=start).logits[0, -1]
+    probs = torch.softmax(logits / temp, -1)
+    top = probs.topk(3)
+    torch.manual_seed(0)
+    first = reader.sample(hidden, fmask, num_samples=4000, max_length=2, temperature=temp)[:, 0]
+    assert top.values.sum() > 0.05, "the test needs some mass on the top tokens"
+    for p, tok in zip(top.values.tolist(), top.indices.tolist()):
+        freq = (first == tok).float().mean().item()
+        assert abs(freq - p) < 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3, (tok, freq, p)
+    with pytest.raises(ValueError, match="max_length"):
+        reader.sample(hidden, fmask, num_samples=1, max_length=1)
+    with pytest.raises(ValueError, match="temperature"):
+        reader.sample(hidden, fmask, num_samples=1, max_length=4, temperature=0.0)
 
 
 def test_token_logprobs_match_generation_scores(reader):
@@ -180,6 +236,35 @@ def test_token_logprobs_match_generation_scores(reader):
         if p is not None:
             expected[p + 1:] = 0
         assert torch.equal(tmask[row], expected)
+
+
+def test_token_logprobs_fused_head_equals_full_logits(tokenizer):
+    """The chunked projection path (no [R, T, V] logits) gives the log-probs and gradients of
+    the plain path: the model's logits -> grpo.token_logprobs."""
+    from src.grpo import token_logprobs
+
+    reader = FiDReader(tiny_t5(tokenizer, seed=2), tokenizer)
+    ids, mask, _ = batch_one(reader, n=2)
+    targets = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 11], [12, 1, 0, 0]])
+    hidden, fmask = reader.encode(ids, mask)
+    results = []
+    for fused in (True, False):
+        reader.model.zero_grad(set_to_none=True)
+        h = hidden.detach().clone().requires_grad_(True)
+        if fused:
+            logp, tmask = reader.token_logprobs(h, fmask, targets, temperature=0.8)
+        else:
+            hh, mm = h.repeat_interleave(2, 0), fmask.repeat_interleave(2, 0)
+            logits = reader._decoder_pass(hh, mm, decoder_input_ids=reader.model._shift_right(targets)).logits
+            logp = token_logprobs(logits, targets, 0.8)
+        weights = torch.arange(1.0, 17.0).view(4, 4)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), h.grad, reader.model.shared.weight.grad.clone(),
+                        reader.model.decoder.block[0].layer[0].SelfAttention.q.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert isinstance(reader.model.lm_head, torch.nn.Linear)  # the head is back after the fused pass
+    assert reader.model.lm_head.weight is reader.model.shared.weight
 
 
 def reader_encoder_output(hidden):

@@ -206,3 +206,28 @@ def test_rng_state_round_trip_includes_the_data_rng(tmp_path):
     restored = random.Random(0)
     checkpoint.set_rng_state(checkpoint.load_rank_rng(str(tmp_path), 0), restored)
     assert [restored.random() for _ in range(3)] + [random.random(), torch.rand(1).item()] == expected
+
+
+def test_make_optimizer_is_fused_adamw_on_cpu_and_steps_like_foreach():
+    """The single-process optimizer is torch's fused AdamW (CPU and CUDA) and updates exactly as
+    the multi-tensor one does, with the scheduler's warm-up multiplier applied."""
+    import train
+    from src import options
+
+    opts, _ = options.parse(["--warmup_steps", "2", "--total_steps", "10", "--weight_decay", "0.1"])
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = params[0].detach().clone()
+    opt, sched = train.make_optimizer(params, 0.01, opts)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=True)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: train.lr_multiplier(s, 2, 10, opts.scheduler))
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(), sched.step(), ref.step(), ref_sched.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    assert (params[0] - start).abs().max() > 1e-3  # it moved
