@@ -2,12 +2,17 @@
 
 Fast side: exactly what train.py runs for ``--use_grpo --grpo_train_retriever`` —
 ``LapdogModel.forward("grpo_joint", batch)`` + backward + gradient clipping + one AdamW step for
-the reader and one for the retriever.
+the reader and one for the retriever (train.py's ``make_optimizer``). That path encodes each
+(query, story) once, samples all G replies of all prompts in one decoding loop of its own
+(FiDReader.sample: inverse-CDF draws over the key/value cache), and scores every reply in one
+teacher-forced pass whose output projection + log-softmax run in row chunks (the [R, T, V]
+logits are never held); queries and pool share one retriever forward.
 
 Naive side (``naive_grpo_joint``, the "before" picture, the original extension's cost pattern):
 per query, the retriever scores its pool of M stories (one query forward + one pool forward,
 for the policy and again for the reference retriever); then for every (example, sampled story)
-and each of its G replies: encoder + ``generate`` of ONE sample; per reply: one reward call;
+and each of its G replies: encoder + transformers' ``generate`` of ONE sample (multinomial
+draws); per reply: one reward call;
 then for every reply separately a full encoder + decoder forward with gradient (policy log-probs)
 and one without (reference log-probs). The per-reply losses are summed into one graph and
 backpropagated once; the optimizer part is the same as on the fast side.
@@ -344,19 +349,20 @@ class PeakMemory:
 
 def run_side(models, opts, batches, device, naive, warmup, steps, seed):
     """Fresh models, ``warmup`` untimed then ``steps`` timed updates; returns (model, mean stats,
-    peak memory MiB of the timed steps (max over steps))."""
+    peak memory MiB over all of the side's steps, from the loaded models on: optimizer state +
+    the largest step working set; on CPU the heap a step grows is what later steps reuse, so a
+    per-step measure after warm-up would hide it)."""
     torch.manual_seed(seed)
     model = load_lapdog(models, opts, device)
     optims = make_optimizers(model, opts)
-    for b in batches[:warmup]:
-        train_step(model, optims, b, naive, device)
-    timed, peaks = [], []
-    for b in batches[warmup:warmup + steps]:
-        with PeakMemory(device) as mem:
+    timed = []
+    with PeakMemory(device) as mem:
+        for b in batches[:warmup]:
+            train_step(model, optims, b, naive, device)
+        for b in batches[warmup:warmup + steps]:
             timed.append(train_step(model, optims, b, naive, device))
-        peaks.append(mem.mib)
     mean = {key: sum(s.get(key, 0.0) for s in timed) / len(timed) for key in timed[0] if key != "_texts"}
-    return model, mean, (max(peaks) if all(p is not None for p in peaks) else None)
+    return model, mean, mem.mib
 
 
 # ---------------------------------------------------------------------------------- report
@@ -388,8 +394,9 @@ def build_parser():
     p.add_argument("--k", type=int, default=4, help="stories sampled per query")
     p.add_argument("--M", type=int, default=8, help="pool of stories per query")
     p.add_argument("--gen_len", type=int, default=32, help="--generation_max_length")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before timing")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per side before timing (the first steps of a process pay one-time costs: optimizer state, heap growth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one line of JSON as the last line of stdout")
     return p
@@ -427,7 +434,7 @@ def main(argv=None):
         agree = agreement(fast_model, batches[-1])
         del fast_model
         _, naive, mem_naive = run_side(models, opts, batches, device, True, args.warmup, args.steps, args.seed)
-    mem_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak-RSS rise (VmHWM)"
+    mem_kind = ("CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak-RSS rise (VmHWM)") + ", whole side"
     speedup = naive["time/step"] / fast["time/step"]
     print(f"device {device} ({platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}); "
           f"B={args.batch} G={args.G} k={args.k} M={args.M} gen_len={args.gen_len}; "

@@ -42,7 +42,7 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                     retrieval.search(retriever, [], opts.retriever_n_context)
                 continue
             b = make_batch(exs, answers, reader, retrieval, retriever, opts, rng, info.device, train=False)
-            loss = reader(b.input_ids, b.attention_mask, b.labels).loss
+            loss = reader(b.input_ids, b.attention_mask, b.labels)
             loss_sum, loss_n = loss_sum + loss.item() * len(exs), loss_n + len(exs)
             gens = reader.generate_text(b.input_ids, b.attention_mask, max_length=opts.generation_max_length,
                                         min_length=opts.generation_min_length, num_beams=opts.generation_num_beams)

@@ -104,21 +104,37 @@ def _logprob_chunk_rows(vocab, device):
     return max(1, budget // (4 * vocab))
 
 
+def _chunk_logits(buf, hidden, weight, temperature):
+    """float32 logits of the rows ``hidden`` written into the reused buffer ``buf``."""
+    logits = buf[:hidden.shape[0]]
+    if hidden.dtype == weight.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=logits)
+    else:
+        logits.copy_(hidden @ weight.t())
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
 class _LinearTargetLogProb(torch.autograd.Function):
     """log softmax(hidden @ weightᵀ / t) at ``targets``, chunked over rows, never holding the
     [N, V] logits: forward keeps only the inputs; backward recomputes each chunk's logits and
-    forms its gradient (onehot − softmax)·g/t in place. One extra [chunk, d]×[d, V] product per
-    chunk buys freedom from 4-5 full [N, V] float32 tensors (~120 MB each for 1k reply tokens at
-    V = 30k), whose allocation and memory traffic dominate on CPU."""
+    turns them into the gradient (onehot − softmax)·g/t in place. One extra [chunk, d]×[d, V]
+    product per chunk buys freedom from 4-5 full [N, V] float32 tensors (~120 MB each for 1k
+    reply tokens at V = 30k). Every chunk reuses one buffer and works on it in place: on CPU a
+    fresh multi-MB tensor per operation costs its page faults again, which measured as much as
+    the matrix product itself."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float()
-            if temperature != 1.0:
-                logits.div_(temperature)
-            out[s:s + chunk] = torch.log_softmax(logits, dim=-1).gather(-1, targets[s:s + chunk, None])[:, 0]
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            logits = _chunk_logits(buf, hidden[s:s + chunk], weight, temperature)
+            picked = logits.gather(1, targets[s:s + chunk, None])[:, 0]
+            top = logits.amax(1)
+            out[s:s + chunk] = picked - logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -128,23 +144,29 @@ class _LinearTargetLogProb(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[:2]
+        n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
-        for s in range(0, hidden.shape[0], chunk):
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
             h, g = hidden[s:s + chunk], grad_out[s:s + chunk, None].float()
-            logits = (h @ weight.t()).float()
-            if temperature != 1.0:
-                logits.div_(temperature)
-            grad = torch.softmax(logits, dim=-1).mul_(-g)
-            grad.scatter_add_(-1, targets[s:s + chunk, None], g)
+            grad = _chunk_logits(buf, h, weight, temperature)
+            grad.sub_(grad.amax(1, keepdim=True)).exp_()
+            grad.mul_(-g / grad.sum(1, keepdim=True))  # −g · softmax
+            grad.scatter_add_(1, targets[s:s + chunk, None], g)
             if temperature != 1.0:
                 grad.div_(temperature)
-            grad = grad.to(weight.dtype)
+            if grad.dtype != weight.dtype:  # bf16/fp16 models: the products in the model's dtype
+                grad = grad.to(weight.dtype)
             if need_h:
                 grad_h[s:s + chunk] = grad @ weight
             if need_w:  # the first chunk allocates grad_w (no zero fill of a [V, d] buffer)
-                part_t, h32 = grad.t().float(), h.float()
-                grad_w = part_t @ h32 if grad_w is None else grad_w.addmm_(part_t, h32)
+                if grad_w is None:
+                    grad_w = (grad.t() @ h).float()
+                elif grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)  # in place: no [V, d] temporary per chunk
+                else:
+                    grad_w.add_(grad.t() @ h)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 

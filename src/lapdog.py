@@ -84,7 +84,7 @@ class LapdogModel(nn.Module):
 
     # ---------------------------------------------------------------- supervised and LAPDOG
     def _sft(self, b, stats, rollout):
-        loss = self.reader(b.input_ids, b.attention_mask, b.labels).loss
+        loss = self.reader(b.input_ids, b.attention_mask, b.labels)
         stats["loss/reader"] = loss.item()
         return loss, None
 

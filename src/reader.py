@@ -17,7 +17,6 @@ until ``min_length - 1`` other tokens have been produced.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
@@ -169,18 +168,38 @@ class FiDReader(torch.nn.Module):
                           labels=labels, decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True)
 
     def forward(self, input_ids, attention_mask, labels):
-        """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> ``Seq2SeqLMOutput`` with ``loss``
-        (mean CE over non-ignored tokens) and ``logits`` [B, T, V]."""
+        """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> the mean token NLL over the
+        non-ignored label tokens (a 0-d tensor; transformers' CE loss, without the logits)."""
         hidden, mask = self.encode(input_ids, attention_mask)
-        return self._decoder_pass(hidden, mask, labels=labels)
+        logp = self._teacher_forced_logprobs(hidden, mask, labels)
+        valid = labels != -100
+        return -torch.where(valid, logp, torch.zeros_like(logp)).sum() / valid.sum()
 
     def loss_per_example(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels -> [B] mean token NLL of each example's labels."""
         hidden, mask = self.encode(input_ids, attention_mask)
-        logits = self._decoder_pass(hidden, mask, decoder_input_ids=self.model._shift_right(labels)).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        count = (labels != -100).sum(1).clamp(min=1)
-        return nll.sum(1) / count
+        logp = self._teacher_forced_logprobs(hidden, mask, labels)
+        valid = labels != -100
+        nll = -torch.where(valid, logp, torch.zeros_like(logp))
+        return nll.sum(1) / valid.sum(1).clamp(min=1)
+
+    def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0):
+        """[B, T] float32 log-probs of ``targets`` [B, T] (one per row of ``hidden`` [B, S, d]),
+        teacher-forced, logits / ``temperature``; positions of -100 hold junk for the caller's
+        mask. Differentiable w.r.t. the decoder, the output projection and ``hidden``."""
+        targets = targets.to(hidden.device)
+        decoder_input_ids = self.model._shift_right(targets)
+        head = self.model.lm_head
+        if isinstance(head, torch.nn.Linear) and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks):
+            # The model's own forward (and its pre-head scaling) with the output projection
+            # taken out, then projection + log-softmax + gather fused in row chunks: the
+            # [B, T, V] logits never exist (see grpo.linear_token_logprobs). A hooked head
+            # (tests bias logits that way) takes the plain path so the hooks still apply.
+            with _output_projection_removed(self.model):
+                states = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
+            return linear_token_logprobs(states, head.weight, targets, temperature)
+        logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
+        return token_logprobs(logits, targets, temperature)
 
     # ------------------------------------------------------------------ generation
     def _generation_config(self, **kwargs):
@@ -283,19 +302,7 @@ class FiDReader(torch.nn.Module):
             hidden = hidden.repeat_interleave(r // b, dim=0)
             mask = mask.repeat_interleave(r // b, dim=0)
         targets = targets.to(hidden.device)
-        decoder_input_ids = self.model._shift_right(targets)
-        head = self.model.lm_head
-        if isinstance(head, torch.nn.Linear) and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks):
-            # The model's own forward (and its pre-head scaling) with the output projection
-            # taken out, then projection + log-softmax + gather fused in row chunks: the
-            # [R, T, V] logits never exist (see grpo.linear_token_logprobs). A hooked head
-            # (tests bias logits that way) takes the plain path so the hooks still apply.
-            with _output_projection_removed(self.model):
-                states = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
-            logp = linear_token_logprobs(states, head.weight, targets, temperature)
-        else:
-            logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
-            logp = token_logprobs(logits, targets, temperature)
+        logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature)
         eos = (targets == self.eos_token_id).long()
         token_mask = (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
         return logp, token_mask

@@ -295,7 +295,7 @@ def test_lapdog_retriever_training_raises_recall(tiny_models, minilm_path):
         b = batch_for(exs)
         ids, mask = reader.tokenize_inputs(
             [encoder_inputs(q, [by_id[ex["story_id"]]], 1) for q, ex in zip(b.queries, exs)], opts.text_maxlength)
-        loss = reader(ids, mask, b.labels).loss
+        loss = reader(ids, mask, b.labels)
         ropt.zero_grad()
         loss.backward()
         ropt.step()
