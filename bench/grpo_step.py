@@ -31,6 +31,8 @@ Shapes: B queries, M pool stories per query, k sampled stories per query, G repl
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import math
 import os
@@ -331,6 +333,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        gc.collect()
+        try:  # hand freed heap back to the OS first, or an earlier side's leftovers hide this one's rise
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
