@@ -104,10 +104,20 @@ def _logprob_chunk_rows(vocab, device):
     return max(1, budget // (4 * vocab))
 
 
+def _compute_dtype(hidden, weight):
+    """dtype of the projection's products: autocast's when it is on (bf16 training), else the
+    promotion of the inputs' dtypes (float32 states with a float32 head stay float32)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def _chunk_logits(buf, hidden, weight, temperature):
-    """float32 logits of the rows ``hidden`` written into the reused buffer ``buf``."""
+    """float32 logits of the rows ``hidden`` (already in ``weight``'s dtype) written into the
+    reused buffer ``buf``."""
     logits = buf[:hidden.shape[0]]
-    if hidden.dtype == weight.dtype == torch.float32:
+    if weight.dtype == torch.float32:
         torch.mm(hidden, weight.t(), out=logits)
     else:
         logits.copy_(hidden @ weight.t())
@@ -123,47 +133,50 @@ class _LinearTargetLogProb(torch.autograd.Function):
     product per chunk buys freedom from 4-5 full [N, V] float32 tensors (~120 MB each for 1k
     reply tokens at V = 30k). Every chunk reuses one buffer and works on it in place: on CPU a
     fresh multi-MB tensor per operation costs its page faults again, which measured as much as
-    the matrix product itself."""
+    the matrix product itself. Products run in ``_compute_dtype`` (bf16 under bf16 autocast);
+    the softmax, the log-probs and the weight gradient's accumulation are float32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
-            logits = _chunk_logits(buf, hidden[s:s + chunk], weight, temperature)
+            logits = _chunk_logits(buf, hidden[s:s + chunk].to(dtype), w, temperature)
             picked = logits.gather(1, targets[s:s + chunk, None])[:, 0]
             top = logits.amax(1)
             out[s:s + chunk] = picked - logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets = ctx.saved_tensors
-        temperature, chunk = ctx.temperature, ctx.chunk
+        temperature, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         need_h, need_w = ctx.needs_input_grad[:2]
+        w = weight.to(dtype)
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
         buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
-            h, g = hidden[s:s + chunk], grad_out[s:s + chunk, None].float()
-            grad = _chunk_logits(buf, h, weight, temperature)
+            h, g = hidden[s:s + chunk].to(dtype), grad_out[s:s + chunk, None].float()
+            grad = _chunk_logits(buf, h, w, temperature)
             grad.sub_(grad.amax(1, keepdim=True)).exp_()
             grad.mul_(-g / grad.sum(1, keepdim=True))  # −g · softmax
             grad.scatter_add_(1, targets[s:s + chunk, None], g)
             if temperature != 1.0:
                 grad.div_(temperature)
-            if grad.dtype != weight.dtype:  # bf16/fp16 models: the products in the model's dtype
-                grad = grad.to(weight.dtype)
+            grad = grad.to(dtype)
             if need_h:
-                grad_h[s:s + chunk] = grad @ weight
+                grad_h[s:s + chunk] = grad @ w
             if need_w:  # the first chunk allocates grad_w (no zero fill of a [V, d] buffer)
                 if grad_w is None:
                     grad_w = (grad.t() @ h).float()
-                elif grad.dtype == torch.float32:
+                elif dtype == torch.float32:
                     grad_w.addmm_(grad.t(), h)  # in place: no [V, d] temporary per chunk
                 else:
                     grad_w.add_(grad.t() @ h)

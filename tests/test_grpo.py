@@ -166,6 +166,24 @@ def test_linear_token_logprobs_by_hand_and_validation():
     assert out.dtype == torch.float32 and hb.grad.dtype == wb.grad.dtype == torch.bfloat16
 
 
+def test_linear_token_logprobs_under_bf16_autocast():
+    """bf16 training (train.py's autocast): bf16 states, a float32 head; products in bf16,
+    log-probs and gradients close to the float32 computation, gradients in the inputs' dtypes."""
+    torch.manual_seed(5)
+    x = torch.randn(12, 16)
+    w = (torch.randn(50, 16) * 0.3).requires_grad_(True)
+    t = torch.randint(0, 50, (12,))
+    ref = grpo.linear_token_logprobs(x, w, t, 0.8, chunk_rows=5)
+    (ref_gw,) = torch.autograd.grad(ref.sum(), (w,))
+    h = x.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grpo.linear_token_logprobs(h, w, t, 0.8, chunk_rows=5)
+    gh, gw = torch.autograd.grad(out.sum(), (h, w))
+    assert out.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    torch.testing.assert_close(out, ref.detach(), atol=0.1, rtol=0.02)
+    torch.testing.assert_close(gw, ref_gw, atol=0.05, rtol=0.05)
+
+
 def test_token_logprobs_bf16_logits_give_float32():
     logits = torch.randn(2, 3, 5).to(torch.bfloat16)
     out = grpo.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))

@@ -266,6 +266,22 @@ def test_token_logprobs_fused_head_equals_full_logits(tokenizer):
     assert reader.model.lm_head.weight is reader.model.shared.weight
 
 
+def test_loss_and_logprobs_train_under_bf16_autocast(tokenizer):
+    """--precision bf16 wraps the reader in CPU autocast: the fused projection path must run and
+    backpropagate there, with the loss close to the float32 one."""
+    reader = FiDReader(tiny_t5(tokenizer, seed=3), tokenizer)
+    ids, mask, labels = batch_one(reader, n=2)
+    loss32 = reader(ids, mask, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = reader(ids, mask, labels)
+        hidden, fmask = reader.encode(ids, mask)
+        logp, tmask = reader.token_logprobs(hidden, fmask, torch.tensor([[5, 6, 1], [7, 1, 0]]))
+    (loss16 + (logp * tmask).sum()).backward()
+    assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+    grad = reader.model.shared.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def reader_encoder_output(hidden):
     from transformers.modeling_outputs import BaseModelOutput
 
