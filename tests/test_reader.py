@@ -203,6 +203,9 @@ def test_sample_follows_the_model_distribution(reader):
     for p, tok in zip(top.values.tolist(), top.indices.tolist()):
         freq = (first == tok).float().mean().item()
         assert abs(freq - p) < 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3, (tok, freq, p)
+    # a nucleus this small keeps only the most probable token: sampling turns greedy
+    nucleus_first = reader.sample(hidden, fmask, num_samples=50, max_length=2, temperature=temp, top_p=1e-6)[:, 0]
+    assert (nucleus_first == top.indices[0]).all()
     with pytest.raises(ValueError, match="max_length"):
         reader.sample(hidden, fmask, num_samples=1, max_length=1)
     with pytest.raises(ValueError, match="temperature"):
