@@ -45,7 +45,6 @@ import time
 import types
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -138,12 +137,9 @@ def _generate_one(reader, hidden, mask, o):
     """ONE sampled reply [T] with transformers' ``generate`` (do_sample, multinomial), as the
     original extension drew its samples; the fast side uses FiDReader.sample's own loop. Same
     law: softmax(logits / temperature), no top-k, nucleus at ``--grpo_top_p``."""
-    out = reader.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                                do_sample=True, num_return_sequences=1, temperature=o.grpo_temperature,
-                                top_p=o.grpo_top_p, top_k=0, max_length=o.generation_max_length,
-                                min_length=o.generation_min_length, decoder_start_token_id=reader.decoder_start_token_id,
-                                eos_token_id=reader.eos_token_id, pad_token_id=reader.pad_token_id)
-    return reader._pad_after_eos(out[:, 1:])[0]
+    return reader._generate(hidden, mask, max_length=o.generation_max_length, min_length=o.generation_min_length,
+                            num_beams=1, do_sample=True, num_return_sequences=1, temperature=o.grpo_temperature,
+                            top_p=o.grpo_top_p, top_k=0)[0]
 
 
 def _reply_logprobs(reader_model, ids, mask, reply, temperature):

@@ -54,6 +54,15 @@ def group_advantages(rewards, eps=1e-4, zero_std_tol=1e-6):
     return adv, zero_std
 
 
+def _add_target_grad(grad, target_idx, g, temperature):
+    """Finish d(g·log softmax(z/t)[target])/dz in place: ``grad`` holds −g·softmax; add g at the
+    targets (``target_idx`` with a trailing dim of 1, like ``g``) and apply the 1/t."""
+    grad.scatter_add_(-1, target_idx, g)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad
+
+
 class _TargetLogProb(torch.autograd.Function):
     """log softmax(logits / t) at ``targets`` with a hand-written backward.
 
@@ -76,10 +85,7 @@ class _TargetLogProb(torch.autograd.Function):
         log_probs, targets = ctx.saved_tensors
         g = grad_out.unsqueeze(-1)
         grad = log_probs.exp().mul_(-g)  # −g · softmax
-        grad.scatter_add_(-1, targets.unsqueeze(-1), g)
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad, None, None
+        return _add_target_grad(grad, targets.unsqueeze(-1), g, ctx.temperature), None, None
 
 
 def token_logprobs(logits, targets, temperature=1.0):
@@ -167,10 +173,7 @@ class _LinearTargetLogProb(torch.autograd.Function):
             grad = _chunk_logits(buf, h, w, temperature)
             grad.sub_(grad.amax(1, keepdim=True)).exp_()
             grad.mul_(-g / grad.sum(1, keepdim=True))  # −g · softmax
-            grad.scatter_add_(1, targets[s:s + chunk, None], g)
-            if temperature != 1.0:
-                grad.div_(temperature)
-            grad = grad.to(dtype)
+            grad = _add_target_grad(grad, targets[s:s + chunk, None], g, temperature).to(dtype)
             if need_h:
                 grad_h[s:s + chunk] = grad @ w
             if need_w:  # the first chunk allocates grad_w (no zero fill of a [V, d] buffer)

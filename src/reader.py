@@ -50,7 +50,7 @@ def _output_projection_removed(model):
     head = model.lm_head
     model.lm_head = torch.nn.Identity()
     try:
-        yield head
+        yield
     finally:
         model.lm_head = head
 
@@ -170,18 +170,20 @@ class FiDReader(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> the mean token NLL over the
         non-ignored label tokens (a 0-d tensor; transformers' CE loss, without the logits)."""
-        hidden, mask = self.encode(input_ids, attention_mask)
-        logp = self._teacher_forced_logprobs(hidden, mask, labels)
-        valid = labels != -100
-        return -torch.where(valid, logp, torch.zeros_like(logp)).sum() / valid.sum()
+        nll, valid = self._label_nll(input_ids, attention_mask, labels)
+        return nll.sum() / valid.sum()
 
     def loss_per_example(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels -> [B] mean token NLL of each example's labels."""
+        nll, valid = self._label_nll(input_ids, attention_mask, labels)
+        return nll.sum(1) / valid.sum(1).clamp(min=1)
+
+    def _label_nll(self, input_ids, attention_mask, labels):
+        """``(nll [B, T] float32, 0 at ignored positions; valid [B, T] bool)``."""
         hidden, mask = self.encode(input_ids, attention_mask)
         logp = self._teacher_forced_logprobs(hidden, mask, labels)
         valid = labels != -100
-        nll = -torch.where(valid, logp, torch.zeros_like(logp))
-        return nll.sum(1) / valid.sum(1).clamp(min=1)
+        return -torch.where(valid, logp, torch.zeros_like(logp)), valid
 
     def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0):
         """[B, T] float32 log-probs of ``targets`` [B, T] (one per row of ``hidden`` [B, S, d]),
