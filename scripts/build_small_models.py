@@ -54,19 +54,65 @@ def _reader_vocab(vocab_file):
     return {tok: i for i, tok in enumerate(ordered)}
 
 
-def build_reader_tokenizer(vocab_file=None):
+def jsonl_texts(paths):
+    """Every text a reader would see in dialogue/story jsonl files: questions, answers, titles, texts."""
+    import json
+
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                texts += [row.get("question") or "", row.get("title") or "", row.get("text") or ""]
+                texts += [a for a in row.get("answers") or [] if isinstance(a, str)]
+    return [t for t in texts if t]
+
+
+def restrict_vocab(vocab, tokenizer, texts):
+    """The sub-vocabulary of ``vocab`` that ``tokenizer`` (built on it) uses on ``texts``, plus every
+    single character with its ``##`` continuation, the T5 specials and <extra_id_*>.
+
+    WordPiece is greedy longest-match-first: a piece it never chose on these texts is never the
+    longest match on them, so dropping it leaves their tokenization unchanged (tested), while a
+    30k-entry output layer shrinks to the ~1-3k pieces the data uses (the softmax and the
+    projection dominate a small reader's step). Unseen words still tokenize, piece by piece.
+    """
+    used = set()
+    for start in range(0, len(texts), 1024):
+        for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False)["input_ids"]:
+            used.update(ids)
+    inverse = {i: t for t, i in vocab.items()}
+    keep = {inverse[i] for i in used}
+    keep.update(t for t in vocab if len(t) == 1 or (t.startswith("##") and len(t) == 3))
+    ordered = [PAD, EOS, UNK] + [t for t in vocab if t in keep and t not in (PAD, EOS, UNK)
+                                 and t not in EXTRA_IDS] + EXTRA_IDS
+    return {tok: i for i, tok in enumerate(ordered)}
+
+
+def build_reader_tokenizer(vocab_file=None, vocab_texts=None):
     """The reader's ``PreTrainedTokenizerFast`` (ids: <pad> 0, </s> 1, <unk> 2; appends </s>).
+
+    ``vocab_texts``: restrict the vocabulary to the pieces these texts use (``restrict_vocab``).
 
     Lowercasing, whitespace-only pre-tokenization, WordPiece with ``##`` continuations, a decoder
     that glues ``##`` pieces back without touching spaces, and ``<extra_id_k>`` as special tokens
     matched before normalization (so "R: <extra_id_0>" keeps it as one token).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_file is None:
         vocab_file = os.path.join(minilm_path(), "vocab.txt")
     vocab = _reader_vocab(vocab_file)
+    if vocab_texts:
+        vocab = restrict_vocab(vocab, _wrap(vocab), vocab_texts)
+    return _wrap(vocab)
+
+
+def _wrap(vocab):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix="##",
                                      max_input_chars_per_word=100))
     tok.normalizer = normalizers.Lowercase()
@@ -128,7 +174,7 @@ def tokenizer_stats(tokenizer, texts):
     return {"n": len(texts), "roundtrip": ok / max(1, len(texts)), "unk_rate": unk / max(1, total)}
 
 
-def build_all(out, seed=0, **sizes):
+def build_all(out, seed=0, vocab_from=None, **sizes):
     """Write ``out/reader`` and ``out/retriever``; return ``{"reader": path, "retriever": path}``."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -136,7 +182,7 @@ def build_all(out, seed=0, **sizes):
     hf_logging.disable_progress_bar()
     reader_dir = os.path.join(out, "reader")
     retriever_dir = os.path.join(out, "retriever")
-    tokenizer = build_reader_tokenizer()
+    tokenizer = build_reader_tokenizer(vocab_texts=jsonl_texts(vocab_from) if vocab_from else None)
     model = build_reader(tokenizer, seed=seed, **sizes)
     model.save_pretrained(reader_dir, safe_serialization=True)
     tokenizer.save_pretrained(reader_dir)
@@ -160,6 +206,9 @@ def main(argv=None):
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--d_kv", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--vocab_from", nargs="+", default=None, metavar="JSONL",
+                   help="restrict the reader vocabulary to the word pieces these dialogue/story jsonl files use "
+                        "(default: all of MiniLM's ~30k; the quickstart passes data/sample/*.jsonl: ~4x faster steps)")
     args = p.parse_args(argv)
     for name in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv"):
         if getattr(args, name) < 1:
@@ -174,7 +223,7 @@ def main(argv=None):
     info = build_all(
         args.out, seed=args.seed, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.num_layers,
         num_decoder_layers=args.num_decoder_layers, num_heads=args.num_heads, d_kv=args.d_kv,
-        dropout=args.dropout,
+        dropout=args.dropout, vocab_from=args.vocab_from,
     )
     print(f"wrote reader: {info['reader']} (T5, {info['reader_params']:,} parameters, "
           f"vocab {info['vocab_size']}, seed {args.seed})")

@@ -366,6 +366,41 @@ def sample_without_replacement(logits, k, generator=None):
     return torch.topk(logits.float() + gumbel, k, dim=-1).indices
 
 
+@torch.no_grad()
+def sample_with_replacement(logits, k, generator=None):
+    """k independent draws per row from softmax(logits) (repeats allowed), [B, M] -> [B, k] long.
+
+    Each column is one draw from the same distribution, so log π(j) of a drawn index is exactly
+    the log-probability of that sampling event: what an unbiased score-function estimator and a
+    PPO importance ratio need (Gumbel top-k draws are not, see ``retriever_estimator_loss``).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, M], got {tuple(logits.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, k, replacement=True, generator=generator)
+
+
+def leave_one_out_advantages(rewards):
+    """RLOO advantages A_i = r_i − mean_{l≠i} r_l over the last dim (k ≥ 2 i.i.d. draws).
+
+    The baseline of draw i uses only the other draws, which are independent of it, so
+    E[A_i ∇log π(j_i)] = ∇E_{j~π}[R(j)] exactly (Kool et al., 2019, "Buy 4 REINFORCE samples").
+    Centred, not divided by the std: a group whose rewards differ only by noise gives updates as
+    small as that noise, instead of full-size ones. Equal rewards give exactly 0.
+    """
+    if rewards.dim() == 0 or rewards.shape[-1] < 2:
+        raise ValueError("leave_one_out_advantages needs at least 2 draws per group")
+    r = rewards.detach()
+    r = r if r.is_floating_point() else r.float()
+    k = r.shape[-1]
+    # r_i − mean_{l≠i} r_l = k/(k−1)·(r_i − mean r); deviations from the first draw keep a group
+    # of equal rewards at exactly 0 in floating point.
+    d = r - r[..., :1]
+    return (d - d.mean(dim=-1, keepdim=True)) * (k / (k - 1))
+
+
 def retriever_policy_loss(
     pool_logp,
     old_sampled_logp,

@@ -45,7 +45,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
     queries = [reader_query(ex["question"]) for ex in examples]
     b = Batch(queries=queries, answers=answers, examples=examples, passages=None, retrieval_queries=None)
     b["labels"] = reader.tokenize_targets([reader_target(a) for a in answers], opts.target_maxlength).to(device)
-    if retrieval is not None:
+    posterior = train and opts.posterior_passages and training_kind(opts, 0) in ("sft", "lapdog")
+    if retrieval is not None and not (posterior and opts.n_context == 1 and not opts.train_retriever):
         b["retrieval_queries"] = retrieval.query_texts(examples, rng)
         k = opts.grpo_retriever_pool_size if (train and opts.grpo_train_retriever) else opts.retriever_n_context
         passages, scores, rows = retrieval.search(retriever, b["retrieval_queries"], k)
@@ -55,11 +56,26 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
     if train and opts.grpo_train_retriever:
         return b  # joint GRPO builds one reader input per sampled story itself
     n_ctx = 1 if opts.closed_book else opts.n_context
-    texts = [encoder_inputs(q, None if b["passages"] is None else ps, n_ctx, opts.encoder_format)
-             for q, ps in zip(queries, b["passages"] or [None] * len(queries))]
+    fused = b["passages"] or [None] * len(queries)
+    if posterior:  # the story that best explains each target reply goes first (src/posterior.py)
+        fused = [[retrieval.posterior.best(a)] + list(ps or [])[: n_ctx - 1] for a, ps in zip(answers, fused)]
+    texts = [encoder_inputs(q, ps, n_ctx, opts.encoder_format) for q, ps in zip(queries, fused)]
     ids, mask = reader.tokenize_inputs(texts, opts.text_maxlength)
     b["input_ids"], b["attention_mask"] = ids.to(device), mask.to(device)
     return b
+
+
+def _relevance_stats(b, idx):
+    """Monitoring only (never a training signal): where examples record their relevant story
+    (`story_id`, the sample data), how often it is in the pool and among the drawn stories."""
+    rel = [ex.get("story_id") for ex in b.examples]
+    rows = [i for i, r in enumerate(rel) if r is not None]
+    if not rows:
+        return {}
+    in_pool = sum(any(p["id"] == rel[i] for p in b.passages[i]) for i in rows)
+    drawn = sum(b.passages[i][j]["id"] == rel[i] for i in rows for j in idx[i].tolist())
+    return {"retrieval/relevant_in_pool": in_pool / len(rows),
+            "retrieval/relevant_drawn": drawn / (len(rows) * idx.shape[1])}
 
 
 class LapdogModel(nn.Module):
@@ -219,7 +235,8 @@ class LapdogModel(nn.Module):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
-                idx = grpo.sample_without_replacement(pool_logp.detach(), k)
+                draw = grpo.sample_with_replacement if o.grpo_retriever_estimator == "rloo" else grpo.sample_without_replacement
+                idx = draw(pool_logp.detach(), k)
                 ref_ret = self._require_reference("retriever")
                 with dropout_disabled(ref_ret):
                     ref_pool_logp = torch.log_softmax(
@@ -233,7 +250,12 @@ class LapdogModel(nn.Module):
         gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"])
         # A story's reward is the mean of its G replies' rewards; advantages across the k stories.
         story_reward = rollout["gen"]["rewards"].view(-1, k, o.grpo_group_size).mean(-1)
-        ret_adv, ret_zero = grpo.group_advantages(story_reward)
+        if o.grpo_retriever_estimator == "rloo":
+            # Unbiased for ∇E_{j~π}[R(j)] (README, "Joint GRPO"): i.i.d. draws, leave-one-out baseline.
+            ret_adv = grpo.leave_one_out_advantages(story_reward)
+            ret_zero = story_reward.std(-1) < 1e-6
+        else:  # the biased heuristic, kept for ablations: top-k draws scored as single draws
+            ret_adv, ret_zero = grpo.group_advantages(story_reward)
         loss = gen_loss
         if train_retriever:
             ret_loss, rstats = grpo.retriever_policy_loss(pool_logp, rollout["old_sampled_logp"], rollout["ref_pool_logp"],
@@ -243,4 +265,5 @@ class LapdogModel(nn.Module):
                           "grpo/retriever_clip_frac": float(rstats["clip_frac"])})
         stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
         stats["reward/story_std"] = story_reward.std(-1).mean().item() if k > 1 else 0.0
+        stats.update(_relevance_stats(b, rollout["idx"]))
         return loss, rollout

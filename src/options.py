@@ -59,7 +59,11 @@ def _add_model_options(p):
                    help="Hugging Face id (t5-base, google/t5-xl-lm-adapt) or a local reader folder")
     g.add_argument("--retriever_model_path", default="facebook/contriever",
                    help="Hugging Face id or a local folder of a BERT-style encoder")
-    g.add_argument("--closed_book", action="store_true", help="no retrieval (stage 1)")
+    g.add_argument("--closed_book", action="store_true", help="no retrieval (stage 1, the paper's recipe)")
+    g.add_argument("--posterior_passages", action="store_true",
+                   help="supervised reader training fuses the 'posterior' story first: the corpus story sharing the "
+                        "most idf-weighted words with the target reply (src/posterior.py; no relevance labels), so the "
+                        "reader learns to read stories; evaluation always uses retrieved stories (default: off)")
     g.add_argument("--n_context", type=int, default=1, help="retrieved stories fused in the reader")
     g.add_argument("--retriever_n_context", type=int, default=5, help="stories retrieved per example")
     g.add_argument("--dropout", type=float, default=0.1, help="reader dropout")
@@ -139,6 +143,10 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_retriever_group_size", type=int, default=5, help="k: stories sampled per query")
     g.add_argument("--grpo_retriever_pool_size", type=int, default=20, help="M: candidate pool from the index")
     g.add_argument("--grpo_retriever_temperature", type=float, default=1.0, help="τ in softmax(score/τ)")
+    g.add_argument("--grpo_retriever_estimator", default="rloo", choices=["rloo", "topk_heuristic"],
+                   help="rloo: k i.i.d. draws from the pool, leave-one-out baseline, unbiased for the gradient of the "
+                        "expected reward of a drawn story; topk_heuristic: the earlier, biased estimator (Gumbel top-k "
+                        "draws scored as single draws, std-normalized advantages), for ablations (default: rloo)")
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
     g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
@@ -244,6 +252,9 @@ def validate(opts):
         raise flag_error("--shard_grads", "needs --shard_optim (ShardedDataParallel runs on an OSS optimizer)",
                          "add --shard_optim")
 
+    if opts.posterior_passages and opts.closed_book:
+        raise flag_error("--posterior_passages", "needs a story corpus but --closed_book has none",
+                         "drop --closed_book and pass --passages")
     if opts.closed_book:
         opts.n_context = opts.retriever_n_context = 1
         if retriever_trained(opts):

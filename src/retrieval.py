@@ -14,6 +14,7 @@ from src.data import retrieval_query
 from src.errors import flag_error
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_trained
+from src.posterior import PosteriorStories
 
 
 class StoryRetrieval:
@@ -23,6 +24,7 @@ class StoryRetrieval:
         self.info = info
         self.index = None
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
+        self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
         needed = max(opts.retriever_n_context, opts.grpo_retriever_pool_size if opts.grpo_train_retriever else 1)
         if len(passages) < needed:
             raise flag_error("--passages", f"the corpus has {len(passages)} stories but {needed} are retrieved per query",

@@ -100,3 +100,20 @@ def test_seed_makes_build_deterministic(tok):
     b = build_reader(tok, seed=5, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
     c = build_reader(tok, seed=6, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
     assert torch.equal(a.shared.weight, b.shared.weight) and not torch.equal(a.shared.weight, c.shared.weight)
+
+
+def test_vocab_from_training_texts_keeps_their_tokenization(tok, tmp_path):
+    from scripts.build_small_models import jsonl_texts
+
+    sample = os.path.join(ROOT, "data", "sample")
+    texts = jsonl_texts([os.path.join(sample, f) for f in ("train.jsonl", "valid.jsonl", "stories.jsonl")])
+    small = build_reader_tokenizer(vocab_texts=texts)
+    assert len(small) < len(tok) / 8  # 2,798 vs 29,590 pieces measured
+    assert (small.pad_token_id, small.eos_token_id, small.unk_token_id) == (0, 1, 2)
+    full_ids = tok(texts, add_special_tokens=False)["input_ids"]
+    small_ids = small(texts, add_special_tokens=False)["input_ids"]
+    assert all(tok.convert_ids_to_tokens(a) == small.convert_ids_to_tokens(b) for a, b in zip(full_ids, small_ids))
+    # words the texts never used still tokenize (piece by piece), without <unk>
+    ids = small("zebra quokka", add_special_tokens=False)["input_ids"]
+    assert small.unk_token_id not in ids and small.decode(ids) == "zebra quokka"
+    assert small.convert_ids_to_tokens(small("<extra_id_0> hi")["input_ids"])[0] == "<extra_id_0>"

@@ -557,3 +557,98 @@ def test_everything_follows_the_cuda_device():
     )
     rl.backward()
     assert idx.device.type == "cuda" and rs["kl"].device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- unbiased retriever estimator
+def _expected_update(logits, rewards, k, estimator):
+    """Exact expectation, over every possible draw of k stories, of the gradient (w.r.t. the pool
+    logits) of the retriever loss at μ = 1, β = 0; also returns the probability mass covered."""
+    import itertools
+
+    M = logits.shape[-1]
+    p = torch.softmax(logits, -1)
+    total = torch.zeros_like(logits)
+    mass = 0.0
+    if estimator == "rloo":
+        draws = itertools.product(range(M), repeat=k)
+
+        def prob(seq):
+            return float(torch.prod(p[list(seq)]))
+    else:  # ordered draws without replacement (Plackett-Luce)
+        draws = itertools.permutations(range(M), k)
+
+        def prob(seq):
+            pr, left = 1.0, 1.0
+            for j in seq:
+                pr *= float(p[j]) / left
+                left -= float(p[j])
+            return pr
+    for seq in draws:
+        w = prob(seq)
+        mass += w
+        lg = logits.clone().requires_grad_(True)
+        pool_logp = torch.log_softmax(lg, -1).unsqueeze(0)
+        idx = torch.tensor([seq])
+        r = rewards[idx]
+        adv = grpo.leave_one_out_advantages(r) if estimator == "rloo" else grpo.group_advantages(r)[0]
+        loss, _ = grpo.retriever_policy_loss(pool_logp, pool_logp.detach().gather(1, idx), None, idx, adv, 0.2, 0.0)
+        loss.backward()
+        total += w * lg.grad
+    return total, mass
+
+
+@pytest.mark.parametrize("M,k", [(4, 2), (5, 3), (4, 4), (6, 2), (3, 3)])
+def test_rloo_expected_update_is_the_true_gradient_by_exact_enumeration(M, k):
+    g = torch.Generator().manual_seed(M * 10 + k)
+    for _ in range(3):
+        logits = torch.randn(M, generator=g, dtype=torch.float64)
+        rewards = torch.rand(M, generator=g, dtype=torch.float64)
+        lg = logits.clone().requires_grad_(True)
+        objective = (torch.softmax(lg, -1) * rewards).sum()  # E_{j~π}[R(j)]
+        (true_grad,) = torch.autograd.grad(objective, lg)
+        expected, mass = _expected_update(logits, rewards, k, "rloo")
+        assert mass == pytest.approx(1.0, abs=1e-12)
+        # Descending the loss ascends the objective: E[∇loss] = −∇E_π[R], to 1e-6 and better.
+        torch.testing.assert_close(expected, -true_grad, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("M,k", [(4, 2), (5, 3), (4, 4)])
+def test_rloo_update_is_zero_when_every_story_scores_alike(M, k):
+    logits = torch.randn(M, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected, _ = _expected_update(logits, torch.full((M,), 0.7, dtype=torch.float64), k, "rloo")
+    assert expected.abs().max() == 0
+
+
+def test_topk_heuristic_is_biased_where_rloo_is_not():
+    # The reason the default changed: at k = M the heuristic draws every story, so its set objective
+    # is constant, yet its expected update is not 0 and not the gradient of E_π[R].
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.3], dtype=torch.float64)
+    rewards = torch.tensor([0.9, 0.1, 0.4, 0.2], dtype=torch.float64)
+    lg = logits.clone().requires_grad_(True)
+    (true_grad,) = torch.autograd.grad((torch.softmax(lg, -1) * rewards).sum(), lg)
+    heuristic, mass = _expected_update(logits, rewards, 4, "topk_heuristic")
+    assert mass == pytest.approx(1.0, abs=1e-12)
+    assert heuristic.abs().max() > 1e-3
+    assert (heuristic + true_grad).abs().max() > 1e-3
+
+
+def test_leave_one_out_advantages_hand_values_and_validation():
+    r = torch.tensor([[1.0, 2.0, 6.0], [0.5, 0.5, 0.5]])
+    # draw 0: 1 − (2 + 6)/2 = −3; draw 1: 2 − 3.5 = −1.5; draw 2: 6 − 1.5 = 4.5
+    torch.testing.assert_close(grpo.leave_one_out_advantages(r), torch.tensor([[-3.0, -1.5, 4.5], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo.leave_one_out_advantages(torch.tensor([[1.0]]))
+
+
+def test_sample_with_replacement_frequencies_and_repeats():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    g = torch.Generator().manual_seed(0)
+    draws = grpo.sample_with_replacement(logits.expand(20000, 3), 2, generator=g)
+    assert draws.shape == (20000, 2)
+    for col in range(2):  # every column is a draw from π itself
+        freq = torch.bincount(draws[:, col], minlength=3).float() / 20000
+        torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+    repeats = (draws[:, 0] == draws[:, 1]).float().mean()
+    assert repeats == pytest.approx(0.49 + 0.04 + 0.01, abs=0.015)
+    with pytest.raises(ValueError):
+        grpo.sample_with_replacement(logits, 0)

@@ -1,0 +1,41 @@
+"""The posterior story of a reply (src/posterior.py) and its use in supervised reader batches."""
+
+import json
+import math
+import os
+
+from src.posterior import PosteriorStories
+
+STORIES = [
+    {"id": "a", "title": "the dog", "text": "the lee family has a dog named max ."},
+    {"id": "b", "title": "the dog", "text": "the kim family has a dog named rex ."},
+    {"id": "c", "title": "the car", "text": "the kim family drives a red honda ."},
+]
+
+
+def test_idf_weighted_overlap_by_hand():
+    post = PosteriorStories(STORIES)
+    # idf over 3 stories: "max" 1 story -> log 3; "dog" 2 -> log 1.5; "the"/"family"/"a" 3 -> 0
+    assert math.isclose(post.idf["max"], math.log(3))
+    assert math.isclose(post.idf["dog"], math.log(1.5))
+    assert post.idf["the"] == 0.0
+    s = post.scores("his name is max , he is a good dog")
+    assert math.isclose(s[0], math.log(3) + math.log(1.5))
+    assert math.isclose(s[1], math.log(1.5))
+    assert 2 not in s  # shares only zero-idf words
+    assert post.best("his name is max")["id"] == "a"
+    assert post.best("i drive a honda")["id"] == "c"
+    assert post.best("kim")["id"] == "b"  # tie between b and c goes to the earlier row
+    assert post.best_row("hello there") == 0  # nothing informative in common
+
+
+def test_posterior_finds_the_relevant_story_on_sample_data_without_labels():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stories = [json.loads(line) for line in open(os.path.join(root, "data", "sample", "stories.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(root, "data", "sample", "train.jsonl"))]
+    post = PosteriorStories(stories)
+    facts = [r for r in rows if r.get("story_id") is not None]
+    hits = sum(post.best(r["answers"][0])["id"] == r["story_id"] for r in facts)
+    # Measured 0.442 (629 of 1,423); a random story would be right 1/288 of the time. The misses
+    # are mostly stories that hold the same fact word (an equally good story to copy from).
+    assert hits / len(facts) > 0.40
