@@ -232,7 +232,7 @@ def main(argv=None):
 
     retrieval = None
     if passages is not None:
-        retrieval = StoryRetrieval(passages, opts, info)
+        retrieval = StoryRetrieval(passages, opts, info, dialogues=train)
         seconds = retrieval.build(retriever)
         tracker.info(f"index over {len(passages)} stories built in {seconds:.1f}s")
 

@@ -57,12 +57,29 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         return b  # joint GRPO builds one reader input per sampled story itself
     n_ctx = 1 if opts.closed_book else opts.n_context
     fused = b["passages"] or [None] * len(queries)
+    reader_queries = queries
     if posterior:  # the story that best explains each target reply goes first (src/posterior.py)
-        fused = [[retrieval.posterior.best(a)] + list(ps or [])[: n_ctx - 1] for a, ps in zip(answers, fused)]
-    texts = [encoder_inputs(q, ps, n_ctx, opts.encoder_format) for q, ps in zip(queries, fused)]
+        reader_queries, targets, stories = _posterior_inputs(examples, answers, retrieval, opts, rng)
+        fused = [[story] + list(ps or [])[: n_ctx - 1] for story, ps in zip(stories, fused)]
+        if targets != answers:  # facts swapped: the reader's targets change, gold scores keep the originals
+            b["gold_labels"] = b["labels"]
+            b["labels"] = reader.tokenize_targets([reader_target(a) for a in targets], opts.target_maxlength).to(device)
+    texts = [encoder_inputs(q, ps, n_ctx, opts.encoder_format) for q, ps in zip(reader_queries, fused)]
     ids, mask = reader.tokenize_inputs(texts, opts.text_maxlength)
     b["input_ids"], b["attention_mask"] = ids.to(device), mask.to(device)
     return b
+
+
+def _posterior_inputs(examples, answers, retrieval, opts, rng):
+    """(reader queries, targets, posterior stories), with --posterior_fact_swap applied."""
+    out = []
+    for ex, a in zip(examples, answers):
+        story, question = retrieval.posterior.best(a), ex["question"]
+        if opts.posterior_fact_swap > 0 and rng.random() < opts.posterior_fact_swap:
+            question, a, story = retrieval.fact_swap(question, a, story, rng)
+        out.append((reader_query(question), a, story))
+    queries, targets, stories = (list(x) for x in zip(*out))
+    return queries, targets, stories
 
 
 def _relevance_stats(b, idx):
@@ -126,7 +143,8 @@ class LapdogModel(nn.Module):
     def _lapdog_retriever_objective(self, b, stats):
         o = self.opts
         score_logits = self._retriever_pool_logits(b.retrieval_queries, b.passages, o.temperature_score)
-        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.labels, b.answers, o)
+        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.get("gold_labels", b.labels),
+                           b.answers, o)
         if o.gold_score_mode == "emdr":
             # EMDR²: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), reader likelihoods held fixed.
             loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
@@ -259,7 +277,8 @@ class LapdogModel(nn.Module):
         loss = gen_loss
         if train_retriever:
             ret_loss, rstats = grpo.retriever_policy_loss(pool_logp, rollout["old_sampled_logp"], rollout["ref_pool_logp"],
-                                                          rollout["idx"], ret_adv, o.grpo_clip_epsilon, o.grpo_kl_coeff)
+                                                          rollout["idx"], ret_adv, o.grpo_clip_epsilon,
+                                                          o.grpo_retriever_kl_coeff)
             loss = loss + ret_loss
             stats.update({"loss/retriever": ret_loss.item(), "kl/retriever": float(rstats["kl"]),
                           "grpo/retriever_clip_frac": float(rstats["clip_frac"])})

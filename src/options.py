@@ -64,6 +64,10 @@ def _add_model_options(p):
                    help="supervised reader training fuses the 'posterior' story first: the corpus story sharing the "
                         "most idf-weighted words with the target reply (src/posterior.py; no relevance labels), so the "
                         "reader learns to read stories; evaluation always uses retrieved stories (default: off)")
+    g.add_argument("--posterior_fact_swap", type=float, default=0.0,
+                   help="with --posterior_passages: fraction of training examples whose rarest word shared by reply and "
+                        "posterior story is replaced by a random rare corpus word in reply, prompt and story alike, so "
+                        "copying from the story is the only way to it (src/posterior.py FactSwap; default: 0)")
     g.add_argument("--n_context", type=int, default=1, help="retrieved stories fused in the reader")
     g.add_argument("--retriever_n_context", type=int, default=5, help="stories retrieved per example")
     g.add_argument("--dropout", type=float, default=0.1, help="reader dropout")
@@ -143,6 +147,8 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_retriever_group_size", type=int, default=5, help="k: stories sampled per query")
     g.add_argument("--grpo_retriever_pool_size", type=int, default=20, help="M: candidate pool from the index")
     g.add_argument("--grpo_retriever_temperature", type=float, default=1.0, help="τ in softmax(score/τ)")
+    g.add_argument("--grpo_retriever_kl_coeff", type=float, default=None,
+                   help="β of the retriever's exact KL to its reference over the pool (default: --grpo_kl_coeff)")
     g.add_argument("--grpo_retriever_estimator", default="rloo", choices=["rloo", "topk_heuristic"],
                    help="rloo: k i.i.d. draws from the pool, leave-one-out baseline, unbiased for the gradient of the "
                         "expected reward of a drawn story; topk_heuristic: the earlier, biased estimator (Gumbel top-k "
@@ -244,7 +250,9 @@ def validate(opts):
             raise flag_error(f"--{name}", "must be > 0", "pass a positive temperature")
     if not 0 < opts.grpo_top_p <= 1:
         raise flag_error("--grpo_top_p", f"must be in (0, 1], got {opts.grpo_top_p}", "pass e.g. 1.0")
-    if opts.grpo_kl_coeff < 0 or opts.grpo_clip_epsilon <= 0:
+    if opts.grpo_retriever_kl_coeff is None:
+        opts.grpo_retriever_kl_coeff = opts.grpo_kl_coeff
+    if opts.grpo_kl_coeff < 0 or opts.grpo_retriever_kl_coeff < 0 or opts.grpo_clip_epsilon <= 0:
         raise flag_error("--grpo_kl_coeff/--grpo_clip_epsilon", "β must be >= 0 and ε > 0", "pass e.g. 0.1 and 0.2")
     if opts.generation_length_penalty < 0:
         raise flag_error("--generation_length_penalty", "must be >= 0", "pass 0 (off) or a positive strength")
@@ -252,6 +260,11 @@ def validate(opts):
         raise flag_error("--shard_grads", "needs --shard_optim (ShardedDataParallel runs on an OSS optimizer)",
                          "add --shard_optim")
 
+    if not 0.0 <= opts.posterior_fact_swap <= 1.0:
+        raise flag_error("--posterior_fact_swap", f"must be a fraction in [0, 1], got {opts.posterior_fact_swap}",
+                         "pass e.g. 0.5")
+    if opts.posterior_fact_swap > 0 and not opts.posterior_passages:
+        raise flag_error("--posterior_fact_swap", "swaps facts in posterior stories", "add --posterior_passages")
     if opts.posterior_passages and opts.closed_book:
         raise flag_error("--posterior_passages", "needs a story corpus but --closed_book has none",
                          "drop --closed_book and pass --passages")

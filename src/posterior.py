@@ -49,3 +49,57 @@ class PosteriorStories:
 
     def best(self, reply):
         return self.passages[self.best_row(reply)]
+
+
+def _replace_word(text, old, new):
+    return " ".join(new if w == old else w for w in text.split(" "))
+
+
+class FactSwap:
+    """Counterfactual augmentation that makes copying the only way to a fact.
+
+    A reader trained on (prompt + posterior story -> reply) can lower its loss by memorizing each
+    persona's facts or the most frequent one per slot ("a husky named buddy") instead of reading
+    them off the story; measured on the sample data, a from-scratch reader after 400 steps gave
+    the same reply with the relevant story and with a same-topic story holding other facts. Here
+    the rarest word the reply shares with its posterior story is replaced, in the reply, the
+    prompt and the story alike, by a random rare corpus word: no prior can predict it, the story
+    can. No relevance label is used, only the reply/story overlap.
+    """
+
+    def __init__(self, posterior: PosteriorStories, dialogues, max_story_df=0.05, max_dialogue_df=0.03):
+        """A word is fact-like when it is in at most ``max_story_df`` of the stories and at most
+        ``max_dialogue_df`` of the dialogue examples (``dialogues``: their question + answers texts).
+        The second test keeps chit-chat words that stories rarely use ("thanks", "always": in 5-9%
+        of the sample dialogues) from being swapped; the sample's facts are in 0.4-2.1%."""
+        self.posterior = posterior
+        counts = defaultdict(int)
+        for text in dialogues:
+            for w in _words(text):
+                counts[w] += 1
+        common = {w for w, c in counts.items() if c > max_dialogue_df * max(len(dialogues), 1)}
+        limit = math.log(1 / max_story_df)
+        self.facts = {w for w, v in posterior.idf.items() if v >= limit and w.isalpha() and w not in common}
+        self.candidates = sorted(self.facts)
+
+    def shared_fact(self, reply, story):
+        words = _words(f"{story.get('title') or ''} {story['text']}")
+        shared = [w for w in _words(reply) & words if w in self.facts]
+        return max(shared, key=lambda w: (self.posterior.idf[w], w)) if shared else None
+
+    def __call__(self, question, reply, story, rng):
+        """(question, reply, story) with the fact swapped; unchanged when nothing is shared."""
+        old = self.shared_fact(reply, story)
+        if old is None or not self.candidates:
+            return question, reply, story
+        taken = _words(reply) | _words(story["text"]) | _words(question)
+        new = rng.choice(self.candidates)
+        for _ in range(8):  # a word already in the example would make the swap ambiguous
+            if new not in taken:
+                break
+            new = rng.choice(self.candidates)
+        else:
+            return question, reply, story
+        swapped = dict(story, text=_replace_word(story["text"], old, new),
+                       title=_replace_word(story.get("title") or "", old, new))
+        return _replace_word(question, old, new), _replace_word(reply, old, new), swapped

@@ -14,17 +14,21 @@ from src.data import retrieval_query
 from src.errors import flag_error
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_trained
-from src.posterior import PosteriorStories
+from src.posterior import FactSwap, PosteriorStories
 
 
 class StoryRetrieval:
-    def __init__(self, passages, opts, info):
+    def __init__(self, passages, opts, info, dialogues=()):
         self.passages = passages
         self.opts = opts
         self.info = info
         self.index = None
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
         self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
+        self.fact_swap = None
+        if opts.posterior_fact_swap > 0:
+            texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
+            self.fact_swap = FactSwap(self.posterior, texts)
         needed = max(opts.retriever_n_context, opts.grpo_retriever_pool_size if opts.grpo_train_retriever else 1)
         if len(passages) < needed:
             raise flag_error("--passages", f"the corpus has {len(passages)} stories but {needed} are retrieved per query",

@@ -39,3 +39,28 @@ def test_posterior_finds_the_relevant_story_on_sample_data_without_labels():
     # Measured 0.442 (629 of 1,423); a random story would be right 1/288 of the time. The misses
     # are mostly stories that hold the same fact word (an equally good story to copy from).
     assert hits / len(facts) > 0.40
+
+
+def test_fact_swap_replaces_the_shared_fact_everywhere_and_leaves_chit_chat_alone():
+    import random
+
+    from src.posterior import FactSwap
+
+    stories = [{"id": str(i), "title": "the dog", "text": f"the family has a dog named pet{chr(97 + i)} . thanks to it ."}
+               for i in range(26)]
+    # "thanks" is in every story (idf 0); "fine" is in one story but in most dialogues: chit-chat,
+    # never swapped.
+    stories[0]["text"] += " fine ."
+    dialogues = ["Q: hi R: i am fine"] * 40 + ["Q: dog name ? R: petd"]
+    post = PosteriorStories(stories)
+    swap = FactSwap(post, dialogues)
+    assert "petd" in swap.facts and "fine" not in swap.facts and "thanks" not in swap.facts
+    question = "persona: i have a dog. context: Q: is it petd ? R: yes . Q: name ?"
+    story = post.best("his name is petd .")
+    assert story["id"] == "3"
+    q2, r2, s2 = swap(question, "his name is petd .", story, random.Random(0))
+    new = r2.split()[3]
+    assert new != "petd" and new in swap.facts
+    assert r2 == f"his name is {new} ." and f"is it {new} ?" in q2
+    assert s2["text"] == story["text"].replace("petd", new) and story["text"].count("petd") == 1  # original intact
+    assert swap(question, "i am fine", post.best("i am fine"), random.Random(0))[1] == "i am fine"
