@@ -401,6 +401,55 @@ def leave_one_out_advantages(rewards):
     return (d - d.mean(dim=-1, keepdim=True)) * (k / (k - 1))
 
 
+def pool_policy_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, clip_eps, kl_coeff):
+    """The retriever's PPO surrogate taken in expectation over its whole candidate pool.
+
+    Every story j of the pool has a reward R_j (deterministic: the reward of the reader's greedy
+    reply given the query and story j alone). Instead of sampling stories and scoring the draws,
+    the surrogate is averaged over j ~ π_old exactly:
+        loss = −Σ_j π_old(j) · min(ρ_j A_j, clip(ρ_j, 1 ± ε) A_j) + β · KL(π_θ ‖ π_ref),
+        ρ_j = π_θ(j) / π_old(j),  A_j = R_j − Σ_l π_old(l) R_l.
+    At π_θ = π_old its gradient is exactly −∇_θ E_{j~π_θ}[R_j] (Σ_j π ∇log π = 0 makes the
+    baseline free), with no variance from drawing stories: the expected reward of a story drawn
+    from the retriever is the objective, and top-1 retrieval is its zero-temperature limit.
+
+    pool_logp: [B, M] log_softmax(score/τ) with grad; old_pool_logp: [B, M] of the policy the
+    rewards were scored for (detached; −inf marks unusable entries); ref_pool_logp: [B, M] or
+    None; rewards: [B, M]. Returns (loss, stats) with ``kl``, ``clip_frac`` (π_old-weighted),
+    ``ratio_mean``, ``adv_abs`` (π_old-weighted mean |A|), as 0-d detached tensors.
+    """
+    if not (pool_logp.shape == old_pool_logp.shape == rewards.shape):
+        raise ValueError(
+            f"pool_logp, old_pool_logp and rewards must share shape [B, M], got {tuple(pool_logp.shape)}, "
+            f"{tuple(old_pool_logp.shape)}, {tuple(rewards.shape)}"
+        )
+    old = old_pool_logp.detach()
+    usable = old > float("-inf")
+    zero = torch.zeros((), dtype=pool_logp.dtype, device=pool_logp.device)
+    old_p = torch.where(usable, old.exp(), zero)
+    r = torch.where(usable, rewards.detach().to(pool_logp.dtype), zero)
+    adv = r - (old_p * r).sum(dim=-1, keepdim=True)
+    log_ratio = torch.where(usable, pool_logp - torch.where(usable, old, zero), zero)
+    surrogate, clipped = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, clip_eps)
+    loss = (old_p * surrogate).sum(dim=-1).mean()
+    if ref_pool_logp is not None:
+        kl = categorical_kl(pool_logp, ref_pool_logp.detach()).mean()
+        if kl_coeff != 0:
+            loss = loss + kl_coeff * kl
+        kl_stat = kl.detach()
+    else:
+        kl_stat = torch.zeros((), device=pool_logp.device)
+    with torch.no_grad():
+        rows = max(pool_logp.shape[0], 1)
+        stats = {
+            "kl": kl_stat,
+            "clip_frac": (old_p * clipped.to(old_p.dtype)).sum() / rows,
+            "ratio_mean": (old_p * log_ratio.exp()).sum() / rows,
+            "adv_abs": (old_p * adv.abs()).sum() / rows,
+        }
+    return loss, stats
+
+
 def retriever_policy_loss(
     pool_logp,
     old_sampled_logp,

@@ -82,17 +82,23 @@ def _posterior_inputs(examples, answers, retrieval, opts, rng):
     return queries, targets, stories
 
 
-def _relevance_stats(b, idx):
+def _relevance_stats(b, idx, pool_rewards=None):
     """Monitoring only (never a training signal): where examples record their relevant story
-    (`story_id`, the sample data), how often it is in the pool and among the drawn stories."""
+    (`story_id`, the sample data), how often it is in the pool and among the drawn stories, and
+    (pool estimator) how far its reward sits above the pool's mean."""
     rel = [ex.get("story_id") for ex in b.examples]
     rows = [i for i, r in enumerate(rel) if r is not None]
     if not rows:
         return {}
-    in_pool = sum(any(p["id"] == rel[i] for p in b.passages[i]) for i in rows)
+    where = {i: [p["id"] for p in b.passages[i]].index(rel[i]) for i in rows
+             if any(p["id"] == rel[i] for p in b.passages[i])}
     drawn = sum(b.passages[i][j]["id"] == rel[i] for i in rows for j in idx[i].tolist())
-    return {"retrieval/relevant_in_pool": in_pool / len(rows),
-            "retrieval/relevant_drawn": drawn / (len(rows) * idx.shape[1])}
+    out = {"retrieval/relevant_in_pool": len(where) / len(rows),
+           "retrieval/relevant_drawn": drawn / (len(rows) * idx.shape[1])}
+    if pool_rewards is not None and where:
+        gaps = [float(pool_rewards[i, j] - pool_rewards[i].mean()) for i, j in where.items()]
+        out["retrieval/relevant_reward_gap"] = sum(gaps) / len(gaps)
+    return out
 
 
 class LapdogModel(nn.Module):
@@ -130,7 +136,8 @@ class LapdogModel(nn.Module):
         flat = [retriever_passage_text(x, o.retriever_format) for plist in passage_lists for x in plist]
         frozen = self.refs["passage_encoder"]
         if frozen is not None:
-            return self._query_side_pool_logits(model, frozen, queries, flat, temperature)
+            ids = [x["id"] for plist in passage_lists for x in plist]
+            return self._query_side_pool_logits(model, frozen, queries, flat, temperature, ids)
         # Queries and stories in ONE forward: the word-embedding gradient is a dense [V, H]
         # buffer per forward call (47 MB for MiniLM), and building it twice cost more than the
         # padding of the shorter queries to the stories' length.
@@ -139,16 +146,35 @@ class LapdogModel(nn.Module):
         q_emb, p_emb = emb[:len(queries)], emb[len(queries):].view(len(queries), -1, emb.shape[-1])
         return retrieval_scores(q_emb, p_emb) / temperature
 
-    def _query_side_pool_logits(self, model, frozen, queries, flat_passages, temperature):
+    def _frozen_passage_embeddings(self, frozen, ids, texts):
+        """[len(ids), H] embeddings of the frozen passage side, each story embedded once per run:
+        the side is frozen, so a cached embedding is never stale, and re-encoding a pool of 24
+        stories every step cost more than the rest of the joint GRPO step (measured)."""
+        cache = self.__dict__.setdefault("_passage_cache", {})
+        missing = [(i, t) for i, t in dict(zip(ids, texts)).items() if i not in cache]
+        if missing:
+            o, dev = self.opts, self.device
+            with torch.no_grad(), dropout_disabled(frozen):
+                for start in range(0, len(missing), 64):
+                    chunk = missing[start:start + 64]
+                    enc = frozen.tokenize([t for _, t in chunk], o.retriever_maxlength)
+                    emb = frozen(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+                    cache.update({i: e for (i, _), e in zip(chunk, emb)})
+        return torch.stack([cache[i] for i in ids])
+
+    def _query_side_pool_logits(self, model, frozen, queries, flat_passages, temperature, ids=None):
         """--query_side_retriever_training: queries through ``model`` (the trained query side, or a
         reference), stories through the frozen passage encoder, without gradient and without
         dropout, as the index embedded them; so the index is never stale and needs no refresh."""
         o, dev = self.opts, self.device
         enc = model.tokenize(list(queries), o.retriever_maxlength)
         q_emb = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-        with torch.no_grad(), dropout_disabled(frozen):
-            enc = frozen.tokenize(flat_passages, o.retriever_maxlength)
-            p_emb = frozen(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        if ids is not None:
+            p_emb = self._frozen_passage_embeddings(frozen, ids, flat_passages)
+        else:
+            with torch.no_grad(), dropout_disabled(frozen):
+                enc = frozen.tokenize(flat_passages, o.retriever_maxlength)
+                p_emb = frozen(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
         return retrieval_scores(q_emb, p_emb.view(len(queries), -1, p_emb.shape[-1])) / temperature
 
     def _lapdog_retriever_loss(self, b, stats):
@@ -270,7 +296,8 @@ class LapdogModel(nn.Module):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
-                draw = grpo.sample_with_replacement if o.grpo_retriever_estimator == "rloo" else grpo.sample_without_replacement
+                draw = (grpo.sample_without_replacement if o.grpo_retriever_estimator == "topk_heuristic"
+                        else grpo.sample_with_replacement)
                 idx = draw(pool_logp.detach(), k)
                 ref_ret = self._require_reference("retriever")
                 with dropout_disabled(ref_ret):
@@ -280,7 +307,11 @@ class LapdogModel(nn.Module):
             texts = [encoder_inputs(q, [p], 1, o.encoder_format) for q, plist in zip(b.queries, chosen) for p in plist]
             ids, mask = self.reader.tokenize_inputs(texts, o.text_maxlength)
             rollout = {"idx": idx, "ref_pool_logp": ref_pool_logp, "ids": ids.to(dev), "mask": mask.to(dev),
-                       "old_sampled_logp": pool_logp.detach().gather(1, idx), "gen": None}
+                       "old_sampled_logp": pool_logp.detach().gather(1, idx), "gen": None,
+                       "old_pool_logp": pool_logp.detach()}
+            if o.grpo_retriever_estimator == "pool" and train_retriever:
+                with timed(stats, "time/pool_reward", dev):
+                    rollout["pool_rewards"] = self._pool_greedy_rewards(b)
         answers = [a for a in b.answers for _ in range(k)]
         gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"])
         # A story's reward is the mean of its G replies' rewards; advantages across the k stories.
@@ -292,7 +323,19 @@ class LapdogModel(nn.Module):
         else:  # the biased heuristic, kept for ablations: top-k draws scored as single draws
             ret_adv, ret_zero = grpo.group_advantages(story_reward)
         loss = gen_loss
-        if train_retriever:
+        if train_retriever and o.grpo_retriever_estimator == "pool":
+            pool_r = rollout["pool_rewards"]
+            ret_loss, rstats = grpo.pool_policy_loss(pool_logp, rollout["old_pool_logp"], rollout["ref_pool_logp"],
+                                                     pool_r, o.grpo_clip_epsilon, o.grpo_retriever_kl_coeff)
+            loss = loss + ret_loss
+            ret_zero = pool_r.std(-1) < 1e-6
+            stats.update({"loss/retriever": ret_loss.item(), "kl/retriever": float(rstats["kl"]),
+                          "grpo/retriever_clip_frac": float(rstats["clip_frac"]),
+                          "grpo/retriever_adv_abs": float(rstats["adv_abs"]),
+                          "reward/pool_std": pool_r.std(-1).mean().item(),
+                          "reward/pool_mean": pool_r.mean().item()})
+            stats.update(_relevance_stats(b, rollout["idx"], pool_r))
+        elif train_retriever:
             ret_loss, rstats = grpo.retriever_policy_loss(pool_logp, rollout["old_sampled_logp"], rollout["ref_pool_logp"],
                                                           rollout["idx"], ret_adv, o.grpo_clip_epsilon,
                                                           o.grpo_retriever_kl_coeff)
@@ -301,5 +344,24 @@ class LapdogModel(nn.Module):
                           "grpo/retriever_clip_frac": float(rstats["clip_frac"])})
         stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
         stats["reward/story_std"] = story_reward.std(-1).mean().item() if k > 1 else 0.0
-        stats.update(_relevance_stats(b, rollout["idx"]))
+        if "retrieval/relevant_drawn" not in stats:
+            stats.update(_relevance_stats(b, rollout["idx"]))
         return loss, rollout
+
+    @torch.no_grad()
+    def _pool_greedy_rewards(self, b):
+        """[B, M] reward of the greedy reply from the query and each pool story alone (dropout off):
+        the quantity top-1 evaluation measures, deterministic, so the pool estimator's advantages
+        carry no reply-sampling noise."""
+        o, dev, reader = self.opts, self.device, self.reader
+        texts = [encoder_inputs(q, [p], 1, o.encoder_format) for q, plist in zip(b.queries, b.passages) for p in plist]
+        refs = [a for a, plist in zip(b.answers, b.passages) for _ in plist]
+        replies = []
+        with dropout_disabled(reader):
+            for start in range(0, len(texts), 64):
+                ids, mask = reader.tokenize_inputs(texts[start:start + 64], o.text_maxlength)
+                replies += reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
+                                                min_length=o.generation_min_length)
+        r = grpo_reward(replies, refs, scale=(o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"]),
+                        scale_rouge=o.scale_rouge, length_penalty_strength=o.generation_length_penalty)["reward"]
+        return r.to(dev).view(len(b.passages), -1)

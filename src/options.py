@@ -153,10 +153,13 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_retriever_temperature", type=float, default=1.0, help="τ in softmax(score/τ)")
     g.add_argument("--grpo_retriever_kl_coeff", type=float, default=None,
                    help="β of the retriever's exact KL to its reference over the pool (default: --grpo_kl_coeff)")
-    g.add_argument("--grpo_retriever_estimator", default="rloo", choices=["rloo", "topk_heuristic"],
-                   help="rloo: k i.i.d. draws from the pool, leave-one-out baseline, unbiased for the gradient of the "
-                        "expected reward of a drawn story; topk_heuristic: the earlier, biased estimator (Gumbel top-k "
-                        "draws scored as single draws, std-normalized advantages), for ablations (default: rloo)")
+    g.add_argument("--grpo_retriever_estimator", default="pool", choices=["pool", "rloo", "topk_heuristic"],
+                   help="the retriever's objective is the expected reward of a story drawn from it. pool: every pool "
+                        "story scored by the reward of the reader's greedy reply, PPO surrogate in exact expectation over "
+                        "the pool (no draw noise); rloo: k i.i.d. draws scored by their G replies' mean reward, "
+                        "leave-one-out baseline (unbiased); topk_heuristic: the earlier, biased estimator (Gumbel "
+                        "top-k draws scored as single draws, std-normalized advantages), for ablations. The k draws "
+                        "always give the generator its stories (default: pool)")
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
     g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
