@@ -76,7 +76,9 @@ def main(argv=None):
     retrieval = None
     if passages is not None:
         retrieval = StoryRetrieval(passages, opts, info)
-        retrieval.build(retriever)
+        # A query-side-trained checkpoint embeds stories with its frozen passage side.
+        untied = os.path.join(opts.model_path, "passage_retriever")
+        retrieval.build(Retriever.from_pretrained(untied) if has_retriever and os.path.isdir(untied) else retriever)
     all_metrics = {}
     for name, exs in evals.items():
         path = results_location(opts, explicit, name) if opts.write_results else None

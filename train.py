@@ -110,6 +110,21 @@ def reference_models(opts, reader, retriever, info):
     return ref_reader, ref_ret
 
 
+def passage_encoder(opts, resume_path, retriever, info):
+    """--query_side_retriever_training: the frozen passage side of the untied retriever, or None.
+
+    It is the retriever as this run started: on resume, and when --model_path is a checkpoint
+    that was itself trained query-side, the saved passage_retriever/; else a copy of the retriever
+    before any update. Saved in every step-N (evaluate.py embeds the corpus with it).
+    """
+    if retriever is None or not opts.query_side_retriever_training:
+        return None
+    source = resume_path or (None if opts.load_reader_weights_only else opts.model_path)
+    saved = os.path.join(source, "passage_retriever") if source else None
+    frozen = Retriever.from_pretrained(saved) if saved and os.path.isdir(saved) else copy.deepcopy(retriever)
+    return frozen.to(info.device).eval().requires_grad_(False)
+
+
 def make_optimizer(params, lr, opts):
     params = [p for p in params if p.requires_grad]
     # fused: one kernel per parameter on CPU and CUDA (4x faster than foreach on CPU here);
@@ -155,6 +170,8 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
         models = {"reader": model.reader}
         if model.retriever is not None:
             models["retriever"] = model.retriever
+        if model.refs["passage_encoder"] is not None:
+            models["passage_retriever"] = model.refs["passage_encoder"]
         state = {"step": step, "sampler": sampler.state_dict(),
                  "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
                  "world": info.world}
@@ -200,7 +217,8 @@ def main(argv=None):
     tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
                  + ("" if passages is None else f", {len(passages)} stories"))
     ref_reader, ref_retriever = reference_models(opts, reader, retriever, info)
-    model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever).to(info.device)
+    frozen_passages = passage_encoder(opts, resume_path, retriever, info)
+    model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever, frozen_passages).to(info.device)
     train_retriever = options.retriever_trained(opts)
     if retriever is not None and not train_retriever:
         retriever.requires_grad_(False)
@@ -233,7 +251,7 @@ def main(argv=None):
     retrieval = None
     if passages is not None:
         retrieval = StoryRetrieval(passages, opts, info)
-        seconds = retrieval.build(retriever)
+        seconds = retrieval.build(retriever if frozen_passages is None else frozen_passages)
         tracker.info(f"index over {len(passages)} stories built in {seconds:.1f}s")
 
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if opts.precision == "bf16"

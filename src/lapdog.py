@@ -63,14 +63,16 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
 
 
 class LapdogModel(nn.Module):
-    def __init__(self, reader, retriever, opts, ref_reader=None, ref_retriever=None):
+    def __init__(self, reader, retriever, opts, ref_reader=None, ref_retriever=None, passage_encoder=None):
         super().__init__()
         self.reader = reader
         self.retriever = retriever
         self.opts = opts
         # Frozen references live outside the module tree: DDP must not sync them, checkpoints must
         # not hold them (they are saved once under {checkpoint_dir}/reference/).
-        self.refs = {"reader": ref_reader, "retriever": ref_retriever}
+        # passage_encoder (--query_side_retriever_training): the frozen passage side of an untied
+        # retriever, also outside the tree (no gradient, nothing for DDP to reduce).
+        self.refs = {"reader": ref_reader, "retriever": ref_retriever, "passage_encoder": passage_encoder}
         self.step = 0
 
     @property
@@ -93,6 +95,9 @@ class LapdogModel(nn.Module):
         model = model or self.retriever
         o, dev = self.opts, self.device
         flat = [retriever_passage_text(x, o.retriever_format) for plist in passage_lists for x in plist]
+        frozen = self.refs["passage_encoder"]
+        if frozen is not None:
+            return self._query_side_pool_logits(model, frozen, queries, flat, temperature)
         # Queries and stories in ONE forward: the word-embedding gradient is a dense [V, H]
         # buffer per forward call (47 MB for MiniLM), and building it twice cost more than the
         # padding of the shorter queries to the stories' length.
@@ -100,6 +105,18 @@ class LapdogModel(nn.Module):
         emb = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
         q_emb, p_emb = emb[:len(queries)], emb[len(queries):].view(len(queries), -1, emb.shape[-1])
         return retrieval_scores(q_emb, p_emb) / temperature
+
+    def _query_side_pool_logits(self, model, frozen, queries, flat_passages, temperature):
+        """--query_side_retriever_training: queries through ``model`` (the trained query side, or a
+        reference), stories through the frozen passage encoder, without gradient and without
+        dropout, as the index embedded them; so the index is never stale and needs no refresh."""
+        o, dev = self.opts, self.device
+        enc = model.tokenize(list(queries), o.retriever_maxlength)
+        q_emb = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        with torch.no_grad(), dropout_disabled(frozen):
+            enc = frozen.tokenize(flat_passages, o.retriever_maxlength)
+            p_emb = frozen(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        return retrieval_scores(q_emb, p_emb.view(len(queries), -1, p_emb.shape[-1])) / temperature
 
     def _lapdog_retriever_loss(self, b, stats):
         with timed(stats, "time/retriever", self.device):

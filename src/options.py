@@ -80,6 +80,10 @@ def _add_index_options(p):
                    help='"-1" never, "N" every N steps, or "0-100:10,100-1000000:500"')
     g.add_argument("--freeze_retriever_steps", type=int, default=-1,
                    help="the retriever is not updated (nor the index refreshed) before this step")
+    g.add_argument("--query_side_retriever_training", action="store_true",
+                   help="train only the query side of the retriever: the passage side is a frozen copy of the "
+                        "retriever as the run started (saved as passage_retriever/ in checkpoints), so the index "
+                        "never goes stale and is never refreshed (default: off, one shared encoder)")
 
 
 def _add_optim_options(p):
@@ -282,6 +286,9 @@ def validate(opts):
                          "has zero advantage", "use --per_gpu_batch_size 2 or more (or --use_grpo)")
     if opts.fix_reader and not opts.train_retriever:
         raise flag_error("--fix_reader", "leaves nothing to train without --train_retriever", "add --train_retriever")
+    if opts.query_side_retriever_training and not retriever_trained(opts):
+        raise flag_error("--query_side_retriever_training", "has no retriever to train",
+                         "add --train_retriever (LAPDOG) or --grpo_train_retriever (joint GRPO)")
     if opts.load_reader_weights_only and not opts.model_path:
         raise flag_error("--load_reader_weights_only", "needs --model_path", "pass the stage-1 checkpoint with --model_path")
 

@@ -50,6 +50,8 @@ class StoryRetrieval:
 
     def should_refresh(self, step):
         o = self.opts
+        if o.query_side_retriever_training:
+            return False  # the passage side is frozen: the index built at the start stays exact
         return retriever_trained(o) and step >= max(o.freeze_retriever_steps, 0) and self.schedule.should_refresh(step)
 
     def query_texts(self, examples, rng):
