@@ -28,7 +28,8 @@ from src import checkpoint, distributed, options  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
 from src.errors import UsageError, flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
-from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
+from src import grpo  # noqa: E402
+from src.lapdog import LapdogModel, make_batch, rollout_reply_tokens, training_kind  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
@@ -181,6 +182,35 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
     distributed.barrier()
 
 
+@torch.no_grad()
+def sample_rollouts(model, kind, micro, autocast):
+    """dapo: draw every micro-batch's rollout before any loss, so the step's token count is known
+    first (TRL counts the whole generation batch). The unwrapped model, no gradient: nothing for
+    DDP to reduce. Returns (rollouts, their statistics averaged over the micro-batches)."""
+    rollouts, stats_sum = [], {}
+    model.sampling_pass = True
+    try:
+        for b in micro:
+            with autocast:
+                _, stats, rollout = model(kind, b, None)
+            rollouts.append(rollout)
+            samples = stats.pop("_samples", None)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro)
+            if samples:
+                stats_sum["_samples"] = samples
+    finally:
+        model.sampling_pass = False
+    return rollouts, stats_sum
+
+
+def dapo_normalizer(rollouts, info):
+    """TRL's dapo divisor: the reply tokens of the whole accumulated batch over all processes
+    (one all-reduce per batch of rollouts), spread over micro-batches and processes."""
+    local = sum(rollout_reply_tokens(r) for r in rollouts).to(info.device, torch.float64)
+    return grpo.dapo_normalizer(distributed.all_reduce_sum(local).item(), len(rollouts), info.world)
+
+
 def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
     results = {}
     for name, exs in evals.items():
@@ -272,7 +302,10 @@ def main(argv=None):
             answers = [pick_answer(ex, data_rng) for ex in exs]
             micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device))
         t_retrieval = time.perf_counter() - t_retrieval
-        rollouts = [None] * len(micro)
+        rollouts, sampled = [None] * len(micro), {}
+        if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
+            rollouts, sampled = sample_rollouts(model, kind, micro, autocast)
+            model.token_normalizer = dapo_normalizer(rollouts, info)
         for _ in range(mu):
             if step >= opts.total_steps:
                 break
@@ -291,6 +324,11 @@ def main(argv=None):
                 samples = stats.pop("_samples", None)
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
+            # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
+            samples = sampled.pop("_samples", samples)
+            for k, v in sampled.items():
+                step_stats[k] = step_stats.get(k, 0.0) + v if k.startswith("time/") else step_stats.get(k, v)
+            sampled = {}
             if scaler:
                 for o in optims.values():
                     scaler.unscale_(o)

@@ -23,7 +23,7 @@ the same pool distribution.
 
 import torch
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
 def _as_bool(mask):
@@ -246,15 +246,34 @@ def masked_mean(x, mask, dim=None):
     return total.sum(dim=dim) / m.sum(dim=dim).clamp(min=1)
 
 
-def aggregate_token_loss(per_token, mask, loss_type, max_len=None):
+def dapo_normalizer(total_tokens, n_micro_batches, world_size):
+    """The divisor of one micro-batch's token sum under TRL's ``dapo``.
+
+    total_tokens: real reply tokens of the whole accumulated batch summed over all processes
+    (N); the trainer divides each micro-batch loss by the number of micro-batches A and DDP
+    averages the P processes, so dividing each micro-batch's token sum by N / (A·P) makes the
+    update Σ(all tokens' losses) / N: every token of the optimizer step weighs the same (TRL
+    divides by N / P and does not divide by A). N is clamped ≥ 1.
+    """
+    if n_micro_batches < 1 or world_size < 1:
+        raise ValueError(f"need ≥ 1 micro-batch and process, got {n_micro_batches} and {world_size}")
+    return max(float(total_tokens), 1.0) / (n_micro_batches * world_size)
+
+
+def aggregate_token_loss(per_token, mask, loss_type, max_len=None, normalizer=None):
     """Reduce a [R, T] per-token loss to a scalar.
 
     - ``grpo``: mean over each reply's own tokens (count clamped ≥ 1), then mean over replies;
       every reply weighs the same whatever its length.
-    - ``dr_grpo``: sum over all real tokens / (R × max_len); max_len is the generation max
-      length (defaults to T), a constant, so no per-length normalization bias.
-    - ``dapo``: sum over all real tokens / number of real tokens (clamped ≥ 1); every token
-      weighs the same.
+    - ``dr_grpo``: sum over all real tokens / (R × max_len); max_len is the maximum number of
+      reply tokens (TRL's max_completion_length; defaults to T), a constant, so no per-length
+      normalization bias.
+    - ``dapo``: sum over all real tokens / ``normalizer`` (``dapo_normalizer`` of the whole
+      accumulated batch's token count across processes, as TRL); without one, this batch's own
+      token count (the two agree for one micro-batch on one process).
+    - ``bnpo``: sum over this micro-batch's real tokens / their number (clamped ≥ 1); averaged
+      over micro-batches and processes by the trainer, it is a mean of per-micro-batch token
+      means (TRL's ``bnpo``).
     """
     if per_token.dim() != 2 or per_token.shape != mask.shape:
         raise ValueError(
@@ -271,7 +290,11 @@ def aggregate_token_loss(per_token, mask, loss_type, max_len=None):
         if length < 1:
             raise ValueError(f"max_len must be ≥ 1, got {length}")
         return x.sum() / (per_token.shape[0] * length)
-    if loss_type == "dapo":
+    if loss_type == "dapo" and normalizer is not None:
+        if not normalizer > 0:
+            raise ValueError(f"the dapo normalizer must be > 0, got {normalizer}")
+        return x.sum() / normalizer
+    if loss_type in ("dapo", "bnpo"):
         return x.sum() / m.sum().clamp(min=1)
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
@@ -286,6 +309,7 @@ def policy_loss(
     kl_coeff,
     loss_type="grpo",
     max_len=None,
+    normalizer=None,
 ):
     """GRPO loss of the generator.
 
@@ -293,7 +317,7 @@ def policy_loss(
     policy that sampled; ref_logp: [R, T] from the frozen reference, or None; advantages: [R]
     (one per reply, every token of a reply shares it); mask: [R, T].
     per-token = clipped_surrogate + kl_coeff · kl_k3(logp, ref_logp), reduced with
-    aggregate_token_loss(loss_type, max_len). ref_logp None or kl_coeff == 0 -> no KL term.
+    aggregate_token_loss(loss_type, max_len, normalizer). ref_logp None or kl_coeff == 0 -> no KL term.
     Returns (loss scalar, stats) with stats 0-d detached tensors: ``kl`` (masked mean k3; 0 when
     ref_logp is None), ``clip_frac`` (masked fraction of clipped tokens), ``ratio_mean``,
     ``ratio_max`` (over real tokens; 1 when there are none).
@@ -312,7 +336,7 @@ def policy_loss(
         kl_stat = masked_mean(k3.detach(), m)
     else:
         kl_stat = torch.zeros((), device=logp.device)
-    loss = aggregate_token_loss(per_token, m, loss_type, max_len)
+    loss = aggregate_token_loss(per_token, m, loss_type, max_len, normalizer)
     with torch.no_grad():
         ratio = torch.exp(logp - old_logp)
         if m.any():

@@ -62,6 +62,18 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
     return b
 
 
+def max_reply_tokens(opts):
+    """The most tokens a sampled reply can have (EOS included): --generation_max_length counts the
+    decoder start token, as in transformers. dr_grpo's constant divisor (TRL's max_completion_length)."""
+    return opts.generation_max_length - 1
+
+
+def rollout_reply_tokens(rollout):
+    """Real reply tokens of a GRPO rollout (a 0-d long tensor): generator GRPO's own, or those of
+    joint GRPO's generator rollout under "gen"."""
+    return rollout["gen"]["n_tokens"] if "gen" in rollout else rollout["n_tokens"]
+
+
 class LapdogModel(nn.Module):
     def __init__(self, reader, retriever, opts, ref_reader=None, ref_retriever=None, passage_encoder=None):
         super().__init__()
@@ -74,6 +86,11 @@ class LapdogModel(nn.Module):
         # retriever, also outside the tree (no gradient, nothing for DDP to reduce).
         self.refs = {"reader": ref_reader, "retriever": ref_retriever, "passage_encoder": passage_encoder}
         self.step = 0
+        # Set by the trainer for GRPO (see train.py): sampling_pass makes a GRPO forward draw its
+        # rollout and return a zero loss (dapo samples every micro-batch before any loss, to know
+        # the step's token count); token_normalizer is dapo's divisor (grpo.dapo_normalizer).
+        self.sampling_pass = False
+        self.token_normalizer = None
 
     @property
     def device(self):
@@ -204,7 +221,10 @@ class LapdogModel(nn.Module):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
                         ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
                 rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
-                           "rewards": rewards, "zero_std": zero_std}
+                           "rewards": rewards, "zero_std": zero_std,
+                           "n_tokens": reader.reply_mask(replies).sum().long()}
+            if self.sampling_pass:
+                return hidden.new_zeros(()), rollout
             with timed(stats, "time/policy", dev):
                 logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature)
         if rollout["old_logp"] is None:
@@ -213,7 +233,7 @@ class LapdogModel(nn.Module):
             rollout["old_logp"] = logp.detach()
         loss, pstats = grpo.policy_loss(logp, rollout["old_logp"], rollout["ref_logp"], rollout["adv"], tmask,
                                         o.grpo_clip_epsilon, o.grpo_kl_coeff, o.grpo_loss_type,
-                                        max_len=o.generation_max_length)
+                                        max_len=max_reply_tokens(o), normalizer=self.token_normalizer)
         rewards = rollout["rewards"]
         stats.update({"loss/reader": loss.item(), "kl/reader": float(pstats["kl"]),
                       "grpo/clip_frac": float(pstats["clip_frac"]), "grpo/ratio_mean": float(pstats["ratio_mean"]),

@@ -146,7 +146,10 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
     g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
-    g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
+    g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo", "bnpo"],
+                   help="token aggregation (default grpo): grpo mean per reply then over replies; dr_grpo token sum "
+                        "/ (replies × max reply tokens); dapo token sum / token count of the whole accumulated "
+                        "batch across processes (TRL); bnpo token sum / token count per micro-batch, averaged")
     g.add_argument("--generation_length_penalty", type=float, default=0.0,
                    help="strength s of the reward's length penalty (beam search keeps 1.0)")
 

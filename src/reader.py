@@ -305,6 +305,9 @@ class FiDReader(torch.nn.Module):
             mask = mask.repeat_interleave(r // b, dim=0)
         targets = targets.to(hidden.device)
         logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature)
+        return logp, self.reply_mask(targets)
+
+    def reply_mask(self, targets):
+        """[R, T] float: 1 up to and including each row's first EOS, 0 after it and at -100."""
         eos = (targets == self.eos_token_id).long()
-        token_mask = (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
-        return logp, token_mask
+        return (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
