@@ -204,6 +204,24 @@ def linear_token_logprobs(hidden, weight, targets, temperature=1.0, chunk_rows=N
     return flat.view(targets.shape)
 
 
+def log1mexp(a):
+    """log(1 − exp(a)) for a ≤ 0, stable at both ends (−inf at a = 0); NaN-free gradients."""
+    near_zero = a > -0.6931471805599453  # −ln 2: expm1 is exact there, log1p beyond
+    safe = torch.full_like(a, -1.0)  # a value both branches handle, for the branch not taken
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, a, safe))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, safe, a))))
+
+
+def logprobs_without_token(logp, excluded_logp):
+    """Log-probs under the distribution with one token removed and the rest renormalized:
+    log p(y) − log(1 − p(x)), x the removed token (e.g. EOS before --generation_min_length).
+
+    logp: log p(y) of the targets; excluded_logp: log p(x) at the same positions (same shape,
+    from the same logits). Valid for targets y ≠ x (y = x has probability 0 there).
+    """
+    return logp - log1mexp(excluded_logp)
+
+
 def kl_k3(logp, ref_logp):
     """Per-token k3 estimator of KL(π‖π_ref) on tokens sampled from π.
 

@@ -172,7 +172,7 @@ class LapdogModel(nn.Module):
             with timed(stats, "time/reward", dev):
                 r = self._rewards(replies, b.answers, stats)
             with timed(stats, "time/policy", dev):
-                logp, tmask = self.reader.token_logprobs(hidden, mask, replies)
+                logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
         if self.opts.train_retriever and self.step >= max(o.freeze_retriever_steps, 0):
@@ -219,14 +219,16 @@ class LapdogModel(nn.Module):
                     ref = self._require_reference("reader")
                     with dropout_disabled(ref):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
-                        ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
+                        ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature,
+                                                         min_length=o.generation_min_length)
                 rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
                            "rewards": rewards, "zero_std": zero_std,
                            "n_tokens": reader.reply_mask(replies).sum().long()}
             if self.sampling_pass:
                 return hidden.new_zeros(()), rollout
             with timed(stats, "time/policy", dev):
-                logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature)
+                logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature,
+                                                    min_length=o.generation_min_length)
         if rollout["old_logp"] is None:
             # μ = 1 (or the first of μ updates): the sampling policy is the current one, so the
             # old log-probs are the detached current ones and the ratio is exactly 1.
