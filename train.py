@@ -263,6 +263,8 @@ def main(argv=None):
     reader, retriever, origin = load_models(opts, resume_path)
     tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
                  + ("" if passages is None else f", {len(passages)} stories"))
+    for line in options.warnings(opts):
+        tracker.info(line)
     ref_reader, ref_retriever = reference_models(opts, reader, retriever, info)
     frozen_passages = passage_encoder(opts, resume_path, retriever, info)
     model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever, frozen_passages).to(info.device)
@@ -322,7 +324,8 @@ def main(argv=None):
             for _ in range(opts.accumulation_steps):
                 exs = [train[i] for i in sampler.next_batch()]
                 answers = [pick_answer(ex, data_rng) for ex in exs]
-                micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device))
+                micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device,
+                                        step=step))
             t_retrieval = time.perf_counter() - t_retrieval
             rollouts, done = [None] * len(micro), 0
             if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from src import grpo
 from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
-from src.gold_scores import gold_scores
+from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.rewards import grpo_reward
@@ -35,13 +35,27 @@ def training_kind(opts, step):
         return "grpo_joint" if opts.grpo_train_retriever else "grpo"
     if opts.reader_rl_learning:
         return "reinforce"
-    if opts.train_retriever and step >= max(opts.freeze_retriever_steps, 0):
+    if lapdog_retriever_trained(opts, step):
         return "lapdog"
     return "sft"
 
 
-def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True):
-    """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective)."""
+def lapdog_retriever_trained(opts, step):
+    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step."""
+    return bool(opts.train_retriever) and step >= max(opts.freeze_retriever_steps, 0)
+
+
+def augments_candidates(opts, step, train):
+    """--add_random_retrieval at this step: the original augments only while LAPDOG trains the
+    retriever; replace_bottom in every training step."""
+    if not train or opts.add_random_retrieval <= 0:
+        return False
+    return opts.add_random_retrieval_mode == "replace_bottom" or lapdog_retriever_trained(opts, step)
+
+
+def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True, step=0):
+    """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective).
+    ``step``: the optimizer step the batch is for (candidate augmentation depends on it)."""
     queries = [reader_query(ex["question"]) for ex in examples]
     b = Batch(queries=queries, answers=answers, examples=examples, passages=None, retrieval_queries=None)
     b["labels"] = reader.tokenize_targets([reader_target(a) for a in answers], opts.target_maxlength).to(device)
@@ -49,8 +63,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         b["retrieval_queries"] = retrieval.query_texts(examples, rng)
         k = opts.grpo_retriever_pool_size if (train and opts.grpo_train_retriever) else opts.retriever_n_context
         passages, scores, rows = retrieval.search(retriever, b["retrieval_queries"], k)
-        if train and opts.add_random_retrieval > 0:
-            passages = retrieval.add_random(passages, opts.add_random_retrieval, rng)
+        if augments_candidates(opts, step, train):
+            passages = retrieval.add_random(passages, opts.add_random_retrieval, rng, mode=opts.add_random_retrieval_mode)
         b["passages"], b["retrieval_scores"] = passages, scores
     if train and opts.grpo_train_retriever:
         return b  # joint GRPO builds one reader input per sampled story itself
@@ -146,11 +160,15 @@ class LapdogModel(nn.Module):
         score_logits = self._retriever_pool_logits(b.retrieval_queries, b.passages, o.temperature_score)
         gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.labels, b.answers, o)
         if o.gold_score_mode == "emdr":
-            # EMDR²: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), reader likelihoods held fixed.
+            # EMDR² as the original: per token, −log Σ_k softmax(s/τ_s)_k · p_τg(y_t | q, story k).
+            token_logp, mask = emdr_token_logprobs(self.reader, b.queries, b.passages, b.labels, o)
+            loss = grpo.emdr_token_loss(token_logp, torch.log_softmax(score_logits, -1), mask)
+        elif o.gold_score_mode == "emdr_seq":
+            # Sequence-level variant: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), no τ_g.
             loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
         else:
             target = torch.log_softmax(gold / o.temperature_gold, -1)
-            loss = grpo.categorical_kl(target, torch.log_softmax(score_logits, -1)).mean()
+            loss = grpo.lapdog_kl_loss(target, torch.log_softmax(score_logits, -1), o.retriever_kl_reduction)
         stats["gold_score/mean"] = gold.mean().item()
         return loss
 
@@ -175,7 +193,7 @@ class LapdogModel(nn.Module):
                 logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
-        if self.opts.train_retriever and self.step >= max(o.freeze_retriever_steps, 0):
+        if lapdog_retriever_trained(o, self.step):
             loss = loss + self._lapdog_retriever_loss(b, stats)
         return loss, None
 

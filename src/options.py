@@ -80,6 +80,11 @@ def _add_index_options(p):
                    help='"-1" never, "N" every N steps, or "0-100:10,100-1000000:500"')
     g.add_argument("--freeze_retriever_steps", type=int, default=-1,
                    help="the retriever is not updated (nor the index refreshed) before this step")
+    g.add_argument("--retrieve_with_rerank", action="store_true",
+                   help="search --n_to_rerank_with_retrieve_with_rerank candidates in the (possibly stale) index, "
+                        "re-embed them with the current retriever and keep the best by fresh scores (default: off)")
+    g.add_argument("--n_to_rerank_with_retrieve_with_rerank", type=int, default=128,
+                   help="candidates re-embedded per query with --retrieve_with_rerank (default 128, Atlas's)")
     g.add_argument("--query_side_retriever_training", action="store_true",
                    help="train only the query side of the retriever: the passage side is a frozen copy of the "
                         "retriever as the run started (saved as passage_retriever/ in checkpoints), so the index "
@@ -118,16 +123,26 @@ def _add_retriever_training_options(p):
     g = p.add_argument_group("retriever training (LAPDOG)")
     g.add_argument("--train_retriever", action="store_true")
     g.add_argument("--gold_score_mode", default="f1rougebleudist",
-                   choices=["ppmean", "pdist", "loop", "emdr", "evalnormsum", "adist", "bleudist",
-                            "bleudist_pdist", "f1rougebleudist"])
+                   choices=["ppmean", "pdist", "loop", "emdr", "emdr_seq", "evalnormsum", "adist", "bleudist",
+                            "bleudist_pdist", "f1rougebleudist"],
+                   help="LAPDOG's gold score (default f1rougebleudist); emdr mixes the stories per reply token over "
+                        "log_softmax(logits/τ_g) as the original, emdr_seq (ours) mixes whole-reply likelihoods")
     g.add_argument("--temperature_score", type=float, default=0.1)
+    g.add_argument("--retriever_kl_reduction", default="mean", choices=["mean", "batchmean"],
+                   help="LAPDOG's KL to the gold scores: mean over all batch × stories terms, as the original's "
+                        "KLDivLoss() (default mean), or batchmean, the KL per example (K times larger)")
     g.add_argument("--temperature_gold", type=float, default=0.1)
     g.add_argument("--scale_rouge", action="store_true", help="ROUGE-L ×100 in the gold score / reward")
     g.add_argument("--metric_scale_factors", default=None,
                    help="weights of BLEU, F1, ROUGE-L, e.g. \"{'bleu':0.01,'f1':1,'rouge':1}\" (the RL reward's "
                         "default); LAPDOG's gold score defaults to 1, 1, 1 (its BLEU is L2-normalized)")
     g.add_argument("--add_random_retrieval", type=float, default=0.0,
-                   help="fraction of each example's retrieved stories replaced by random ones in training")
+                   help="candidate augmentation: fraction f of each example's K retrieved stories made random in "
+                        "training (default 0, off)")
+    g.add_argument("--add_random_retrieval_mode", default="original", choices=["original", "replace_bottom"],
+                   help="original (default): while --train_retriever trains, int(K·f) random stories first, then "
+                        "K − int(K·f) drawn with replacement from the retrieved list, as the original LAPDOG; "
+                        "replace_bottom: in every training kind, the bottom round(K·f) become distinct random stories")
     g.add_argument("--fix_reader", action="store_true", help="train the retriever only")
     g.add_argument("--reader_rl_learning", action="store_true",
                    help="RL for the reader: REINFORCE, or GRPO with --use_grpo")
@@ -289,6 +304,12 @@ def validate(opts):
                          "has zero advantage", "use --per_gpu_batch_size 2 or more (or --use_grpo)")
     if opts.fix_reader and not opts.train_retriever:
         raise flag_error("--fix_reader", "leaves nothing to train without --train_retriever", "add --train_retriever")
+    if opts.retrieve_with_rerank:
+        needed = max(opts.retriever_n_context, opts.grpo_retriever_pool_size if opts.grpo_train_retriever else 1)
+        if opts.n_to_rerank_with_retrieve_with_rerank < needed:
+            raise flag_error("--n_to_rerank_with_retrieve_with_rerank",
+                             f"{opts.n_to_rerank_with_retrieve_with_rerank} is fewer than the {needed} stories kept per query",
+                             "rerank at least --retriever_n_context (or --grpo_retriever_pool_size) candidates")
     if opts.query_side_retriever_training and not retriever_trained(opts):
         raise flag_error("--query_side_retriever_training", "has no retriever to train",
                          "add --train_retriever (LAPDOG) or --grpo_train_retriever (joint GRPO)")
@@ -301,6 +322,18 @@ def validate(opts):
     opts.metric_scale = parse_metric_scale_factors(opts.metric_scale_factors)
     RefreshSchedule.parse(opts.refresh_index)
     return opts
+
+
+def warnings(opts):
+    """Lines to print for valid but probably unintended setups (not errors)."""
+    lines = []
+    from src.index import RefreshSchedule
+    never = not RefreshSchedule.parse(opts.refresh_index).ranges
+    if retriever_trained(opts) and not opts.closed_book and not opts.query_side_retriever_training and never:
+        lines.append("warning: --refresh_index: -1 (never) while the retriever trains its passage side: the index keeps "
+                     "the stories' step-0 embeddings, so retrieval (pools, in-loop evaluation) searches a stale index "
+                     "— pass --refresh_index N (e.g. 500) or --query_side_retriever_training")
+    return lines
 
 
 def validate_for_device(opts, device_type):
