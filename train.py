@@ -131,14 +131,15 @@ def make_optimizer(params, lr, opts):
     # fused: one kernel per parameter on CPU and CUDA (4x faster than foreach on CPU here);
     # foreach (multi-tensor, still no Python loop) on other devices.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, betas=(0.9, opts.beta2), eps=opts.epsilon,
+                  **({"fused": True} if fused else {"foreach": True}))
     if opts.shard_optim and distributed.is_distributed():
         from fairscale.optim.oss import OSS
         opt = OSS(params, optim=torch.optim.AdamW, **kwargs)
     else:
         opt = torch.optim.AdamW(params, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.total_steps, opts.scheduler))
+        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.scheduler_steps or opts.total_steps, opts.scheduler))
     return opt, sched
 
 
@@ -243,6 +244,8 @@ def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
 def main(argv=None):
     opts, _ = options.parse(argv)
     options.validate(opts)
+    if opts.retrieve_only:
+        raise flag_error("--retrieve_only", "is an evaluation mode", "run evaluate.py --retrieve_only --model_path ...")
     if not opts.train_data:
         raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
     if not opts.closed_book and not opts.passages:

@@ -207,3 +207,87 @@ def test_rerank_needs_enough_candidates():
     from src.errors import UsageError
     with pytest.raises(UsageError, match="--n_to_rerank_with_retrieve_with_rerank"):
         make_opts("--retriever_n_context", "5", "--retrieve_with_rerank", "--n_to_rerank_with_retrieve_with_rerank", "3")
+
+
+# Every option name of the original LAPDOG options.py (an Atlas fork).
+ORIGINAL_OPTIONS = [
+    "accumulation_steps", "add_null_retrieval", "add_random_retrieval", "alpha", "beta2", "checkpoint_dir",
+    "clip", "closed_book", "compute_crossattention_stats", "decoder_format", "decoder_prompt_format",
+    "dont_add_bos", "dont_write_passages", "dropout", "encoder_format", "epsilon", "eval_data", "eval_freq",
+    "faiss_code_size", "faiss_index_type", "filtering_overretrieve_ratio", "fix_reader",
+    "freeze_retriever_steps", "generation_length_penalty", "generation_max_length", "generation_min_length",
+    "generation_num_beams", "gold_score_mode", "index_mode", "load_index_path", "load_reader_weights_only",
+    "local_rank", "log_freq", "lr", "lr_retriever", "main_port", "max_lm_context_ratio", "max_passages",
+    "metric_scale_factors", "min_lm_context_ratio", "min_words_per_lm_instance", "mlm_mean_noise_span_length",
+    "mlm_noise_density", "model_path", "multiple_choice_eval_permutations", "multiple_choice_num_options",
+    "multiple_choice_train_permutations", "n_context", "n_to_rerank_with_retrieve_with_rerank", "name",
+    "passages", "per_gpu_batch_size", "per_gpu_embedder_batch_size", "per_gpu_eval_batch_size", "precision",
+    "qa_prompt_format", "query_side_retriever_training", "reader_causallm", "reader_model_type",
+    "reader_rl_learning", "refresh_index", "retrieve_only", "retrieve_with_rerank", "retriever_format",
+    "retriever_from", "retriever_model_path", "retriever_n_context", "save_freq", "save_index_n_shards",
+    "save_index_path", "save_optimizer", "scale_rouge", "scheduler", "scheduler_steps", "seed", "shard_grads",
+    "shard_optim", "shuffle", "story_label", "target_maxlength", "task", "temperature_gold",
+    "temperature_score", "text_maxlength", "total_steps", "train_data", "train_retriever", "use_file_passages",
+    "use_gradient_checkpoint_reader", "use_gradient_checkpoint_retriever", "warmup_steps", "weight_decay",
+    "write_results",
+]
+
+
+def test_every_original_option_is_accepted_or_refused_in_one_line():
+    from src.errors import UsageError
+    parser = options.build_parser()
+    known = {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert set(ORIGINAL_OPTIONS) <= known | {"local_rank"}
+    make_opts("--save_optimizer", "--alpha", "1.0", "--filtering_overretrieve_ratio", "2", "--task", "qa")
+    for name, value in [("alpha", "0.5"), ("main_port", "12345"), ("reader_causallm", "llama"),
+                        ("mlm_noise_density", "0.3"), ("use_file_passages", None)]:
+        args = [f"--{name}"] + ([value] if value is not None else [])
+        with pytest.raises(UsageError, match=f"--{name}: is not implemented: .* — drop it"):
+            make_opts(*args)
+    with pytest.raises(UsageError, match="--task: causal_chat"):
+        make_opts("--task", "causal_chat")
+    with pytest.raises(UsageError, match="--retriever_from: forward"):
+        make_opts("--retriever_from", "forward")
+
+
+def test_adamw_beta2_epsilon_and_scheduler_steps_are_used():
+    import train
+    opts = make_opts("--beta2", "0.98", "--epsilon", "1e-7", "--scheduler_steps", "10", "--total_steps", "100",
+                     "--warmup_steps", "0")
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt, sched = train.make_optimizer([param], 1.0, opts)
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-7
+    for _ in range(5):
+        opt.step(), sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.5)  # linear decay over 10 steps, not 100
+
+
+def test_retrieve_only_evaluates_retrieval_without_running_the_reader(lapdog_setup, monkeypatch, tmp_path):  # noqa: F811
+    import json
+    from src.distributed import DistInfo
+    from src.evaluation import evaluate
+    from test_objectives import BruteForceRetrieval
+    reader, retriever, stories = lapdog_setup
+    opts = make_opts("--retrieve_only", "--retriever_n_context", "3", "--per_gpu_eval_batch_size", "2")
+    model = LapdogModel(reader, retriever, opts)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the reader ran")
+    monkeypatch.setattr(FiDReader, "generate_text", never)
+    monkeypatch.setattr(FiDReader, "forward", never)
+    examples = examples_with_story("valid", 3)
+    path = tmp_path / "r.jsonl"
+    metrics = evaluate(model, BruteForceRetrieval(stories, opts), examples, opts, DistInfo(0, 1, 0, torch.device("cpu")),
+                       results_path=str(path))
+    assert metrics["n"] == 3 and {"retrieval/top1_score", "recall@1", "recall@3"} <= set(metrics)
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 3 and all("generation" not in r and len(r["passages"]) == 3 for r in rows)
+
+
+def test_retrieve_only_is_refused_by_train_py_and_without_retrieval():
+    import train
+    from src.errors import UsageError
+    with pytest.raises(UsageError, match="--retrieve_only: is an evaluation mode"):
+        train.main(["--retrieve_only", "--passages", "x"])
+    with pytest.raises(UsageError, match="--retrieve_only: needs retrieval"):
+        make_opts("--retrieve_only", "--closed_book")

@@ -221,7 +221,7 @@ def test_make_optimizer_is_fused_adamw_on_cpu_and_steps_like_foreach():
     start = params[0].detach().clone()
     opt, sched = train.make_optimizer(params, 0.01, opts)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
-    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=True)
+    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, eps=1e-6, foreach=True)  # the original's ε
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: train.lr_multiplier(s, 2, 10, opts.scheduler))
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
