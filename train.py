@@ -28,11 +28,12 @@ from src import checkpoint, distributed, options  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
 from src.errors import UsageError, flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
-from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
+from src import grpo  # noqa: E402
+from src.lapdog import Batch, LapdogModel, make_batch, rollout_reply_tokens, training_kind  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from src.tracking import Tracker, peak_memory_mb  # noqa: E402
+from src.tracking import StatWindow, Tracker, peak_memory_mb  # noqa: E402
 
 
 def lr_multiplier(step, warmup, total, kind):
@@ -130,14 +131,15 @@ def make_optimizer(params, lr, opts):
     # fused: one kernel per parameter on CPU and CUDA (4x faster than foreach on CPU here);
     # foreach (multi-tensor, still no Python loop) on other devices.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, betas=(0.9, opts.beta2), eps=opts.epsilon,
+                  **({"fused": True} if fused else {"foreach": True}))
     if opts.shard_optim and distributed.is_distributed():
         from fairscale.optim.oss import OSS
         opt = OSS(params, optim=torch.optim.AdamW, **kwargs)
     else:
         opt = torch.optim.AdamW(params, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.total_steps, opts.scheduler))
+        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.scheduler_steps or opts.total_steps, opts.scheduler))
     return opt, sched
 
 
@@ -158,13 +160,16 @@ def clip_and_norm(opt, params, max_norm):
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
-def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
+def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, rollout_state=None):
+    """rollout_state: {"micro", "rollouts", "iteration"} when saved part-way through a batch's
+    --grpo_num_iterations updates (every rank is at the same iteration), else None."""
     states = {name: optimizer_state(o) for name, o in optims.items()}  # collective for OSS
     if info.is_main:
         tmp = checkpoint.begin_save(opts.checkpoint_dir, step)
     distributed.barrier()
     tmp = checkpoint.tmp_dir(opts.checkpoint_dir, step)
     checkpoint.write_rank_rng(tmp, info.rank, data_rng)
+    checkpoint.write_rank_rollout(tmp, info.rank, rollout_state)
     distributed.barrier()
     if info.is_main:
         models = {"reader": model.reader}
@@ -174,11 +179,54 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
             models["passage_retriever"] = model.refs["passage_encoder"]
         state = {"step": step, "sampler": sampler.state_dict(),
                  "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
-                 "world": info.world}
+                 "world": info.world, "rollout_iteration": rollout_state["iteration"] if rollout_state else 0}
         checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
         path = checkpoint.commit_save(opts.checkpoint_dir, step)
         tracker.info(f"saved {path}")
     distributed.barrier()
+
+
+@torch.no_grad()
+def sample_rollouts(model, kind, micro, autocast):
+    """dapo: draw every micro-batch's rollout before any loss, so the step's token count is known
+    first (TRL counts the whole generation batch). The unwrapped model, no gradient: nothing for
+    DDP to reduce. Returns (rollouts, their statistics averaged over the micro-batches)."""
+    rollouts, stats_sum = [], {}
+    model.sampling_pass = True
+    try:
+        for b in micro:
+            with autocast:
+                _, stats, rollout = model(kind, b, None)
+            rollouts.append(rollout)
+            samples = stats.pop("_samples", None)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro)
+            if samples:
+                stats_sum["_samples"] = samples
+    finally:
+        model.sampling_pass = False
+    return rollouts, stats_sum
+
+
+def dapo_normalizer(rollouts, info):
+    """TRL's dapo divisor: the reply tokens of the whole accumulated batch over all processes
+    (one all-reduce per batch of rollouts), spread over micro-batches and processes."""
+    local = sum(rollout_reply_tokens(r) for r in rollouts).to(info.device, torch.float64)
+    return grpo.dapo_normalizer(distributed.all_reduce_sum(local).item(), len(rollouts), info.world)
+
+
+def resumed_rollout(resume_path, state, info, tracker):
+    """(micro-batches, rollouts, updates done) of a batch the checkpoint was saved part-way
+    through (μ > 1), to finish its reuse updates first; None when it was saved between batches."""
+    done = int(state.get("rollout_iteration", 0))
+    if not done:
+        return None
+    if state.get("world") != info.world:  # the same test on every rank: all start a new batch
+        tracker.info(f"the checkpoint was saved after {done} of a batch's --grpo_num_iterations updates by "
+                     f"{state.get('world')} process(es); with {info.world} this run draws a new batch instead")
+        return None
+    saved = checkpoint.to_device(checkpoint.load_rank_rollout(resume_path, info.rank), info.device)
+    return [Batch(b) for b in saved["micro"]], saved["rollouts"], int(saved["iteration"])
 
 
 def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
@@ -196,6 +244,8 @@ def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
 def main(argv=None):
     opts, _ = options.parse(argv)
     options.validate(opts)
+    if opts.retrieve_only:
+        raise flag_error("--retrieve_only", "is an evaluation mode", "run evaluate.py --retrieve_only --model_path ...")
     if not opts.train_data:
         raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
     if not opts.closed_book and not opts.passages:
@@ -216,6 +266,8 @@ def main(argv=None):
     reader, retriever, origin = load_models(opts, resume_path)
     tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
                  + ("" if passages is None else f", {len(passages)} stories"))
+    for line in options.warnings(opts):
+        tracker.info(line)
     ref_reader, ref_retriever = reference_models(opts, reader, retriever, info)
     frozen_passages = passage_encoder(opts, resume_path, retriever, info)
     model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever, frozen_passages).to(info.device)
@@ -232,7 +284,7 @@ def main(argv=None):
         optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
     sampler = ShardedSampler(len(train), opts.per_gpu_batch_size, info.rank, info.world, opts.shuffle, opts.seed)
     data_rng = random.Random(opts.seed * 1000 + info.rank)
-    step = 0
+    step, pending = 0, None
     if resume_path:
         state = checkpoint.load_state(resume_path)
         step = int(state["step"])
@@ -244,6 +296,7 @@ def main(argv=None):
         rng = checkpoint.load_rank_rng(resume_path, info.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng, data_rng)
+        pending = resumed_rollout(resume_path, state, info, tracker)
         tracker.info(f"continuing at step {step}")
     wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values(),
                                      find_unused_parameters=train_retriever)
@@ -260,20 +313,29 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
     if step >= opts.total_steps:
         tracker.info(f"already at step {step} >= --total_steps {opts.total_steps}: nothing to train")
-    window, window_t0, window_examples = {}, time.perf_counter(), 0
+    window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
     model.train()
     while step < opts.total_steps:
         kind = training_kind(opts, step)
-        t_retrieval = time.perf_counter()
-        micro = []
-        for _ in range(opts.accumulation_steps):
-            exs = [train[i] for i in sampler.next_batch()]
-            answers = [pick_answer(ex, data_rng) for ex in exs]
-            micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device))
-        t_retrieval = time.perf_counter() - t_retrieval
-        rollouts = [None] * len(micro)
-        for _ in range(mu):
+        sampled = {}
+        if pending is not None:  # resumed part-way through a batch's μ updates: finish them first
+            (micro, rollouts, done), pending, t_retrieval = pending, None, 0.0
+        else:
+            t_retrieval = time.perf_counter()
+            micro = []
+            for _ in range(opts.accumulation_steps):
+                exs = [train[i] for i in sampler.next_batch()]
+                answers = [pick_answer(ex, data_rng) for ex in exs]
+                micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device,
+                                        step=step))
+            t_retrieval = time.perf_counter() - t_retrieval
+            rollouts, done = [None] * len(micro), 0
+            if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
+                rollouts, sampled = sample_rollouts(model, kind, micro, autocast)
+        if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
+            model.token_normalizer = dapo_normalizer(rollouts, info)
+        for iteration in range(done, mu):
             if step >= opts.total_steps:
                 break
             model.step = step
@@ -291,6 +353,11 @@ def main(argv=None):
                 samples = stats.pop("_samples", None)
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
+            # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
+            samples = sampled.pop("_samples", samples)
+            for k, v in sampled.items():
+                step_stats[k] = step_stats.get(k, 0.0) + v if k.startswith("time/") else step_stats.get(k, v)
+            sampled = {}
             if scaler:
                 for o in optims.values():
                     scaler.unscale_(o)
@@ -309,14 +376,11 @@ def main(argv=None):
             step += 1
             step_stats["time/retrieval"] = t_retrieval
             t_retrieval = 0.0
-            for k, v in step_stats.items():
-                window[k] = window.get(k, 0.0) + v
-            window["_n"] = window.get("_n", 0) + 1
+            window.add(step_stats)
             window_examples += opts.per_gpu_batch_size * opts.accumulation_steps * info.world
 
             if opts.log_freq and step % opts.log_freq == 0:
-                n = window.pop("_n")
-                logged = distributed.all_reduce_mean({k: v / n for k, v in window.items()}, info.device)
+                logged = distributed.all_reduce_mean(window.means(), info.device)
                 elapsed = time.perf_counter() - window_t0
                 logged.update({f"lr/{name}": s.get_last_lr()[0] for name, s in scheds.items()})
                 logged["examples_per_s"] = window_examples / max(elapsed, 1e-9)
@@ -325,7 +389,7 @@ def main(argv=None):
                 tracker.log(step, logged)
                 if samples:
                     tracker.log_samples(step, samples[:8])
-                window, window_t0, window_examples = {}, time.perf_counter(), 0
+                window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
             if retrieval is not None and retrieval.should_refresh(step):
                 seconds = retrieval.build(retriever, allow_load=False)
                 tracker.log(step, {"time/index_refresh": seconds})
@@ -334,7 +398,9 @@ def main(argv=None):
                 run_evaluations(opts, info, model, retrieval, evals, step, tracker)
                 model.train()
             if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps:
-                save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
+                unfinished = iteration + 1 < mu  # reuse updates of this batch remain
+                save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker,
+                     {"micro": micro, "rollouts": rollouts, "iteration": iteration + 1} if unfinished else None)
     tracker.close()
     distributed.cleanup()
     return 0

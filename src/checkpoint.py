@@ -6,6 +6,9 @@ Layout of `{checkpoint_dir}/checkpoint/step-N/`:
     options.json     the run's options
     state.pt         step, optimizer / scheduler / data-order state (torch.load(weights_only=True))
     rng-rank{r}.pt   each rank's RNG state (python, numpy as plain lists, torch, cuda)
+    rollout-rank{r}.pt  only when saved part-way through --grpo_num_iterations μ > 1 updates of
+                     one batch: that rank's micro-batches, their rollouts and the updates done,
+                     so a resumed run makes the remaining reuse updates (tensors, strings, dicts)
 `{checkpoint_dir}/checkpoint/latest` is a symlink to the newest complete step folder. A step folder
 is assembled under a temporary name and renamed into place, then `latest` is swapped with an atomic
 rename, so a crash mid-save never leaves a half-written checkpoint behind `latest`.
@@ -92,6 +95,38 @@ def tmp_dir(checkpoint_dir, step):
 
 def write_rank_rng(tmp, rank, data_rng=None):
     torch.save(rng_state(data_rng), os.path.join(tmp, f"rng-rank{rank}.pt"))
+
+
+def _to_cpu(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu()
+    if isinstance(x, dict):  # the batch is a dict subclass: saved as a plain dict
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+def to_device(x, device):
+    """Tensors of nested dicts/lists moved to ``device`` (for a loaded rollout)."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def write_rank_rollout(tmp, rank, rollout_state):
+    """A rank's unfinished rollout (``{"micro", "rollouts", "iteration"}``), or nothing when None."""
+    if rollout_state is not None:
+        torch.save(_to_cpu(rollout_state), os.path.join(tmp, f"rollout-rank{rank}.pt"))
+
+
+def load_rank_rollout(path, rank):
+    f = os.path.join(path, f"rollout-rank{rank}.pt")
+    return torch.load(f, map_location="cpu", weights_only=True) if os.path.exists(f) else None
 
 
 def write_main(tmp, models, options, state):

@@ -65,6 +65,14 @@ def all_reduce_mean(values, device):
     return {k: v for k, v in zip(keys, t.tolist())}
 
 
+def all_reduce_sum(tensor):
+    """Sum of a tensor over ranks (a new tensor; the input is left alone)."""
+    out = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(out)
+    return out
+
+
 def all_gather_objects(obj):
     if not is_distributed():
         return [obj]

@@ -42,12 +42,17 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                     retrieval.search(retriever, [], opts.retriever_n_context)
                 continue
             b = make_batch(exs, answers, reader, retrieval, retriever, opts, rng, info.device, train=False)
-            loss = reader(b.input_ids, b.attention_mask, b.labels)
-            loss_sum, loss_n = loss_sum + loss.item() * len(exs), loss_n + len(exs)
-            gens = reader.generate_text(b.input_ids, b.attention_mask, max_length=opts.generation_max_length,
-                                        min_length=opts.generation_min_length, num_beams=opts.generation_num_beams)
+            if opts.retrieve_only:  # (the reader only tokenized the batch)
+                gens = [None] * len(exs)
+            else:
+                loss = reader(b.input_ids, b.attention_mask, b.labels)
+                loss_sum, loss_n = loss_sum + loss.item() * len(exs), loss_n + len(exs)
+                gens = reader.generate_text(b.input_ids, b.attention_mask, max_length=opts.generation_max_length,
+                                            min_length=opts.generation_min_length, num_beams=opts.generation_num_beams)
             for j, ex, gen in zip(range(len(exs)), exs, gens):
-                row = {"query": ex["question"], "answers": ex["answers"], "generation": gen}
+                row = {"query": ex["question"], "answers": ex["answers"]}
+                if gen is not None:
+                    row["generation"] = gen
                 if b.passages is not None:
                     row["passages"] = [{"id": p["id"], "title": p["title"], "score": float(s)}
                                        for p, s in zip(b.passages[j], b.retrieval_scores[j].tolist())]
@@ -56,7 +61,12 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                 rows.append(row)
     gathered = distributed.all_gather_objects((rows, loss_sum, loss_n))
     metrics = None
-    if info.is_main:
+    if info.is_main and opts.retrieve_only:
+        ordered = interleave_results([g[0] for g in gathered], len(examples))
+        metrics = {"n": len(ordered), **retrieval_statistics(ordered, opts.retriever_n_context)}
+        if results_path:
+            _write_results(results_path, ordered, opts)
+    elif info.is_main:
         ordered = interleave_results([g[0] for g in gathered], len(examples))
         metrics = compute_metrics([r["generation"] for r in ordered], [r["answers"][0] for r in ordered])
         total_n = sum(g[2] for g in gathered)
@@ -67,13 +77,17 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         if retrieval is not None:
             metrics.update(retrieval_statistics(ordered, opts.retriever_n_context))
         if results_path:
-            os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-            with open(results_path, "w") as f:
-                for r in ordered:
-                    if opts.dont_write_passages:
-                        r = {k: v for k, v in r.items() if k != "passages"}
-                    f.write(json.dumps(r) + "\n")
+            _write_results(results_path, ordered, opts)
     return distributed.broadcast_object(metrics)
+
+
+def _write_results(path, ordered, opts):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in ordered:
+            if opts.dont_write_passages:
+                r = {k: v for k, v in r.items() if k != "passages"}
+            f.write(json.dumps(r) + "\n")
 
 
 def retrieval_statistics(rows, k):

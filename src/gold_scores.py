@@ -16,7 +16,7 @@ from src.rewards import lapdog_gold_scores, sentence_bleu
 MODES = {
     "ppmean": ("likelihood",), "pdist": ("likelihood",),
     "loop": ("leave_one_out",),
-    "emdr": ("sequence_loglik",),
+    "emdr": ("sequence_loglik",), "emdr_seq": ("sequence_loglik",),
     "evalnormsum": ("attention",), "adist": ("attention",),
     "bleudist": ("bleu",),
     "bleudist_pdist": ("bleu", "likelihood"),
@@ -46,11 +46,14 @@ class GoldInputs:
         return self.labels.repeat_interleave(times, dim=0)
 
     def replies(self):
+        """The reply generated from each (query, story k) alone, decoded as the original's gold
+        scores do: --generation_num_beams, --generation_min_length, --generation_max_length."""
         if self._replies is None:
             ids, mask = self.single_story_inputs()
-            dev = self.labels.device
-            self._replies = self.reader.generate_text(ids.to(dev), mask.to(dev),
-                                                      max_length=self.opts.generation_max_length)
+            dev, o = self.labels.device, self.opts
+            self._replies = self.reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
+                                                      min_length=o.generation_min_length,
+                                                      num_beams=o.generation_num_beams)
         return self._replies
 
     def references_per_story(self):
@@ -93,8 +96,16 @@ def _attention(g):
     return cross_attention_story_scores(g.reader, ids.to(dev), mask.to(dev), g.labels)
 
 
+# The original's divisor of the summed attention mass (fid.py aggregate_value, "normssum"):
+# 256 · n_layers · reply tokens, with 256 a literal constant (not a length of this run).
+ORIGINAL_ATTENTION_DIVISOR = 256
+
+
 def cross_attention_story_scores(reader, input_ids, attention_mask, labels):
-    """[B, N] Σ over layers of the mean over heads·reply tokens of attention × ||value|| per story.
+    """[B, N] attention × ||value|| mass on each story's tokens, normalized as the original:
+    Σ over layers, reply tokens and the story's tokens of the head-mean of attention·||value||,
+    divided by 256 · n_layers · reply tokens. With the paper's τ_g the gold distribution is then
+    as flat as the original's (the plain layer sum was 256·n_layers times larger: peaked).
 
     Needs the attention probabilities, which sdpa does not return: eager attention for this pass.
     """
@@ -116,7 +127,8 @@ def cross_attention_story_scores(reader, input_ids, attention_mask, labels):
         v_norm = v.norm(dim=-1).transpose(1, 2)  # [B, heads, S]
         weighted = (attn * v_norm.unsqueeze(2)).sum(1)  # [B, T, S]
         score += (weighted * tgt.unsqueeze(-1)).sum(1) / (tgt.sum(1, keepdim=True) * cross.n_heads).clamp(min=1)
-    return (score * mask).view(B, N, L).sum(-1)
+    n_layers = len(model.decoder.block)
+    return (score * mask).view(B, N, L).sum(-1) / (ORIGINAL_ATTENTION_DIVISOR * n_layers)
 
 
 def _bleu(g):
@@ -146,6 +158,19 @@ def _f1rougebleu(g):
 
 COMPONENTS = {"likelihood": _likelihood, "sequence_loglik": _sequence_loglik, "leave_one_out": _leave_one_out,
               "attention": _attention, "bleu": _bleu, "f1rougebleu": _f1rougebleu}
+
+
+@torch.no_grad()
+def emdr_token_logprobs(reader, queries, passages, labels, opts):
+    """([B, K, T] log_softmax(logits / τ_g) at the gold reply's tokens given the query and story
+    k alone, [B, T] mask of real reply tokens): what the original's EMDR² mixes per token."""
+    g = GoldInputs(reader, queries, passages, labels, None, opts)
+    ids, mask = g.single_story_inputs()
+    dev = labels.device
+    with dropout_disabled(reader):
+        hidden, fmask = reader.encode(ids.to(dev), mask.to(dev))
+        logp, _ = reader.token_logprobs(hidden, fmask, g.repeated_labels(g.K), temperature=opts.temperature_gold)
+    return logp.view(g.B, g.K, -1), labels != -100
 
 
 @torch.no_grad()

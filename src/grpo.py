@@ -23,7 +23,7 @@ the same pool distribution.
 
 import torch
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
 def _as_bool(mask):
@@ -204,6 +204,24 @@ def linear_token_logprobs(hidden, weight, targets, temperature=1.0, chunk_rows=N
     return flat.view(targets.shape)
 
 
+def log1mexp(a):
+    """log(1 − exp(a)) for a ≤ 0, stable at both ends (−inf at a = 0); NaN-free gradients."""
+    near_zero = a > -0.6931471805599453  # −ln 2: expm1 is exact there, log1p beyond
+    safe = torch.full_like(a, -1.0)  # a value both branches handle, for the branch not taken
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, a, safe))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, safe, a))))
+
+
+def logprobs_without_token(logp, excluded_logp):
+    """Log-probs under the distribution with one token removed and the rest renormalized:
+    log p(y) − log(1 − p(x)), x the removed token (e.g. EOS before --generation_min_length).
+
+    logp: log p(y) of the targets; excluded_logp: log p(x) at the same positions (same shape,
+    from the same logits). Valid for targets y ≠ x (y = x has probability 0 there).
+    """
+    return logp - log1mexp(excluded_logp)
+
+
 def kl_k3(logp, ref_logp):
     """Per-token k3 estimator of KL(π‖π_ref) on tokens sampled from π.
 
@@ -246,15 +264,34 @@ def masked_mean(x, mask, dim=None):
     return total.sum(dim=dim) / m.sum(dim=dim).clamp(min=1)
 
 
-def aggregate_token_loss(per_token, mask, loss_type, max_len=None):
+def dapo_normalizer(total_tokens, n_micro_batches, world_size):
+    """The divisor of one micro-batch's token sum under TRL's ``dapo``.
+
+    total_tokens: real reply tokens of the whole accumulated batch summed over all processes
+    (N); the trainer divides each micro-batch loss by the number of micro-batches A and DDP
+    averages the P processes, so dividing each micro-batch's token sum by N / (A·P) makes the
+    update Σ(all tokens' losses) / N: every token of the optimizer step weighs the same (TRL
+    divides by N / P and does not divide by A). N is clamped ≥ 1.
+    """
+    if n_micro_batches < 1 or world_size < 1:
+        raise ValueError(f"need ≥ 1 micro-batch and process, got {n_micro_batches} and {world_size}")
+    return max(float(total_tokens), 1.0) / (n_micro_batches * world_size)
+
+
+def aggregate_token_loss(per_token, mask, loss_type, max_len=None, normalizer=None):
     """Reduce a [R, T] per-token loss to a scalar.
 
     - ``grpo``: mean over each reply's own tokens (count clamped ≥ 1), then mean over replies;
       every reply weighs the same whatever its length.
-    - ``dr_grpo``: sum over all real tokens / (R × max_len); max_len is the generation max
-      length (defaults to T), a constant, so no per-length normalization bias.
-    - ``dapo``: sum over all real tokens / number of real tokens (clamped ≥ 1); every token
-      weighs the same.
+    - ``dr_grpo``: sum over all real tokens / (R × max_len); max_len is the maximum number of
+      reply tokens (TRL's max_completion_length; defaults to T), a constant, so no per-length
+      normalization bias.
+    - ``dapo``: sum over all real tokens / ``normalizer`` (``dapo_normalizer`` of the whole
+      accumulated batch's token count across processes, as TRL); without one, this batch's own
+      token count (the two agree for one micro-batch on one process).
+    - ``bnpo``: sum over this micro-batch's real tokens / their number (clamped ≥ 1); averaged
+      over micro-batches and processes by the trainer, it is a mean of per-micro-batch token
+      means (TRL's ``bnpo``).
     """
     if per_token.dim() != 2 or per_token.shape != mask.shape:
         raise ValueError(
@@ -271,7 +308,11 @@ def aggregate_token_loss(per_token, mask, loss_type, max_len=None):
         if length < 1:
             raise ValueError(f"max_len must be ≥ 1, got {length}")
         return x.sum() / (per_token.shape[0] * length)
-    if loss_type == "dapo":
+    if loss_type == "dapo" and normalizer is not None:
+        if not normalizer > 0:
+            raise ValueError(f"the dapo normalizer must be > 0, got {normalizer}")
+        return x.sum() / normalizer
+    if loss_type in ("dapo", "bnpo"):
         return x.sum() / m.sum().clamp(min=1)
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
@@ -286,6 +327,7 @@ def policy_loss(
     kl_coeff,
     loss_type="grpo",
     max_len=None,
+    normalizer=None,
 ):
     """GRPO loss of the generator.
 
@@ -293,7 +335,7 @@ def policy_loss(
     policy that sampled; ref_logp: [R, T] from the frozen reference, or None; advantages: [R]
     (one per reply, every token of a reply shares it); mask: [R, T].
     per-token = clipped_surrogate + kl_coeff · kl_k3(logp, ref_logp), reduced with
-    aggregate_token_loss(loss_type, max_len). ref_logp None or kl_coeff == 0 -> no KL term.
+    aggregate_token_loss(loss_type, max_len, normalizer). ref_logp None or kl_coeff == 0 -> no KL term.
     Returns (loss scalar, stats) with stats 0-d detached tensors: ``kl`` (masked mean k3; 0 when
     ref_logp is None), ``clip_frac`` (masked fraction of clipped tokens), ``ratio_mean``,
     ``ratio_max`` (over real tokens; 1 when there are none).
@@ -312,7 +354,7 @@ def policy_loss(
         kl_stat = masked_mean(k3.detach(), m)
     else:
         kl_stat = torch.zeros((), device=logp.device)
-    loss = aggregate_token_loss(per_token, m, loss_type, max_len)
+    loss = aggregate_token_loss(per_token, m, loss_type, max_len, normalizer)
     with torch.no_grad():
         ratio = torch.exp(logp - old_logp)
         if m.any():
@@ -341,6 +383,34 @@ def categorical_kl(logp, ref_logp, dim=-1):
     ref = torch.where(support, ref_logp, zero)
     terms = torch.where(support, torch.exp(lp) * (lp - ref), zero)
     return terms.sum(dim=dim)
+
+
+def lapdog_kl_loss(target_logp, score_logp, reduction="mean"):
+    """LAPDOG's retriever loss KL(softmax(g/τ_g) ‖ softmax(s/τ_s)), reduced like torch's KLDivLoss.
+
+    target_logp, score_logp: [B, K] log-probabilities (gold target, retriever). ``mean`` (the
+    original's ``KLDivLoss()``): Σ_b KL_b / (B·K), a mean over all B·K terms; ``batchmean``:
+    Σ_b KL_b / B, the mean KL per example (K times larger).
+    """
+    per_example = categorical_kl(target_logp, score_logp)
+    if reduction == "mean":
+        return per_example.sum() / target_logp.numel()
+    if reduction == "batchmean":
+        return per_example.mean()
+    raise ValueError(f"unknown reduction {reduction!r}; expected mean or batchmean")
+
+
+def emdr_token_loss(token_logp, score_logp, mask):
+    """EMDR² as the original LAPDOG computes it: a per-token mixture over the K stories.
+
+    token_logp: [B, K, T] log p(y_t | y_<t, query, story k) (the original takes them from
+    log_softmax(logits / τ_g), held fixed); score_logp: [B, K] log softmax(s / τ_s) (with grad);
+    mask: [B, T] real reply tokens. loss = −Σ_{b,t} log Σ_k π_bk·p_bk(y_t) / Σ mask: each token
+    mixes the stories on its own (not the whole reply's likelihood).
+    """
+    mixed = torch.logsumexp(token_logp.detach() + score_logp.unsqueeze(-1), dim=1)  # [B, T]
+    m = _as_bool(mask)
+    return -_zero_where_masked(mixed, m).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from src import grpo
 from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
-from src.gold_scores import gold_scores
+from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.rewards import grpo_reward
@@ -35,13 +35,27 @@ def training_kind(opts, step):
         return "grpo_joint" if opts.grpo_train_retriever else "grpo"
     if opts.reader_rl_learning:
         return "reinforce"
-    if opts.train_retriever and step >= max(opts.freeze_retriever_steps, 0):
+    if lapdog_retriever_trained(opts, step):
         return "lapdog"
     return "sft"
 
 
-def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True):
-    """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective)."""
+def lapdog_retriever_trained(opts, step):
+    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step."""
+    return bool(opts.train_retriever) and step >= max(opts.freeze_retriever_steps, 0)
+
+
+def augments_candidates(opts, step, train):
+    """--add_random_retrieval at this step: the original augments only while LAPDOG trains the
+    retriever; replace_bottom in every training step."""
+    if not train or opts.add_random_retrieval <= 0:
+        return False
+    return opts.add_random_retrieval_mode == "replace_bottom" or lapdog_retriever_trained(opts, step)
+
+
+def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True, step=0):
+    """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective).
+    ``step``: the optimizer step the batch is for (candidate augmentation depends on it)."""
     queries = [reader_query(ex["question"]) for ex in examples]
     b = Batch(queries=queries, answers=answers, examples=examples, passages=None, retrieval_queries=None)
     b["labels"] = reader.tokenize_targets([reader_target(a) for a in answers], opts.target_maxlength).to(device)
@@ -50,8 +64,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         b["retrieval_queries"] = retrieval.query_texts(examples, rng)
         k = opts.grpo_retriever_pool_size if (train and opts.grpo_train_retriever) else opts.retriever_n_context
         passages, scores, rows = retrieval.search(retriever, b["retrieval_queries"], k)
-        if train and opts.add_random_retrieval > 0:
-            passages = retrieval.add_random(passages, opts.add_random_retrieval, rng)
+        if augments_candidates(opts, step, train):
+            passages = retrieval.add_random(passages, opts.add_random_retrieval, rng, mode=opts.add_random_retrieval_mode)
         b["passages"], b["retrieval_scores"] = passages, scores
     if train and opts.grpo_train_retriever:
         return b  # joint GRPO builds one reader input per sampled story itself
@@ -99,6 +113,16 @@ def _relevance_stats(b, idx, pool_rewards=None):
         gaps = [float(pool_rewards[i, j] - pool_rewards[i].mean()) for i, j in where.items()]
         out["retrieval/relevant_reward_gap"] = sum(gaps) / len(gaps)
     return out
+def max_reply_tokens(opts):
+    """The most tokens a sampled reply can have (EOS included): --generation_max_length counts the
+    decoder start token, as in transformers. dr_grpo's constant divisor (TRL's max_completion_length)."""
+    return opts.generation_max_length - 1
+
+
+def rollout_reply_tokens(rollout):
+    """Real reply tokens of a GRPO rollout (a 0-d long tensor): generator GRPO's own, or those of
+    joint GRPO's generator rollout under "gen"."""
+    return rollout["gen"]["n_tokens"] if "gen" in rollout else rollout["n_tokens"]
 
 
 class LapdogModel(nn.Module):
@@ -113,6 +137,11 @@ class LapdogModel(nn.Module):
         # retriever, also outside the tree (no gradient, nothing for DDP to reduce).
         self.refs = {"reader": ref_reader, "retriever": ref_retriever, "passage_encoder": passage_encoder}
         self.step = 0
+        # Set by the trainer for GRPO (see train.py): sampling_pass makes a GRPO forward draw its
+        # rollout and return a zero loss (dapo samples every micro-batch before any loss, to know
+        # the step's token count); token_normalizer is dapo's divisor (grpo.dapo_normalizer).
+        self.sampling_pass = False
+        self.token_normalizer = None
 
     @property
     def device(self):
@@ -189,11 +218,15 @@ class LapdogModel(nn.Module):
         gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.get("gold_labels", b.labels),
                            b.answers, o)
         if o.gold_score_mode == "emdr":
-            # EMDR²: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), reader likelihoods held fixed.
+            # EMDR² as the original: per token, −log Σ_k softmax(s/τ_s)_k · p_τg(y_t | q, story k).
+            token_logp, mask = emdr_token_logprobs(self.reader, b.queries, b.passages, b.labels, o)
+            loss = grpo.emdr_token_loss(token_logp, torch.log_softmax(score_logits, -1), mask)
+        elif o.gold_score_mode == "emdr_seq":
+            # Sequence-level variant: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), no τ_g.
             loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
         else:
             target = torch.log_softmax(gold / o.temperature_gold, -1)
-            loss = grpo.categorical_kl(target, torch.log_softmax(score_logits, -1)).mean()
+            loss = grpo.lapdog_kl_loss(target, torch.log_softmax(score_logits, -1), o.retriever_kl_reduction)
         stats["gold_score/mean"] = gold.mean().item()
         return loss
 
@@ -215,10 +248,10 @@ class LapdogModel(nn.Module):
             with timed(stats, "time/reward", dev):
                 r = self._rewards(replies, b.answers, stats)
             with timed(stats, "time/policy", dev):
-                logp, tmask = self.reader.token_logprobs(hidden, mask, replies)
+                logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
-        if self.opts.train_retriever and self.step >= max(o.freeze_retriever_steps, 0):
+        if lapdog_retriever_trained(o, self.step):
             loss = loss + self._lapdog_retriever_loss(b, stats)
         return loss, None
 
@@ -262,18 +295,23 @@ class LapdogModel(nn.Module):
                     ref = self._require_reference("reader")
                     with dropout_disabled(ref):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
-                        ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature)
+                        ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature,
+                                                         min_length=o.generation_min_length)
                 rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
-                           "rewards": rewards, "zero_std": zero_std}
+                           "rewards": rewards, "zero_std": zero_std,
+                           "n_tokens": reader.reply_mask(replies).sum().long()}
+            if self.sampling_pass:
+                return hidden.new_zeros(()), rollout
             with timed(stats, "time/policy", dev):
-                logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature)
+                logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature,
+                                                    min_length=o.generation_min_length)
         if rollout["old_logp"] is None:
             # μ = 1 (or the first of μ updates): the sampling policy is the current one, so the
             # old log-probs are the detached current ones and the ratio is exactly 1.
             rollout["old_logp"] = logp.detach()
         loss, pstats = grpo.policy_loss(logp, rollout["old_logp"], rollout["ref_logp"], rollout["adv"], tmask,
                                         o.grpo_clip_epsilon, o.grpo_kl_coeff, o.grpo_loss_type,
-                                        max_len=o.generation_max_length)
+                                        max_len=max_reply_tokens(o), normalizer=self.token_normalizer)
         rewards = rollout["rewards"]
         stats.update({"loss/reader": loss.item(), "kl/reader": float(pstats["kl"]),
                       "grpo/clip_frac": float(pstats["clip_frac"]), "grpo/ratio_mean": float(pstats["ratio_mean"]),

@@ -32,7 +32,8 @@ def _add_run_options(p):
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is used otherwise")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="autocast precision; fp16 needs a GPU, bf16 works on CPU and GPU")
-    g.add_argument("--task", default="qa", choices=["qa"], help="kept for LAPDOG command compatibility")
+    g.add_argument("--task", default="qa", choices=["qa", "causal_chat"],
+                   help="qa (default), the only task implemented; accepted for LAPDOG command compatibility")
 
 
 def _add_data_options(p):
@@ -49,8 +50,9 @@ def _add_data_options(p):
     g.add_argument("--retriever_maxlength", type=int, default=256, help="retriever tokens per query/story")
     g.add_argument("--encoder_format", default="{query} story title: {title} story: {text}")
     g.add_argument("--retriever_format", default="{title} {text}")
-    g.add_argument("--retriever_from", default="persona", choices=["persona", "context", "all", "persona_rand"],
-                   help="what part of the dialogue is the retrieval query")
+    g.add_argument("--retriever_from", default="persona",
+                   choices=["persona", "context", "all", "persona_rand", "forward"],
+                   help="what part of the dialogue is the retrieval query (default persona; forward is refused)")
 
 
 def _add_model_options(p):
@@ -88,6 +90,11 @@ def _add_index_options(p):
                    help='"-1" never, "N" every N steps, or "0-100:10,100-1000000:500"')
     g.add_argument("--freeze_retriever_steps", type=int, default=-1,
                    help="the retriever is not updated (nor the index refreshed) before this step")
+    g.add_argument("--retrieve_with_rerank", action="store_true",
+                   help="search --n_to_rerank_with_retrieve_with_rerank candidates in the (possibly stale) index, "
+                        "re-embed them with the current retriever and keep the best by fresh scores (default: off)")
+    g.add_argument("--n_to_rerank_with_retrieve_with_rerank", type=int, default=128,
+                   help="candidates re-embedded per query with --retrieve_with_rerank (default 128, Atlas's)")
     g.add_argument("--query_side_retriever_training", action="store_true",
                    help="train only the query side of the retriever: the passage side is a frozen copy of the "
                         "retriever as the run started (saved as passage_retriever/ in checkpoints), so the index "
@@ -104,6 +111,12 @@ def _add_optim_options(p):
     g.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "fixed"])
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--lr_retriever", type=float, default=1e-5)
+    g.add_argument("--beta2", type=float, default=0.999, help="AdamW β2 (default 0.999, the original's)")
+    g.add_argument("--epsilon", type=float, default=1e-6, help="AdamW ε (default 1e-6, the original's)")
+    g.add_argument("--scheduler_steps", type=int, default=None,
+                   help="steps the learning-rate schedule spans (default: --total_steps)")
+    g.add_argument("--save_optimizer", action="store_true",
+                   help="accepted for LAPDOG commands: optimizer state is always saved (resume needs it)")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (<= 0: off)")
     g.add_argument("--shard_optim", action="store_true", help="fairscale OSS optimizer state sharding")
@@ -118,6 +131,9 @@ def _add_generation_options(p):
     g.add_argument("--generation_max_length", type=int, default=32)
     g.add_argument("--generation_min_length", type=int, default=0)
     g.add_argument("--generation_num_beams", type=int, default=1, help="1: greedy; beam search keeps length_penalty 1.0")
+    g.add_argument("--retrieve_only", action="store_true",
+                   help="evaluate.py: retrieval only (the reader is never run): results hold the retrieved stories, "
+                        "metrics are the retrieval statistics (default: off)")
     g.add_argument("--write_results", action="store_true", help="write one JSON line per evaluated example")
     g.add_argument("--dont_write_passages", action="store_true", help="leave retrieved passages out of the results")
 
@@ -126,16 +142,26 @@ def _add_retriever_training_options(p):
     g = p.add_argument_group("retriever training (LAPDOG)")
     g.add_argument("--train_retriever", action="store_true")
     g.add_argument("--gold_score_mode", default="f1rougebleudist",
-                   choices=["ppmean", "pdist", "loop", "emdr", "evalnormsum", "adist", "bleudist",
-                            "bleudist_pdist", "f1rougebleudist"])
+                   choices=["ppmean", "pdist", "loop", "emdr", "emdr_seq", "evalnormsum", "adist", "bleudist",
+                            "bleudist_pdist", "f1rougebleudist"],
+                   help="LAPDOG's gold score (default f1rougebleudist); emdr mixes the stories per reply token over "
+                        "log_softmax(logits/τ_g) as the original, emdr_seq (ours) mixes whole-reply likelihoods")
     g.add_argument("--temperature_score", type=float, default=0.1)
+    g.add_argument("--retriever_kl_reduction", default="mean", choices=["mean", "batchmean"],
+                   help="LAPDOG's KL to the gold scores: mean over all batch × stories terms, as the original's "
+                        "KLDivLoss() (default mean), or batchmean, the KL per example (K times larger)")
     g.add_argument("--temperature_gold", type=float, default=0.1)
     g.add_argument("--scale_rouge", action="store_true", help="ROUGE-L ×100 in the gold score / reward")
     g.add_argument("--metric_scale_factors", default=None,
                    help="weights of BLEU, F1, ROUGE-L, e.g. \"{'bleu':0.01,'f1':1,'rouge':1}\" (the RL reward's "
                         "default); LAPDOG's gold score defaults to 1, 1, 1 (its BLEU is L2-normalized)")
     g.add_argument("--add_random_retrieval", type=float, default=0.0,
-                   help="fraction of each example's retrieved stories replaced by random ones in training")
+                   help="candidate augmentation: fraction f of each example's K retrieved stories made random in "
+                        "training (default 0, off)")
+    g.add_argument("--add_random_retrieval_mode", default="original", choices=["original", "replace_bottom"],
+                   help="original (default): while --train_retriever trains, int(K·f) random stories first, then "
+                        "K − int(K·f) drawn with replacement from the retrieved list, as the original LAPDOG; "
+                        "replace_bottom: in every training kind, the bottom round(K·f) become distinct random stories")
     g.add_argument("--fix_reader", action="store_true", help="train the retriever only")
     g.add_argument("--reader_rl_learning", action="store_true",
                    help="RL for the reader: REINFORCE, or GRPO with --use_grpo")
@@ -163,7 +189,10 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
     g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
-    g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
+    g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo", "bnpo"],
+                   help="token aggregation (default grpo): grpo mean per reply then over replies; dr_grpo token sum "
+                        "/ (replies × max reply tokens); dapo token sum / token count of the whole accumulated "
+                        "batch across processes (TRL); bnpo token sum / token count per micro-batch, averaged")
     g.add_argument("--generation_length_penalty", type=float, default=0.0,
                    help="strength s of the reward's length penalty (beam search keeps 1.0)")
 
@@ -176,12 +205,62 @@ def _add_wandb_options(p):
     g.add_argument("--wandb_entity", default=None)
 
 
+# Options of the original LAPDOG/Atlas options.py this project accepts but does not implement:
+# name -> (argparse keywords, why). Their defaults are the original's; any other value is refused
+# with one line, so an original command line either runs as the original would or says why not.
+UNIMPLEMENTED = {
+    "alpha": (dict(type=float, default=1.0), "the original declares this AdamW value but never reads it"),
+    "main_port": (dict(type=int, default=-1), "SLURM multi-node launch is not supported: use torchrun --master_port"),
+    "qa_prompt_format": (dict(default="dialog with R's persona: {question} R: <extra_id_0>"),
+                         "the reader prompt is fixed to the original's default"),
+    "story_label": (dict(default=""), "the story label in prompts is fixed to the original's default (none)"),
+    "decoder_format": (dict(default=None), "target formats are not implemented (the original's TODO: remove)"),
+    "decoder_prompt_format": (dict(default=None), "decoder prompting is not implemented"),
+    "dont_add_bos": (dict(action="store_true"), "it belongs to the causal-LM reader, which is not implemented"),
+    "reader_causallm": (dict(default=None), "the causal-LM reader is not implemented (T5 fusion-in-decoder only)"),
+    "add_null_retrieval": (dict(action="store_true"), "the original declares it but never reads it"),
+    "compute_crossattention_stats": (dict(action="store_true"),
+                                     "cross-attention correlation statistics are not implemented"),
+    "filtering_overretrieve_ratio": (dict(type=int, default=2),
+                                     "only Atlas's kilt/fever tasks filter retrieved passages; --task qa does not"),
+    "use_file_passages": (dict(action="store_true"), "stories always come from the --passages index"),
+    "mlm_noise_density": (dict(type=float, default=0.15), "Atlas's MLM task is not implemented (--task qa only)"),
+    "mlm_mean_noise_span_length": (dict(type=float, default=3), "Atlas's MLM task is not implemented"),
+    "min_words_per_lm_instance": (dict(type=int, default=None), "Atlas's LM/MLM tasks are not implemented"),
+    "min_lm_context_ratio": (dict(type=float, default=0.5), "Atlas's LM task is not implemented"),
+    "max_lm_context_ratio": (dict(type=float, default=0.5), "Atlas's LM task is not implemented"),
+    "multiple_choice_num_options": (dict(type=int, default=4), "Atlas's multiple-choice task is not implemented"),
+    "multiple_choice_train_permutations": (dict(default="single", choices=["single", "cyclic", "all"]),
+                                           "Atlas's multiple-choice task is not implemented"),
+    "multiple_choice_eval_permutations": (dict(default="single", choices=["single", "cyclic", "all"]),
+                                          "Atlas's multiple-choice task is not implemented"),
+}
+
+
+def _add_unimplemented_options(p):
+    g = p.add_argument_group("original LAPDOG/Atlas options, not implemented (any value but the default is refused)")
+    for name, (kwargs, why) in UNIMPLEMENTED.items():
+        default = kwargs.get("default", False)
+        g.add_argument(f"--{name}", help=f"not implemented: {why} (default {default!r})", **kwargs)
+
+
+def _check_unimplemented(opts):
+    for name, (kwargs, why) in UNIMPLEMENTED.items():
+        if getattr(opts, name) != kwargs.get("default", False):
+            raise flag_error(f"--{name}", f"is not implemented: {why}", "drop it (the original's default is accepted)")
+    if opts.retriever_from == "forward":
+        raise flag_error("--retriever_from", "forward (a retrieval query generated by the reader) is not implemented",
+                         "use persona, context, all or persona_rand")
+    if opts.task != "qa":
+        raise flag_error("--task", f"{opts.task} (the causal-LM chat task) is not implemented", "use --task qa")
+
+
 def build_parser(prog=None):
     p = argparse.ArgumentParser(prog=prog, description="LAPDOG-GRPO: train and evaluate",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add in (_add_run_options, _add_data_options, _add_model_options, _add_index_options,
                 _add_optim_options, _add_generation_options, _add_retriever_training_options,
-                _add_grpo_options, _add_wandb_options):
+                _add_grpo_options, _add_wandb_options, _add_unimplemented_options):
         add(p)
     return p
 
@@ -275,6 +354,8 @@ def validate(opts):
     if opts.posterior_passages and opts.closed_book:
         raise flag_error("--posterior_passages", "needs a story corpus but --closed_book has none",
                          "drop --closed_book and pass --passages")
+    if opts.retrieve_only and opts.closed_book:
+        raise flag_error("--retrieve_only", "needs retrieval but --closed_book has none", "drop --closed_book, pass --passages")
     if opts.closed_book:
         opts.n_context = opts.retriever_n_context = 1
         if retriever_trained(opts):
@@ -313,11 +394,23 @@ def validate(opts):
                          "has zero advantage", "use --per_gpu_batch_size 2 or more (or --use_grpo)")
     if opts.fix_reader and not opts.train_retriever:
         raise flag_error("--fix_reader", "leaves nothing to train without --train_retriever", "add --train_retriever")
+    if opts.retrieve_with_rerank:
+        needed = max(opts.retriever_n_context, opts.grpo_retriever_pool_size if opts.grpo_train_retriever else 1)
+        if opts.n_to_rerank_with_retrieve_with_rerank < needed:
+            raise flag_error("--n_to_rerank_with_retrieve_with_rerank",
+                             f"{opts.n_to_rerank_with_retrieve_with_rerank} is fewer than the {needed} stories kept per query",
+                             "rerank at least --retriever_n_context (or --grpo_retriever_pool_size) candidates")
     if opts.query_side_retriever_training and not retriever_trained(opts):
         raise flag_error("--query_side_retriever_training", "has no retriever to train",
                          "add --train_retriever (LAPDOG) or --grpo_train_retriever (joint GRPO)")
     if opts.load_reader_weights_only and not opts.model_path:
         raise flag_error("--load_reader_weights_only", "needs --model_path", "pass the stage-1 checkpoint with --model_path")
+
+    _check_unimplemented(opts)
+    if not 0 <= opts.beta2 < 1 or not opts.epsilon > 0:
+        raise flag_error("--beta2/--epsilon", "need 0 <= β2 < 1 and ε > 0", "pass e.g. 0.999 and 1e-6")
+    if opts.scheduler_steps is not None and opts.scheduler_steps < 1:
+        raise flag_error("--scheduler_steps", "must be >= 1", "pass a positive integer or leave it out")
 
     # Parsed here so a bad value fails before any model is loaded.
     from src.index import RefreshSchedule
@@ -325,6 +418,18 @@ def validate(opts):
     opts.metric_scale = parse_metric_scale_factors(opts.metric_scale_factors)
     RefreshSchedule.parse(opts.refresh_index)
     return opts
+
+
+def warnings(opts):
+    """Lines to print for valid but probably unintended setups (not errors)."""
+    lines = []
+    from src.index import RefreshSchedule
+    never = not RefreshSchedule.parse(opts.refresh_index).ranges
+    if retriever_trained(opts) and not opts.closed_book and not opts.query_side_retriever_training and never:
+        lines.append("warning: --refresh_index: -1 (never) while the retriever trains its passage side: the index keeps "
+                     "the stories' step-0 embeddings, so retrieval (pools, in-loop evaluation) searches a stale index "
+                     "— pass --refresh_index N (e.g. 500) or --query_side_retriever_training")
+    return lines
 
 
 def validate_for_device(opts, device_type):

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from src import sampling
 from src.errors import flag_error
-from src.grpo import linear_token_logprobs, token_logprobs
+from src.grpo import linear_token_logprobs, logprobs_without_token, token_logprobs
 
 
 @contextlib.contextmanager
@@ -185,13 +185,17 @@ class FiDReader(torch.nn.Module):
         valid = labels != -100
         return -torch.where(valid, logp, torch.zeros_like(logp)), valid
 
-    def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0):
+    def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0, eos_blocked=0):
         """[B, T] float32 log-probs of ``targets`` [B, T] (one per row of ``hidden`` [B, S, d]),
         teacher-forced, logits / ``temperature``; positions of -100 hold junk for the caller's
-        mask. Differentiable w.r.t. the decoder, the output projection and ``hidden``."""
+        mask. The first ``eos_blocked`` positions are scored with EOS removed from the
+        distribution (renormalized), as ``sample`` draws them under ``min_length``.
+        Differentiable w.r.t. the decoder, the output projection and ``hidden``."""
         targets = targets.to(hidden.device)
         decoder_input_ids = self.model._shift_right(targets)
         head = self.model.lm_head
+        n = min(eos_blocked, targets.shape[1])
+        eos = torch.full_like(targets[:, :n], self.eos_token_id)
         if isinstance(head, torch.nn.Linear) and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks):
             # The model's own forward (and its pre-head scaling) with the output projection
             # taken out, then projection + log-softmax + gather fused in row chunks: the
@@ -199,9 +203,17 @@ class FiDReader(torch.nn.Module):
             # (tests bias logits that way) takes the plain path so the hooks still apply.
             with _output_projection_removed(self.model):
                 states = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
-            return linear_token_logprobs(states, head.weight, targets, temperature)
-        logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
-        return token_logprobs(logits, targets, temperature)
+            logp = linear_token_logprobs(states, head.weight, targets, temperature)
+            eos_logp = linear_token_logprobs(states[:, :n], head.weight, eos, temperature) if n else None
+        else:
+            logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
+            logp = token_logprobs(logits, targets, temperature)
+            eos_logp = token_logprobs(logits[:, :n], eos, temperature) if n else None
+        if eos_logp is None:
+            return logp
+        # log p(y | EOS blocked) = log p(y) − log(1 − p(EOS)): one more gather at n positions from
+        # the same decoder states instead of a masked [B, n, V] logits copy.
+        return torch.cat([logprobs_without_token(logp[:, :n], eos_logp), logp[:, n:]], dim=1)
 
     # ------------------------------------------------------------------ generation
     def _generation_config(self, **kwargs):
@@ -290,13 +302,15 @@ class FiDReader(torch.nn.Module):
                 break
         return self._pad_after_eos(torch.cat(out, dim=1))
 
-    def token_logprobs(self, hidden, mask, targets, temperature=1.0):
+    def token_logprobs(self, hidden, mask, targets, temperature=1.0, min_length=0):
         """Teacher-forced log-probabilities of replies ``targets`` [R, T] (R a multiple of B,
         example-major as ``sample`` returns them) given ``hidden`` [B, S, d] / ``mask`` [B, S]
         -> ``(logp [R, T] float32, token_mask [R, T] float32)``. One decoder pass over all R
         replies, logits divided by ``temperature``; token_mask is 1 up to and including the
         first EOS (and 0 at -100 label padding, so tokenized gold labels work too).
-        Differentiable w.r.t. the decoder and ``hidden``."""
+        ``min_length`` (counting the start token, as in ``sample``): the first min_length − 1
+        positions are scored with EOS blocked, i.e. under the distribution ``sample`` drew
+        them from (their targets are never EOS). Differentiable w.r.t. the decoder and ``hidden``."""
         b, r = hidden.shape[0], targets.shape[0]
         if r % b:
             raise ValueError(f"{r} replies is not a multiple of {b} examples")
@@ -304,7 +318,10 @@ class FiDReader(torch.nn.Module):
             hidden = hidden.repeat_interleave(r // b, dim=0)
             mask = mask.repeat_interleave(r // b, dim=0)
         targets = targets.to(hidden.device)
-        logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature)
+        logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature, eos_blocked=max(min_length - 1, 0))
+        return logp, self.reply_mask(targets)
+
+    def reply_mask(self, targets):
+        """[R, T] float: 1 up to and including each row's first EOS, 0 after it and at -100."""
         eos = (targets == self.eos_token_id).long()
-        token_mask = (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()
-        return logp, token_mask
+        return (((eos.cumsum(1) - eos) == 0) & (targets != -100)).float()

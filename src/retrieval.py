@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from src.data import retrieval_query
+from src.data import retrieval_query, retriever_passage_text
 from src.errors import flag_error
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_trained
@@ -23,6 +23,7 @@ class StoryRetrieval:
         self.opts = opts
         self.info = info
         self.index = None
+        self.passage_encoder = None  # whatever embedded the index (--retrieve_with_rerank re-embeds with it)
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
         self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
         self.fact_swap = None
@@ -37,6 +38,7 @@ class StoryRetrieval:
     def build(self, retriever, allow_load=True):
         """Build (or load) the index with the current retriever; returns the seconds it took."""
         o, t0 = self.opts, time.perf_counter()
+        self.passage_encoder = retriever
         if allow_load and o.load_index_path:
             self.index = PassageIndex.load(o.load_index_path, rank=self.info.rank, world=self.info.world,
                                            mode=o.index_mode, faiss_index_type=o.faiss_index_type,
@@ -71,14 +73,46 @@ class StoryRetrieval:
                                       max_length=self.opts.retriever_maxlength, device=self.info.device)
         else:
             q = torch.zeros(0, retriever.hidden_size, device=self.info.device)
-        scores, rows = self.index.search(q, k)
-        rows_list = rows.tolist()
-        return [[self.passages[r] for r in row] for row in rows_list], scores, rows
+        if not self.opts.retrieve_with_rerank:
+            scores, rows = self.index.search(q, k)
+            return [[self.passages[r] for r in row] for row in rows.tolist()], scores, rows
+        n = min(max(k, self.opts.n_to_rerank_with_retrieve_with_rerank), len(self.passages))
+        scores, rows = self.index.search(q, n)
+        scores, rows = self._rerank(q, rows, k)
+        return [[self.passages[r] for r in row] for row in rows.tolist()], scores, rows
 
-    def add_random(self, passage_lists, fraction, rng: random.Random):
-        """Candidate augmentation: replace round(fraction·K) of each list with random corpus stories."""
+    def _rerank(self, q, rows, k):
+        """--retrieve_with_rerank (Atlas): the index's candidates re-embedded with the current
+        passage encoder and re-ordered by fresh q·p; the top k kept. Local to this rank."""
+        if q.shape[0] == 0:
+            return q.new_zeros(0, k), rows[:, :k]
+        o = self.opts
+        texts = [retriever_passage_text(self.passages[r], o.retriever_format) for r in rows.reshape(-1).tolist()]
+        p = self.passage_encoder.embed_texts(texts, batch_size=o.per_gpu_embedder_batch_size,
+                                             max_length=o.retriever_maxlength, device=q.device)
+        fresh = torch.einsum("qh,qnh->qn", q.float(), p.view(rows.shape[0], rows.shape[1], -1))
+        top = torch.topk(fresh, k, dim=1)
+        return top.values, rows.gather(1, top.indices.to(rows.device))
+
+    def add_random(self, passage_lists, fraction, rng: random.Random, mode="original"):
+        """Candidate augmentation (--add_random_retrieval, --add_random_retrieval_mode).
+
+        ``original`` (the original LAPDOG): int(fraction·K) distinct random corpus stories first,
+        then K − that many drawn *with replacement* from the retrieved list (its order is lost).
+        ``replace_bottom``: the bottom round(fraction·K) retrieved stories replaced by distinct
+        random stories not already in the list, the rest kept in rank order.
+        """
         if fraction <= 0:
             return passage_lists
+        if mode == "original":
+            out = []
+            for plist in passage_lists:
+                n_rand = int(fraction * len(plist))
+                randoms = [self.passages[i] for i in rng.sample(range(len(self.passages)), n_rand)]
+                out.append(randoms + rng.choices(plist, k=len(plist) - n_rand))
+            return out
+        if mode != "replace_bottom":
+            raise ValueError(f"unknown --add_random_retrieval_mode {mode!r}")
         out = []
         for plist in passage_lists:
             n_rand = int(round(fraction * len(plist)))

@@ -200,6 +200,24 @@ def timed(stats, key, device=None):
         stats[key] = stats.get(key, 0.0) + timer.elapsed
 
 
+class StatWindow:
+    """Step statistics summed over a logging window; each key is averaged over the steps that
+    produced it. With --grpo_num_iterations μ > 1 the reward and sampling keys exist only on
+    the steps that drew a new batch: dividing them by every step of the window would log them
+    about 1/μ too low."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, stats):
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # W&B helpers
 

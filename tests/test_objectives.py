@@ -100,7 +100,7 @@ def grad_norm(module):
 
 # ------------------------------------------------------------------------------------------ gold scores
 
-ALL_MODES = ["ppmean", "pdist", "loop", "emdr", "evalnormsum", "adist", "bleudist", "bleudist_pdist",
+ALL_MODES = ["ppmean", "pdist", "loop", "emdr", "emdr_seq", "evalnormsum", "adist", "bleudist", "bleudist_pdist",
              "f1rougebleudist"]
 
 

@@ -229,3 +229,12 @@ def test_wandb_falls_back_to_offline_without_key(tmp_path, clean_env, monkeypatc
     assert glob.glob(os.path.join(run_dir, "run-*.wandb"))
     log = (ckpt / "run.log").read_text()
     assert "no W&B API key found" in log and f"wandb sync {run_dir}" in log
+
+
+def test_stat_window_divides_each_key_by_the_steps_that_produced_it():
+    """μ = 2: the reward exists on the sampling step only; the window of both steps logs 0.5, not 0.25."""
+    from src.tracking import StatWindow
+    w = StatWindow()
+    w.add({"loss/reader": 1.0, "reward/f1": 0.5})
+    w.add({"loss/reader": 3.0})
+    assert w.means() == {"loss/reader": 2.0, "reward/f1": 0.5}

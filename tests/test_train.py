@@ -221,7 +221,7 @@ def test_make_optimizer_is_fused_adamw_on_cpu_and_steps_like_foreach():
     start = params[0].detach().clone()
     opt, sched = train.make_optimizer(params, 0.01, opts)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
-    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=True)
+    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, eps=1e-6, foreach=True)  # the original's ε
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: train.lr_multiplier(s, 2, 10, opts.scheduler))
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
@@ -231,3 +231,33 @@ def test_make_optimizer_is_fused_adamw_on_cpu_and_steps_like_foreach():
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
     assert (params[0] - start).abs().max() > 1e-3  # it moved
+
+
+@pytest.mark.slow
+def test_joint_grpo_resume_mid_rollout_equals_uninterrupted(tmp_path, tiny_models):
+    """μ = 2 (dapo, accumulation 2): a checkpoint saved after the first of a batch's two updates
+    holds that batch's rollouts; the resumed run makes the reuse update, not a fresh batch."""
+    s1 = tmp_path / "s1"
+    run(stage1(s1, tiny_models, steps=2))
+    s1_step = s1 / "checkpoint" / "step-2"
+    mu2 = ["--grpo_num_iterations=2", "--grpo_loss_type=dapo", "--save_freq=1", "--grpo_clip_epsilon=0.05",
+           "--lr=3e-3", "--lr_retriever=3e-3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(grpo_stage2(a, tiny_models, s1_step, extra=mu2))
+    run(grpo_stage2(b, tiny_models, s1_step, extra=mu2 + ["--log_freq=2"]))
+    assert os.path.isfile(b / "checkpoint/step-1/rollout-rank0.pt")
+    assert not os.path.exists(b / "checkpoint/step-2/rollout-rank0.pt")  # a batch boundary
+    crash_after(b, 1)
+    p = run(grpo_stage2(b, tiny_models, s1_step, extra=mu2 + ["--log_freq=2"]))
+    assert "continuing at step 1" in p.stdout
+    for part in ("reader", "retriever"):
+        assert_same_weights(weights(a / "checkpoint/step-4", part), weights(b / "checkpoint/step-4", part))
+    log_a = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    log_b = [json.loads(line) for line in open(b / "metrics.jsonl")]
+    by_step = {r["step"]: r for r in log_a if "loss/reader" in r}
+    assert by_step[2]["grpo/ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # step 2 reuses step 1's samples
+    assert "reward/f1" in by_step[1] and "reward/f1" not in by_step[2]
+    # a window of steps 1-2 logs the sampling step's reward, not half of it
+    first_b2 = next(r for r in log_b if r["step"] == 2 and "loss/reader" in r)
+    for key in ("reward/f1", "reward/rouge", "reward/mean"):
+        assert first_b2[key] == pytest.approx(by_step[1][key], rel=1e-6), key
