@@ -37,7 +37,7 @@ from src.errors import UsageError  # noqa: E402
 # The default panels: (title, key patterns, y label, log-y). Order = reading order of a run:
 # what is optimized, what drives it, how far it moved, then the evaluation.
 TRAIN_PANELS = [
-    ("reader loss", ["loss/reader"], "loss", False),
+    ("reader loss (CE, or the GRPO surrogate)", ["loss/reader"], "loss", False),
     ("retriever loss", ["loss/retriever"], "loss", False),
     ("reward (mean over samples)", ["reward/mean"], "reward", False),
     ("reward spread", ["reward/std", "reward/story_std"], "std", False),
@@ -226,9 +226,14 @@ def plot_runs(run_dirs, out, keys=None, labels=None, smooth=0, title=None):
             ax.legend(fontsize=8, loc="best", frameon=False)
         if logy and all(v > 0 for run in runs for k in pkeys for _, v in run.get(k, []) if math.isfinite(v)):
             ax.set_yscale("log")
-            # 2, 3, 5 rather than 2x10^0, and only those minor ticks labelled, so labels never crowd
+            # "2, 3, 5" rather than "2x10^0"; minor ticks labelled only on a short range, so
+            # labels never crowd
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_log_minor_label))
+            lo, hi = ax.get_ylim()
+            short = hi / lo < 30 if lo > 0 else False
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_log_minor_label) if short
+                                         else matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are integers
         ax.set_title(ptitle, fontsize=11)
         ax.set_xlabel("optimizer step", fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)

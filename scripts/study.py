@@ -131,6 +131,7 @@ def sizes_of(args) -> dict:
     s["refresh"] = max(1, s["s2_steps"] // 4)  # re-embed the corpus 4 times while a retriever trains
     s["s1_warmup"] = max(1, s["s1_steps"] // 20)
     s["s2_warmup"] = max(1, s["s2_steps"] // 10)
+    s["s1_log_freq"] = max(1, s["s1_steps"] // 50)  # ~50 points on the stage-1 curve
     return s
 
 
@@ -161,7 +162,7 @@ def _retrieval_flags(paths, sizes):
 
 def stage1_command(paths, sizes, seed, run_dir):
     return ["train.py", "--shuffle", f"--total_steps={sizes['s1_steps']}", f"--per_gpu_batch_size={sizes['s1_batch']}",
-            f"--save_freq={sizes['s1_steps']}", "--eval_freq=0", "--log_freq=10", f"--seed={seed}",
+            f"--save_freq={sizes['s1_steps']}", "--eval_freq=0", f"--log_freq={sizes['s1_log_freq']}", f"--seed={seed}",
             f"--name=study_stage1_seed{seed}", f"--checkpoint_dir={run_dir}", f"--reader_model_type={paths['reader']}",
             f"--train_data={paths['train']}", f"--eval_data={paths['dev']}", f"--max_eval_examples={sizes['dev_n']}",
             f"--text_maxlength={sizes['text_maxlength']}", f"--target_maxlength={sizes['target_maxlength']}",
@@ -318,18 +319,27 @@ def build_models(out, sizes):
 # Report
 
 def write_figures(rows, arms, seeds, out, title):
+    """{name: png path}. A figure that cannot be drawn (a run that logged nothing) is left out
+    with a warning: the numbers, not the pictures, are the study's result."""
     from scripts.plot_metrics import plot_runs
 
     fig_dir = os.path.join(out, "figures")
-    figs = {"bars": study_report.plot_bars(rows, os.path.join(fig_dir, "bars.png"), title=title)}
+    jobs = [("bars", lambda p: study_report.plot_bars(rows, p, title=title))]
     for seed in seeds:
-        sdir = os.path.join(out, f"seed{seed}")
-        figs[f"curves_seed{seed}"] = os.path.join(fig_dir, f"curves_seed{seed}.png")
-        plot_runs([os.path.join(sdir, a) for a in arms], figs[f"curves_seed{seed}"], labels=list(arms),
-                  smooth=5, title=f"stage 2 training curves, seed {seed} (dev split for eval/*)")
-    figs["stage1"] = os.path.join(fig_dir, "stage1.png")
-    plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in seeds], figs["stage1"],
-              labels=[f"seed {s}" for s in seeds], title="stage 1 (closed-book reader SFT)")
+        runs = [os.path.join(out, f"seed{seed}", a) for a in arms]
+        jobs.append((f"curves_seed{seed}", lambda p, runs=runs, seed=seed: plot_runs(
+            runs, p, labels=list(arms), smooth=5, title=f"stage 2 training curves, seed {seed} (eval/* on the dev split)")))
+    jobs.append(("stage1", lambda p: plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in seeds], p,
+                                               labels=[f"seed {s}" for s in seeds],
+                                               title="stage 1 (closed-book reader SFT)")))
+    figs = {}
+    for name, draw in jobs:
+        path = os.path.join(fig_dir, f"{name}.png")
+        try:
+            draw(path)
+            figs[name] = path
+        except UsageError as exc:
+            print(f"warning: figure {name} left out: {exc}", file=sys.stderr)
     return figs
 
 
@@ -462,8 +472,8 @@ def main(argv=None):
         json.dump({"rows": rows, "sizes": {k: v for k, v in sizes.items()}, "split": manifest}, f, indent=2)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
-    figures = write_figures(rows, args.arms, args.seeds, out, title=f"test split ({args.scale} scale): "
-                            "mean over seeds, ± std, each seed")
+    figures = write_figures(rows, args.arms, args.seeds, out, title=f"test split ({args.scale} scale): mean over "
+                            "seeds (bars), ± std (whiskers), each seed (dots), control (retrieval) mean (dashed)")
     wall = time.time() - t_start
     ctx = {"rows": rows, "sizes": sizes, "scale": args.scale, "split": study_split.describe(manifest),
            "paths": paths, "seeds": args.seeds, "arms": args.arms, "machine": machine(), "wall_s": wall,

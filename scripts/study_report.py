@@ -127,9 +127,10 @@ def collapsed_conditions(rows, control=("control", "retrieval")) -> list[str]:
     return out
 
 
-def plot_bars(rows, out, title=None):
+def plot_bars(rows, out, title=None, control=("control", "retrieval")):
     """Bars of the seed means per (arm, eval), one panel per metric, whiskers = ± std over
-    seeds, and every seed's own value as a dot (the spread the mean summarizes)."""
+    seeds, every seed's own value as a dot (the spread the mean summarizes), and the control's
+    mean as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,9 +141,13 @@ def plot_bars(rows, out, title=None):
     colours = [plt.get_cmap("tab10").colors[i % 10] for i in range(len(groups))]
     ncols = 3
     nrows = math.ceil(len(BAR_METRICS) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(11, 1.5 * len(groups) * ncols), 3.6 * nrows + 0.6),
-                             squeeze=False)
+    width = min(18.0, max(11.0, 0.9 * len(groups) * ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.6 * nrows + 0.7), squeeze=False)
+    ctrl = groups.get(control, {})
     for ax, (key, label) in zip(axes.flat, BAR_METRICS):
+        ctrl_vals = [m[key] for m in ctrl.values() if key in m]
+        if ctrl_vals:  # the reference line every other bar is compared with
+            ax.axhline(mean_std(ctrl_vals)[0], color="#555555", linestyle="--", linewidth=1, zorder=0)
         for i, per_seed in enumerate(groups.values()):
             vals = [m[key] for m in per_seed.values() if key in m]
             if not vals:
@@ -153,13 +158,15 @@ def plot_bars(rows, out, title=None):
             offsets = [0.0] if len(vals) == 1 else [-0.18 + 0.36 * j / (len(vals) - 1) for j in range(len(vals))]
             ax.scatter([i + o for o in offsets], vals, color="black", s=14, zorder=3)
         ax.set_title(label, fontsize=11)
+        ax.set_ylim(bottom=0)  # every bar metric is >= 0; a zero-based axis keeps heights honest
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(BAR_METRICS):]:
         ax.set_visible(False)
-    fig.suptitle(title or "test split: mean over seeds (bars), ± std (whiskers), each seed (dots)", fontsize=12)
+    fig.suptitle(title or "test split: mean over seeds (bars), ± std (whiskers), each seed (dots), "
+                 "control mean (dashed)", fontsize=12)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)

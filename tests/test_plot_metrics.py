@@ -43,7 +43,7 @@ def test_select_panels_defaults_drop_missing_groups_and_find_eval_sets():
     keys = {"loss/reader", "reward/mean", "reward/story_std", "kl/retriever", "lr/reader",
             "eval/valid/f1", "eval/valid/recall@1", "eval/valid/recall@5", "eval/test/dist1"}
     panels = {t: k for t, k, _, _ in pm.select_panels(keys)}
-    assert panels["reader loss"] == ["loss/reader"]
+    assert panels["reader loss (CE, or the GRPO surrogate)"] == ["loss/reader"]
     assert panels["reward spread"] == ["reward/story_std"]
     assert panels["KL to the frozen references"] == ["kl/retriever"]
     assert panels["eval valid: recall of the relevant story"] == ["eval/valid/recall@1", "eval/valid/recall@5"]
@@ -71,7 +71,7 @@ def test_plot_runs_overlays_runs_with_different_keys(tmp_path):
                          + [{"step": 40, "eval/valid/f1": 11.0}])
     out = tmp_path / "fig" / "curves.png"
     panels = pm.plot_runs([grpo, control], str(out), smooth=5)
-    assert "reader loss" in panels and "eval valid: F1" in panels and "retriever loss" not in panels
+    assert "reader loss (CE, or the GRPO surrogate)" in panels and "eval valid: F1" in panels and "retriever loss" not in panels
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with pytest.raises(pm.UsageError, match="labels"):
