@@ -273,9 +273,16 @@ def eval_metrics(eval_dir, test_path):
     name = os.path.splitext(os.path.basename(test_path))[0]
     gens, refs = cm.read_results(os.path.join(eval_dir, f"{name}.results.jsonl"))
     metrics = cm.results_metrics(gens, refs)
+    own = {}
     with open(os.path.join(eval_dir, "study.log")) as f:
-        last = [line for line in f if line.startswith("{")][-1]
-    own = json.loads(last)[name]
+        for line in f:  # progress bars share the log, so the JSON may follow a \r on its line
+            start = line.find('{"')
+            try:
+                parsed = json.loads(line[start:]) if start >= 0 else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, dict) and isinstance(parsed.get(name), dict):
+                own = parsed[name]
     metrics.update({k: v for k, v in own.items() if k in _RESULT_KEYS or k.startswith("recall@")})
     return metrics
 
@@ -287,10 +294,12 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    # GNU nproc honours OMP_NUM_THREADS, which the runs set to 1: ask it without that
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
     try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True, env=env).stdout.strip()
     except OSError:
-        nproc = str(os.cpu_count())
+        nproc = str(len(os.sched_getaffinity(0)))
     gpu = ""
     if shutil.which("nvidia-smi"):
         q = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
@@ -350,8 +359,9 @@ def render_results(ctx) -> str:
     if ctx["scale"] == "tiny":
         lines += ["> **Tiny mode**: a check that the pipeline runs end to end on a few examples with a tiny "
                   "random model. These numbers mean nothing about the methods.", ""]
-    lines += [f"- **Split**: {ctx['split']}. Dev: in-loop curves only; test: this table"
-              f"{' (first ' + str(sizes['eval_n']) + ' examples)' if sizes['eval_n'] else ''}.",
+    n_test = ctx["n_test"] if not sizes["eval_n"] else min(sizes["eval_n"], ctx["n_test"])
+    lines += [f"- **Split**: {ctx['split']}. Dev: in-loop curves only; test: this table "
+              f"({n_test} of the {ctx['n_test']} test examples).",
               f"- **Stories**: `{ctx['paths']['stories']}`"
               f"{' (first ' + str(sizes['max_passages']) + ')' if sizes['max_passages'] else ''}.",
               f"- **Models**: reader `{ctx['paths']['reader']}`, retriever `{ctx['paths']['retriever']}`.",
@@ -363,8 +373,9 @@ def render_results(ctx) -> str:
               f"- **Command**: `{ctx['command']}`",
               f"- **Machine**: {m['platform']}; {m['cpu']}; nproc {m['nproc']}; GPU: {m['gpu']}; "
               f"Python {m['python']}, torch {m['torch']}.",
-              f"- **Wall time**: {ctx['wall_s'] / 60:.1f} min for the steps run by this invocation "
-              f"({ctx['finished']}); per step in `timings.json`.", ""]
+              f"- **Wall time**: {ctx['steps_s'] / 60:.1f} min, the sum over all training and evaluation "
+              f"steps (this invocation: {ctx['wall_s'] / 60:.1f} min; finished {ctx['finished']}); "
+              "per step in `timings.json`.", ""]
     lines += ["## Test split, LAPDOG's metric definitions", "",
               "Mean ± std over seeds; in parentheses the relative change of the mean vs "
               f"**{CONTROL} (retrieval)**. Indented lines: every seed of an arm where one seed collapsed "
@@ -477,6 +488,7 @@ def main(argv=None):
     wall = time.time() - t_start
     ctx = {"rows": rows, "sizes": sizes, "scale": args.scale, "split": study_split.describe(manifest),
            "paths": paths, "seeds": args.seeds, "arms": args.arms, "machine": machine(), "wall_s": wall,
+           "steps_s": sum(t["wall_s"] for t in timings), "n_test": split["test"]["examples"],
            "command": shlex.join(["python", "scripts/study.py", *argv]), "figures": figures, "out": out,
            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     results_md = os.path.join(out, "RESULTS.md")

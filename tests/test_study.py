@@ -118,6 +118,20 @@ def test_plan_shares_checkpoint_steps_and_batch():
     assert "--grpo_train_retriever" in joint and _flag(joint, "grpo_retriever_pool_size") == "8"
 
 
+@pytest.mark.parametrize("scale", ["tiny", "cpu", "gpu"])
+def test_every_command_passes_train_and_evaluate_option_checks(scale):
+    """Every arm's recipe at every scale is accepted by the options train.py / evaluate.py use
+    (the end-to-end test runs only two arms, to stay fast)."""
+    from src import options
+    sizes = study.sizes_of(study.parse_args(["--scale", scale]))
+    paths = {k: f"/{k}" for k in ("train", "dev", "test", "stories", "reader", "retriever")}
+    steps = study.plan(list(study.ARMS), [0], paths, sizes, "/out")
+    assert len([s for s in steps if s[0] == "train"]) == 1 + len(study.ARMS)
+    for _, label, _, cmd in steps:
+        opts, _ = options.parse(cmd[1:])
+        options.validate(opts)  # raises UsageError with the offending flag
+
+
 def test_missing_data_is_one_line_exit_2(tmp_path, capsys):
     assert study.main(["--data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -132,6 +146,19 @@ def test_dry_run_writes_the_split_only(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "seed 0 joint_grpo: train.py" in printed and "split by persona" in printed
     assert sorted(os.listdir(out)) == ["split"]
+
+
+def test_eval_metrics_reads_results_and_evaluate_json(tmp_path):
+    rows = [{"query": "q", "answers": ["a b c"], "generation": "a b c"},
+            {"query": "q", "answers": ["x y"], "generation": "x"}]
+    (tmp_path / "test.results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = {"test": {"bleu": 1.0, "reward": 0.25, "eval_loss": 2.0, "recall@1": 50.0, "recall@4": 75.0}}
+    (tmp_path / "study.log").write_text("loading\neval test: 100%|#| 1/1\r" + "test: BLEU 1.0\n"
+                                         "eval test: 100%\r" + json.dumps(own) + "\n")
+    m = study.eval_metrics(str(tmp_path), "/somewhere/test.jsonl")
+    assert m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2) and "rs_rougeL_stem" in m
+    assert (m["reward"], m["eval_loss"], m["recall@1"], m["recall@4"]) == (0.25, 2.0, 50.0, 75.0)
+    assert m["bleu"] != 1.0  # corpus metrics come from the results file, not evaluate's line
 
 
 # ---- report ----------------------------------------------------------------------------------
