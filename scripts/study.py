@@ -424,11 +424,28 @@ def parse_args(argv):
     p.add_argument("--dry_run", action="store_true", help="write the split, print the plan, run nothing")
     g = p.add_argument_group("sizes (override the scale)")
     for name in SIZE_FLAGS:
-        g.add_argument(f"--{name}", type=int)
+        g.add_argument(f"--{name}", type=int, help="0 = all" if name in ("eval_n", "max_passages") else None)
     args = p.parse_args(argv)
     if args.tiny:
         args.scale = "tiny"
     return args
+
+
+def check_same_settings(out, settings):
+    """Finished steps are reused on a re-run, so they must come from the same settings: refuse an
+    output folder made with other sizes, split or models (other seeds or arms are fine)."""
+    path = os.path.join(out, "study.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"{out}: made with other settings ({k}: {old.get(k)} -> {settings.get(k)}) — "
+                             "pass a new --out, or delete the folder to start over")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def main(argv=None):
@@ -445,6 +462,11 @@ def main(argv=None):
         check_arms(args.arms)
         sizes = sizes_of(args)
         out = os.path.abspath(args.out)
+        settings = {"sizes": sizes, "dialogues_sha256": study_split.sha256_of(dialogues), "split_seed": args.split_seed,
+                    "fractions": list(args.fractions), "stories": os.path.abspath(stories),
+                    "reader_model": args.reader_model, "retriever_model": args.retriever_model}
+        if not args.dry_run:
+            check_same_settings(out, settings)
         manifest = study_split.write_split(dialogues, os.path.join(out, "split"), args.split_seed, tuple(args.fractions))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -138,6 +138,14 @@ def test_missing_data_is_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "not found" in err[0]
 
 
+def test_an_output_folder_keeps_its_settings(tmp_path):
+    out = str(tmp_path / "o")
+    study.check_same_settings(out, {"sizes": {"s2_steps": 10}, "split_seed": 0})
+    study.check_same_settings(out, {"sizes": {"s2_steps": 10}, "split_seed": 0})  # same: fine
+    with pytest.raises(UsageError, match=r"sizes: .*s2_steps.* -> .*20"):
+        study.check_same_settings(out, {"sizes": {"s2_steps": 20}, "split_seed": 0})
+
+
 def test_dry_run_writes_the_split_only(tmp_path, capsys):
     src = _dialogues(tmp_path / "d.jsonl", [f"i am person {i}." for i in range(10)])
     out = tmp_path / "o"
