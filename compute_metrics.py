@@ -2,9 +2,12 @@
 
 RESULTS.jsonl has one JSON object per line with a ``generation`` string and either an
 ``answers`` list (the first answer is the reference) or an ``answer`` string, as written by
-evaluate.py --write_results. Prints a table of BLEU, F1, ROUGE-1/2/L, Dist-1/2, length ratio
-and n; with --json the last line of stdout is the metrics as one line of JSON.
-Definitions: src/metrics.py (LAPDOG's). Bad input: ``error: PATH:LINE: ...`` and exit 2.
+evaluate.py --write_results. Prints two blocks: LAPDOG's definitions (BLEU, F1, ROUGE-1/2/L,
+Dist-1/2, length ratio, n) and the commonly reported implementations (rouge-score ROUGE-1/2/L
+with and without Porter stemming; nltk corpus BLEU-1/2/4, smoothing method1, whitespace
+tokens). With --json the last line of stdout is both blocks as one line of JSON (LAPDOG keys
+unprefixed, the others prefixed ``rs_`` / ``nltk_``).
+Definitions: src/metrics.py. Bad input: ``error: PATH:LINE: ...`` and exit 2.
 """
 
 import argparse
@@ -16,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from src.errors import UsageError, data_error  # noqa: E402
-from src.metrics import compute_metrics  # noqa: E402
+from src.metrics import compute_metrics, compute_standard_metrics  # noqa: E402
 
 _LINE_FIX = ('each line must be one JSON object like '
              '{"generation": "...", "answers": ["..."]} (evaluate.py --write_results writes this)')
@@ -80,6 +83,25 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def format_standard_table(m: dict) -> str:
+    """The rouge-score / nltk block; its own header so nobody mixes it up with LAPDOG's."""
+    lines = ["standard implementations (not LAPDOG's definitions):",
+             f"{'metric':<14}{'no stem':>10}{'stemmed':>10}"]
+    for name, key in (("RS ROUGE-1", "rouge1"), ("RS ROUGE-2", "rouge2"), ("RS ROUGE-L", "rougeL")):
+        lines.append(f"{name:<14}{m[f'rs_{key}']:>10.2f}{m[f'rs_{key}_stem']:>10.2f}")
+    lines += [f"{name:<14}{m[key]:>10.2f}" for name, key in
+              (("nltk BLEU-1", "nltk_bleu1"), ("nltk BLEU-2", "nltk_bleu2"), ("nltk BLEU-4", "nltk_bleu4"))]
+    lines.append("(RS = rouge-score 0.1.2, F x100, averaged per example; nltk = corpus_bleu, "
+                 "whitespace tokens, SmoothingFunction().method1)")
+    return "\n".join(lines)
+
+
+def results_metrics(generations: list[str], references: list[str]) -> dict:
+    """Both blocks in one dict (the --json object); the key sets do not overlap."""
+    return {**compute_metrics(generations, references),
+            **compute_standard_metrics(generations, references)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", metavar="RESULTS.jsonl", help="results file from evaluate.py")
@@ -91,9 +113,12 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = compute_metrics(generations, references)
+    metrics = results_metrics(generations, references)
     print(f"{args.results}")
+    print("LAPDOG definitions:")
     print(format_table(metrics))
+    print()
+    print(format_standard_table(metrics))
     if args.json:
         print(json.dumps(metrics))
     return 0

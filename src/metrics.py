@@ -11,16 +11,39 @@ can never disagree. Definitions (lapdog-behaviour.md, "Evaluation and metrics"):
 - ``f1`` / ``exact_match``: SQuAD-normalized token F1 / exact match, x100, averaged;
 - ``dist1/dist2``: distinct n-grams / all n-grams over all generations (whitespace tokens), x100;
 - ``length_ratio``: total hypothesis words / total reference words (a plain ratio, not x100).
+
+Next to them, clearly separate (``compute_standard_metrics``, keys prefixed ``rs_`` / ``nltk_``),
+the implementations most dialogue papers report; the same "R:" stripping comes first:
+
+- ``rs_rouge1/rs_rouge2/rs_rougeL``: F-scores of Google's ``rouge-score`` (0.1.2) per example,
+  x100, averaged, its own tokenizer (lowercase, non-alphanumerics to spaces), no stemming;
+  ``rs_rouge1_stem/...``: the same with its Porter stemmer (``use_stemmer=True``). ``rougeL`` is
+  the sentence-level LCS (not ``rougeLsum``). An empty prediction scores 0.
+- ``nltk_bleu1/nltk_bleu2/nltk_bleu4``: nltk's ``corpus_bleu`` with uniform weights over 1, 2 and
+  4 n-gram orders, x100, smoothing ``SmoothingFunction().method1`` (epsilon 0.1 added to an
+  order's matched count when it is 0), tokens = whitespace split (nltk's tokenizer data cannot be
+  downloaded here), cased. As nltk does, every reply adds at least 1 to each order's denominator,
+  even a reply shorter than that order; no unigram match in the corpus gives 0.
 """
 
 import re
 import string
 from collections import Counter
 
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from rouge import Rouge
+from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 _ROUGE = Rouge()
+_RS_TYPES = ("rouge1", "rouge2", "rougeL")
+_RS = {False: rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=False),
+       True: rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=True)}
+# Uniform weights per BLEU order; corpus_bleu takes the list and shares one n-gram pass.
+_NLTK_BLEU_WEIGHTS = {"nltk_bleu1": (1.0,), "nltk_bleu2": (0.5, 0.5), "nltk_bleu4": (0.25,) * 4}
+_NLTK_SMOOTHING = SmoothingFunction().method1
+STANDARD_KEYS = tuple([f"rs_{t}" for t in _RS_TYPES] + [f"rs_{t}_stem" for t in _RS_TYPES]
+                      + list(_NLTK_BLEU_WEIGHTS))
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -132,6 +155,49 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     hyp_words = sum(len(p.split()) for p in preds)
     ref_words = sum(len(r.split()) for r in refs)
     out["length_ratio"] = hyp_words / ref_words if ref_words else 0.0
+    return out
+
+
+def rouge_score_f(pred: str, ref: str, stem: bool) -> tuple[float, float, float]:
+    """(rouge1, rouge2, rougeL) F-scores in 0-1 from the ``rouge-score`` package."""
+    s = _RS[stem].score(ref, pred)  # rouge-score's order is (target, prediction)
+    return tuple(s[t].fmeasure for t in _RS_TYPES)
+
+
+def nltk_corpus_bleu(preds: list[str], refs: list[str]) -> dict:
+    """nltk corpus BLEU-1/2/4 (0-1) on whitespace tokens, smoothing method1, one reference each."""
+    hyps = [p.split() for p in preds]
+    references = [[r.split()] for r in refs]
+    if not any(hyps):
+        return {k: 0.0 for k in _NLTK_BLEU_WEIGHTS}
+    scores = corpus_bleu(references, hyps, weights=list(_NLTK_BLEU_WEIGHTS.values()),
+                         smoothing_function=_NLTK_SMOOTHING)
+    return {k: float(v) for k, v in zip(_NLTK_BLEU_WEIGHTS, scores)}
+
+
+def compute_standard_metrics(generations: list[str], references: list[str]) -> dict:
+    """The commonly reported implementations (module docstring), x100, keys ``STANDARD_KEYS``.
+
+    Kept apart from ``compute_metrics`` so LAPDOG's numbers keep their exact meaning.
+    With N = 0 every score is 0.0.
+    """
+    if len(generations) != len(references):
+        raise ValueError(f"compute_standard_metrics got {len(generations)} generations "
+                         f"but {len(references)} references")
+    preds = [strip_speaker(g) for g in generations]
+    refs = [strip_speaker(r) for r in references]
+    out = {k: 0.0 for k in STANDARD_KEYS}
+    if not preds:
+        return out
+    for stem, suffix in ((False, ""), (True, "_stem")):
+        sums = [0.0, 0.0, 0.0]
+        for p, r in zip(preds, refs):
+            for i, f in enumerate(rouge_score_f(p, r, stem)):
+                sums[i] += f
+        for t, total in zip(_RS_TYPES, sums):
+            out[f"rs_{t}{suffix}"] = 100.0 * total / len(preds)
+    for k, v in nltk_corpus_bleu(preds, refs).items():
+        out[k] = 100.0 * v
     return out
 
 

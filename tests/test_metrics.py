@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from src.metrics import (compute_metrics, distinct_n, format_metrics, squad_f1, squad_normalize,
+from src.metrics import (STANDARD_KEYS, compute_metrics, compute_standard_metrics, distinct_n,
+                         format_metrics, nltk_corpus_bleu, rouge_score_f, squad_f1, squad_normalize,
                          strip_speaker)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,57 @@ def test_mismatch_empty_and_format():
     assert "\n" not in line and "F1 100.00" in line and "n 1" in line and line.startswith("BLEU ")
 
 
+def test_rouge_score_by_hand_with_and_without_stemming():
+    # same pair as LAPDOG's test above: R1 2/3, R2 2/7, RL 2/3 with either scorer
+    assert rouge_score_f("a b c d", "a c d e f", stem=False) == pytest.approx((2 / 3, 2 / 7, 2 / 3))
+    # stemming: [the cat are run] vs [a cat run quickli]: 2 shared of 4 -> R1 0.5, no shared
+    # bigram, LCS "cat run" -> RL 0.5; unstemmed nothing is shared
+    assert rouge_score_f("the cats are running", "a cat runs quickly", stem=True) == pytest.approx((0.5, 0.0, 0.5))
+    assert rouge_score_f("the cats are running", "a cat runs quickly", stem=False) == (0.0, 0.0, 0.0)
+    # rouge-score's own tokenizer: lowercase, punctuation dropped
+    assert rouge_score_f("Hello, World!", "hello world", stem=False) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_nltk_bleu_by_hand_smoothing_and_corpus_level():
+    # p1 = 2/3, p2 = 1/2, p3 = p4 = 0/1 -> method1 gives 0.1/1; equal lengths, BP = 1
+    b = nltk_corpus_bleu(["a b c"], ["a b d"])
+    assert b["nltk_bleu1"] == pytest.approx(2 / 3)
+    assert b["nltk_bleu2"] == pytest.approx((2 / 3 * 1 / 2) ** 0.5)
+    assert b["nltk_bleu4"] == pytest.approx((2 / 3 * 1 / 2 * 0.1 * 0.1) ** 0.25)
+    # corpus level: counts summed before dividing: p1 = 3/4, p2 = 1/2 (not a mean of sentences)
+    b = nltk_corpus_bleu(["a b", "c d"], ["a b", "c e"])
+    assert b["nltk_bleu1"] == pytest.approx(3 / 4)
+    assert b["nltk_bleu2"] == pytest.approx((3 / 8) ** 0.5)
+    # brevity penalty: 4 hypothesis words, 5 reference words
+    b = nltk_corpus_bleu(["a b c d"], ["a b c d e"])
+    for k in ("nltk_bleu1", "nltk_bleu2", "nltk_bleu4"):
+        assert b[k] == pytest.approx(math.exp(1 - 5 / 4))
+    # a 2-word reply still adds 1 to the 3- and 4-gram denominators (nltk's rule): 0.1 each
+    assert nltk_corpus_bleu(["a b"], ["a b"])["nltk_bleu4"] == pytest.approx(0.1 ** 0.5)
+    # cased, whitespace tokens; no unigram match or no words at all -> 0
+    assert nltk_corpus_bleu(["A b c"], ["a b c"])["nltk_bleu1"] == pytest.approx(2 / 3)
+    assert nltk_corpus_bleu(["x"], ["a b"]) == {"nltk_bleu1": 0.0, "nltk_bleu2": 0.0, "nltk_bleu4": 0.0}
+    assert nltk_corpus_bleu([""], ["a b"])["nltk_bleu1"] == 0.0
+
+
+def test_standard_metrics_block():
+    m = compute_standard_metrics(["R: the cats are running", ""], ["a cat runs quickly", "R: x y"])
+    assert set(m) == set(STANDARD_KEYS)
+    assert m["rs_rouge1"] == 0.0
+    # (0.5 + 0 for the empty reply) / 2, x100
+    assert m["rs_rouge1_stem"] == pytest.approx(25.0)
+    assert m["rs_rougeL_stem"] == pytest.approx(25.0)
+    assert m["nltk_bleu1"] == 0.0
+    refs = ["i like to hike with my dog .", "my favorite color is blue"]
+    perfect = compute_standard_metrics(refs, refs)
+    assert all(v == pytest.approx(100.0) for v in perfect.values())
+    assert compute_standard_metrics([], []) == {k: 0.0 for k in STANDARD_KEYS}
+    with pytest.raises(ValueError):
+        compute_standard_metrics(["a"], [])
+    # no key collides with LAPDOG's
+    assert not set(m) & set(compute_metrics(["a"], ["a"]))
+
+
 def _write(path, lines):
     path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     return str(path)
@@ -116,6 +168,12 @@ def test_script_end_to_end(tmp_path):
     for k in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "length_ratio"):
         assert got[k] == pytest.approx(want[k])
     assert got["length_ratio"] == pytest.approx(8 / 9)
+    want_std = compute_standard_metrics(["i like cats", "my car is red", "hello"],
+                                        ["i like dogs", "my car is red", "hello there"])
+    for k in STANDARD_KEYS:
+        assert got[k] == pytest.approx(want_std[k])
+    assert "LAPDOG definitions" in out.stdout and "RS ROUGE-L" in out.stdout
+    assert "nltk BLEU-4" in out.stdout and "method1" in out.stdout
     plain = _run([path], cwd="/")
     assert plain.returncode == 0 and not plain.stdout.strip().splitlines()[-1].startswith("{")
 
