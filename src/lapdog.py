@@ -16,7 +16,7 @@ GRPO forwards return a `rollout` (samples, advantages, old and reference log-pro
 import torch
 import torch.nn as nn
 
-from src import grpo
+from src import grpo, safety
 from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
 from src.gold_scores import gold_scores
 from src.reader import dropout_disabled
@@ -217,6 +217,7 @@ class LapdogModel(nn.Module):
         with timed(stats, "time/retriever", dev), dropout_disabled(self.retriever), \
                 torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
+        safety.require_finite(pool_logp, "retriever scores", self.step)
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
                 idx = grpo.sample_without_replacement(pool_logp.detach(), k)
