@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from src import distributed
 from src.data import eval_shard, interleave_results, reference_answer
+from src.errors import UsageError
 from src.index import recall_at_k
 from src.lapdog import make_batch
 from src.metrics import compute_metrics
@@ -67,12 +68,17 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         if retrieval is not None:
             metrics.update(retrieval_statistics(ordered, opts.retriever_n_context))
         if results_path:
-            os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-            with open(results_path, "w") as f:
-                for r in ordered:
-                    if opts.dont_write_passages:
-                        r = {k: v for k, v in r.items() if k != "passages"}
-                    f.write(json.dumps(r) + "\n")
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+                with open(results_path, "w") as f:
+                    for r in ordered:
+                        if opts.dont_write_passages:
+                            r = {k: v for k, v in r.items() if k != "passages"}
+                        f.write(json.dumps(r) + "\n")
+            except OSError as exc:
+                # The generations took long to compute: at least the metrics reach the user.
+                raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
+                                 f"{json.dumps(metrics)}") from None
     return distributed.broadcast_object(metrics)
 
 
