@@ -35,7 +35,8 @@ def _rank():
 
 
 def _say(line, every_rank=False):
-    if every_rank or _rank() == 0:
+    # A line naming this rank's own file (rng-rank3.pt) is news only this rank has.
+    if every_rank or _rank() == 0 or f"rank{_rank()}" in line:
         print(line, file=sys.stderr, flush=True)
 
 
