@@ -6,7 +6,9 @@ everything a user can cause or fix.
     130  Ctrl-C (after the checkpoint of the current step is written)
 
 Under several processes every rank meets the same usage error (the checks are deterministic),
-so only rank 0 prints it. Anything else is a bug and keeps its traceback.
+so only rank 0 prints it, unless the line names the rank's own file (rng-rank3.pt). Errors that
+can hit one rank only (a full disk, a collective timeout) are printed by every rank that meets
+them. Anything else is a bug and keeps its traceback.
 """
 
 import errno
