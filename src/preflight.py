@@ -36,6 +36,8 @@ def check_options(opts):
         raise flag_error("--dist_timeout", f"must be > 0 minutes, got {opts.dist_timeout}", "pass e.g. 30")
     if getattr(opts, "max_nonfinite_steps", 1) < 1:
         raise flag_error("--max_nonfinite_steps", f"must be >= 1, got {opts.max_nonfinite_steps}", "pass e.g. 5")
+    if getattr(opts, "keep_checkpoints", 0) < 0:
+        raise flag_error("--keep_checkpoints", f"must be >= 0, got {opts.keep_checkpoints}", "pass 0 (keep all) or N")
     if opts.closed_book and opts.passages:
         log.warning(f"warning: --passages {opts.passages} is ignored with --closed_book (no retrieval)")
 
