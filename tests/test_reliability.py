@@ -336,7 +336,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path, tiny_models):
     cmd = [PY] + stage1(ck, tiny_models, steps=10000, extra=["--save_freq=0"])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    for line in proc.stdout:
+    for line in iter(proc.stdout.readline, ""):
         if "| step 2 |" in line or time.time() > deadline:
             break
     proc.send_signal(signal.SIGINT)
