@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 
 
 from src import checkpoint, distributed, options  # noqa: E402
+from src import preflight, safety  # noqa: E402
 from src.data import load_dialogues, load_passages  # noqa: E402
 from src.errors import flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
@@ -44,7 +45,9 @@ def layered_options(argv):
         # Evaluating a closed-book (stage-1) reader with retrieval: the stories given here win.
         cli.closed_book = False
     opts = options.validate(cli)
+    preflight.check_options(opts)
     opts.model_path = model_path
+    opts.trained_with_retrieval = saved.get("closed_book") is False
     return opts, explicit
 
 
@@ -62,16 +65,29 @@ def main(argv=None):
     if has_retriever and not opts.closed_book and not opts.passages:
         raise flag_error("--passages", "is required to evaluate a retrieval-augmented checkpoint",
                          "pass the story corpus jsonl")
-    info = distributed.init_distributed(opts.local_rank)
+    if not has_retriever and not opts.closed_book and opts.trained_with_retrieval \
+            and "retriever_model_path" not in explicit:
+        raise flag_error("--model_path", f"'{opts.model_path}' was trained with retrieval but has no retriever/ "
+                         "folder", "restore it, or pass --retriever_model_path to evaluate with another retriever")
+    info = distributed.init_distributed(opts.local_rank, opts.dist_timeout)
     options.validate_for_device(opts, info.device.type)
-    evals = {os.path.splitext(os.path.basename(p))[0]: load_dialogues(p)[: opts.max_eval_examples]
-             for p in opts.eval_data}
+    names = preflight.eval_names(opts.eval_data)
+    if opts.write_results:
+        for name in names:
+            preflight.check_writable_dir(os.path.dirname(os.path.abspath(results_location(opts, explicit, name))),
+                                         "--checkpoint_dir")
+    evals = {name: load_dialogues(p)[: opts.max_eval_examples] for name, p in names.items()}
     passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
-    reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"))
-    retriever = None
-    if passages is not None:
-        path = os.path.join(opts.model_path, "retriever") if has_retriever else opts.retriever_model_path
-        retriever = Retriever.from_pretrained(path)
+    preflight.check_corpus(opts, passages)
+    with checkpoint.reading_models(opts.model_path):
+        reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"))
+        retriever = None
+        if passages is not None:
+            path = os.path.join(opts.model_path, "retriever") if has_retriever else opts.retriever_model_path
+            retriever = Retriever.from_pretrained(path)
+            if not has_retriever and info.is_main:
+                print(f"retriever: {path} (the checkpoint has no retriever/)")
+    safety.check_loaded_weights({"reader": reader, "retriever": retriever}, opts.model_path)
     model = LapdogModel(reader, retriever, opts).to(info.device).eval()
     retrieval = None
     if passages is not None:

@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from src import checkpoint, distributed, options  # noqa: E402
+from src import exits, interrupt, preflight, reference, resume, safety  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
-from src.errors import UsageError, flag_error  # noqa: E402
+from src.errors import flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
 from src import grpo  # noqa: E402
 from src.lapdog import Batch, LapdogModel, make_batch, rollout_reply_tokens, training_kind  # noqa: E402
@@ -56,9 +57,9 @@ def lr_multiplier(step, warmup, total, kind):
 def load_data(opts, info):
     train = [ex for path in opts.train_data for ex in load_dialogues(path)]
     evals = {}
-    for path in opts.eval_data:
+    for name, path in preflight.eval_names(opts.eval_data).items():
         exs = load_dialogues(path)
-        evals[os.path.splitext(os.path.basename(path))[0]] = exs[: opts.max_eval_examples]
+        evals[name] = exs[: opts.max_eval_examples]
     passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
     return train, evals, passages
 
@@ -87,23 +88,31 @@ def load_models(opts, resume_path):
     return reader, retriever, origin
 
 
-def reference_models(opts, reader, retriever, info):
-    """Frozen copies taken when stage 2 starts; saved once under {checkpoint_dir}/reference/."""
+def reference_models(opts, reader, retriever, info, resumed=False, taken_from="", log=print):
+    """Frozen copies taken when stage 2 starts; saved once under {checkpoint_dir}/reference/
+    with what they were taken from (src/reference.py)."""
     if not opts.use_grpo:
         return None, None
     ref_dir = os.path.join(opts.checkpoint_dir, "reference")
     need_ret = opts.grpo_train_retriever
-    if os.path.isfile(os.path.join(ref_dir, "complete")):
+    current = None if resumed else reference.fingerprints(reader, retriever if need_ret else None)
+    reuse, note = reference.decide(ref_dir, taken_from, current, resumed)
+    if note:
+        log(note)
+    if reuse:
         ref_reader = FiDReader.from_pretrained(os.path.join(ref_dir, "reader"))
         ref_ret = Retriever.from_pretrained(os.path.join(ref_dir, "retriever")) if need_ret else None
     else:
         ref_reader = copy.deepcopy(reader)
         ref_ret = copy.deepcopy(retriever) if need_ret else None
+        distributed.barrier()  # every rank has decided before rank 0 replaces the folder
         if info.is_main:
+            reference.clear(ref_dir)
             ref_reader.save_pretrained(os.path.join(ref_dir, "reader"))
             if ref_ret is not None:
                 ref_ret.save_pretrained(os.path.join(ref_dir, "retriever"))
-            open(os.path.join(ref_dir, "complete"), "w").close()
+            checkpoint.make_readable(ref_dir)
+            reference.mark_complete(ref_dir, taken_from, current)
         distributed.barrier()
     for m in (ref_reader, ref_ret):
         if m is not None:
@@ -183,6 +192,8 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, ro
         checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
         path = checkpoint.commit_save(opts.checkpoint_dir, step)
         tracker.info(f"saved {path}")
+        for old in checkpoint.prune(opts.checkpoint_dir, opts.keep_checkpoints):
+            tracker.info(f"removed {old} (--keep_checkpoints {opts.keep_checkpoints})")
     distributed.barrier()
 
 
@@ -246,16 +257,28 @@ def main(argv=None):
     options.validate(opts)
     if opts.retrieve_only:
         raise flag_error("--retrieve_only", "is an evaluation mode", "run evaluate.py --retrieve_only --model_path ...")
+    preflight.check_options(opts)
     if not opts.train_data:
         raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
     if not opts.closed_book and not opts.passages:
         raise flag_error("--passages", "is required unless --closed_book", "pass the story corpus jsonl")
-    info = distributed.init_distributed(opts.local_rank)
+    info = distributed.init_distributed(opts.local_rank, opts.dist_timeout)
     options.validate_for_device(opts, info.device.type)
-    os.makedirs(opts.checkpoint_dir, exist_ok=True)
+    preflight.check_writable_dir(opts.checkpoint_dir, "--checkpoint_dir")
+    exits.note_output(opts.checkpoint_dir)
     train, evals, passages = load_data(opts, info)  # validated before anything is trained
+    preflight.check_corpus(opts, passages)
 
-    resume_path = checkpoint.latest_checkpoint(opts.checkpoint_dir)
+    # Every check that needs no model runs before the first file is written.
+    resume_path, notes = checkpoint.resolve_resume(opts.checkpoint_dir, clean=info.is_main)
+    if resume_path:
+        notes += resume.compare(checkpoint.load_options(resume_path), opts, resume_path, info.world,
+                                opts.allow_option_changes)
+        if info.is_main and resume.drop_rows_after(opts.checkpoint_dir, int(os.path.basename(resume_path)[5:])):
+            notes.append(f"dropped metrics/samples rows logged after {os.path.basename(resume_path)} by the earlier run")
+    elif opts.model_path:
+        checkpoint.check_model_path(opts.model_path)
+    os.makedirs(opts.checkpoint_dir, exist_ok=True)
     tracker = Tracker(opts.checkpoint_dir, opts.name, options.to_json_dict(opts), rank=info.rank,
                       use_wandb=opts.use_wandb, wandb_project=opts.wandb_project,
                       wandb_entity=opts.wandb_entity, wandb_run_name=opts.wandb_run_name or opts.name)
@@ -263,12 +286,18 @@ def main(argv=None):
     np.random.seed(opts.seed + info.rank)
     torch.manual_seed(opts.seed + info.rank)
 
-    reader, retriever, origin = load_models(opts, resume_path)
+    for note in notes:
+        tracker.info(note)
+    weights_from = resume_path or opts.model_path or opts.reader_model_type
+    with checkpoint.reading_models(weights_from):
+        reader, retriever, origin = load_models(opts, resume_path)
+    safety.check_loaded_weights({"reader": reader, "retriever": retriever}, weights_from)
     tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
                  + ("" if passages is None else f", {len(passages)} stories"))
     for line in options.warnings(opts):
         tracker.info(line)
-    ref_reader, ref_retriever = reference_models(opts, reader, retriever, info)
+    ref_reader, ref_retriever = reference_models(opts, reader, retriever, info, resumed=bool(resume_path),
+                                                 taken_from=weights_from, log=tracker.info)
     frozen_passages = passage_encoder(opts, resume_path, retriever, info)
     model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever, frozen_passages).to(info.device)
     train_retriever = options.retriever_trained(opts)
@@ -293,6 +322,9 @@ def main(argv=None):
             o.load_state_dict(state["optimizers"][name])
         for name, s in scheds.items():
             s.load_state_dict(state["schedulers"][name])
+            if opts.allow_option_changes:
+                resume.apply_optimizer_options(optims[name], s, opts.lr if name == "reader" else opts.lr_retriever,
+                                               opts.weight_decay)
         rng = checkpoint.load_rank_rng(resume_path, info.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng, data_rng)
@@ -315,6 +347,7 @@ def main(argv=None):
         tracker.info(f"already at step {step} >= --total_steps {opts.total_steps}: nothing to train")
     window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
+    guard, stopper = safety.StepGuard(opts.max_nonfinite_steps), interrupt.StopOnInterrupt().install()
     model.train()
     while step < opts.total_steps:
         kind = training_kind(opts, step)
@@ -365,6 +398,22 @@ def main(argv=None):
                 step_stats["grad_norm/reader"] = clip_and_norm(optims["reader"], reader.parameters(), opts.clip)
             if "retriever" in optims:
                 step_stats["grad_norm/retriever"] = clip_and_norm(optims["retriever"], retriever.parameters(), opts.clip)
+            # fp16: GradScaler skips steps with inf gradients by design; only the loss is checked.
+            apply_step, stop = guard.check(step, step_stats, stopper.requested, info.device, check_grads=not scaler)
+            if not apply_step:
+                tracker.warning(f"step {step + 1}: {guard.last}, update skipped "
+                                f"({guard.consecutive} in a row, {guard.skipped} in this run)")
+                for o in optims.values():
+                    o.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.update()
+                if stop:
+                    save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
+                    tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
+                    raise interrupt.Interrupted(f"Ctrl-C: stopped at step {step}, saved "
+                                                f"{checkpoint.step_dir(opts.checkpoint_dir, step)}; the same command resumes")
+                continue
+            step_stats.update(guard.log_values())
             for name, o in optims.items():
                 if name == "retriever" and step < opts.freeze_retriever_steps:
                     continue
@@ -397,21 +446,22 @@ def main(argv=None):
                 model.eval()
                 run_evaluations(opts, info, model, retrieval, evals, step, tracker)
                 model.train()
-            if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps:
+            if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or stop:
                 unfinished = iteration + 1 < mu  # reuse updates of this batch remain
                 save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker,
                      {"micro": micro, "rollouts": rollouts, "iteration": iteration + 1} if unfinished else None)
+            if stop:
+                tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
+                raise interrupt.Interrupted(f"Ctrl-C: stopped after step {step}, saved "
+                                            f"{checkpoint.step_dir(opts.checkpoint_dir, step)}; the same command resumes")
+    stopper.uninstall()
     tracker.close()
     distributed.cleanup()
     return 0
 
 
 def entry(main_fn, argv=None):
-    try:
-        return main_fn(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exits.run(main_fn, argv)
 
 
 if __name__ == "__main__":

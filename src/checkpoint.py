@@ -14,15 +14,18 @@ is assembled under a temporary name and renamed into place, then `latest` is swa
 rename, so a crash mid-save never leaves a half-written checkpoint behind `latest`.
 """
 
+import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 
-from src.errors import flag_error
+from src.errors import UsageError, data_error, flag_error
 
 
 def checkpoint_root(checkpoint_dir):
@@ -127,15 +130,26 @@ def write_rank_rollout(tmp, rank, rollout_state):
 def load_rank_rollout(path, rank):
     f = os.path.join(path, f"rollout-rank{rank}.pt")
     return torch.load(f, map_location="cpu", weights_only=True) if os.path.exists(f) else None
+def make_readable(path):
+    """safetensors writes through a private temporary file (mode 0600); give every file of a
+    checkpoint the mode the user's umask gives ordinary files, so a colleague can read it too."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, files in os.walk(path):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def write_main(tmp, models, options, state):
     """Rank 0: the models (objects with save_pretrained), options.json and state.pt."""
+    from src.safety import check_weights_to_save
+    check_weights_to_save(models, f"step {state.get('step')}")
     for name, model in models.items():
         model.save_pretrained(os.path.join(tmp, name))
     with open(os.path.join(tmp, "options.json"), "w") as f:
         json.dump(options, f, indent=1, sort_keys=True)
     torch.save(state, os.path.join(tmp, "state.pt"))
+    make_readable(tmp)
 
 
 def commit_save(checkpoint_dir, step):
@@ -155,15 +169,31 @@ def commit_save(checkpoint_dir, step):
     return final
 
 
+def _safe_load(f):
+    """torch.load(weights_only=True), with a refused or damaged file as one UsageError line.
+
+    torch's own message for a refused payload recommends weights_only=False, which would run
+    whatever code the file carries: only its one-line diagnosis is passed on.
+    """
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), None)
+        why = why or next((ln for ln in lines if "weights_only" not in ln), type(exc).__name__)
+        raise UsageError(f"{f}: not a valid checkpoint state file ({why}) — delete "
+                         f"{os.path.dirname(f)} to resume from the checkpoint before it, or start a new run") from None
+
+
 def load_state(path):
-    return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    return _safe_load(os.path.join(path, "state.pt"))
 
 
 def load_rank_rng(path, rank):
     f = os.path.join(path, f"rng-rank{rank}.pt")
     if not os.path.exists(f):
         f = os.path.join(path, "rng-rank0.pt")
-    return torch.load(f, map_location="cpu", weights_only=True) if os.path.exists(f) else None
+    return _safe_load(f) if os.path.exists(f) else None
 
 
 def load_options(path):
@@ -171,8 +201,15 @@ def load_options(path):
     if not os.path.isfile(f):
         raise flag_error("--model_path", f"'{path}' is not a checkpoint (no options.json)",
                          "pass a folder such as ckpt/run/checkpoint/step-N or .../checkpoint/latest")
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        with open(f) as fh:
+            saved = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise data_error(f, getattr(exc, "lineno", None), f"invalid JSON ({exc})",
+                         "restore the file from the training run, or evaluate another checkpoint") from None
+    if not isinstance(saved, dict):
+        raise data_error(f, None, "expected a JSON object of options", "restore the file from the training run")
+    return saved
 
 
 def check_model_path(path):
@@ -180,3 +217,89 @@ def check_model_path(path):
         raise flag_error("--model_path", f"'{path}' has no reader/ folder",
                          "pass a checkpoint folder such as ckpt/run/checkpoint/step-N")
     return path
+
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-step-(\d+)$")
+
+
+def is_complete(path):
+    """A step folder that a resume can use: everything write_main writes, and rank 0's RNG file."""
+    return (os.path.isdir(os.path.join(path, "reader")) and
+            all(os.path.isfile(os.path.join(path, f)) for f in ("state.pt", "options.json", "rng-rank0.pt")))
+
+
+def step_folders(checkpoint_dir):
+    """[(step, path)] of the step-N folders, oldest first."""
+    root = checkpoint_root(checkpoint_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name))
+             for name in os.listdir(root) if (m := _STEP_RE.match(name)) and os.path.isdir(os.path.join(root, name))]
+    return sorted(found)
+
+
+def resolve_resume(checkpoint_dir, clean=True):
+    """(folder to resume from or None, log lines). `latest` when it is complete; else the newest
+    complete step-N, saying why `latest` was passed over. Raises UsageError when step folders
+    exist but none is complete: training from step 0 would overwrite them.
+
+    `clean` (rank 0 only): remove .tmp-step-N folders, which a crash mid-save leaves behind and
+    which a resume never reads.
+    """
+    root = checkpoint_root(checkpoint_dir)
+    notes = []
+    if clean and os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if _TMP_RE.match(name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                notes.append(f"removed {os.path.join(root, name)} (a partial save left by an interrupted run)")
+    link = os.path.join(root, "latest")
+    why = "there is no `latest` link"
+    if os.path.lexists(link):
+        target = os.path.realpath(link)
+        if is_complete(target):
+            return target, notes
+        why = (f"`latest` points at {target}, which does not exist" if not os.path.exists(target)
+               else f"`latest` points at {target}, which is incomplete")
+    steps = step_folders(checkpoint_dir)
+    complete = [p for _, p in steps if is_complete(p)]
+    if complete:
+        notes.append(f"resuming from {complete[-1]}, the newest complete checkpoint ({why})")
+        return complete[-1], notes
+    if steps:
+        names = ", ".join(os.path.basename(p) for _, p in steps)
+        raise UsageError(f"{root}: {why} and no step folder ({names}) is complete (each needs reader/, "
+                         "state.pt, options.json, rng-rank0.pt) — move or delete them to start a new run "
+                         "there, or pass another --checkpoint_dir")
+    if os.path.lexists(link):
+        notes.append(f"{why} and there are no step folders: starting a new run")
+    return None, notes
+
+
+def prune(checkpoint_dir, keep):
+    """Rank 0, after a save: delete all but the newest `keep` complete step folders (keep <= 0:
+    keep all). `latest`'s target and the newest complete folder are never deleted. Returns the
+    deleted paths."""
+    if keep <= 0:
+        return []
+    latest = os.path.realpath(os.path.join(checkpoint_root(checkpoint_dir), "latest"))
+    complete = [p for _, p in step_folders(checkpoint_dir) if is_complete(p)]
+    keep_set = set(complete[-keep:]) | {latest}
+    doomed = [p for p in complete if p not in keep_set]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+@contextlib.contextmanager
+def reading_models(where):
+    """Loading weights from `where`: a truncated or corrupted file becomes one UsageError line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as exc:  # safetensors, transformers and torch each raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"{where}: cannot load the model weights ({type(exc).__name__}: {first}) — the files "
+                         "are damaged or incomplete: use another checkpoint or re-create this one") from None

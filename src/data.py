@@ -7,12 +7,26 @@ empty file has no line to point at and is reported as ``PATH: problem — what t
 """
 
 import json
+import logging
 import os
 import re
 
 import torch
 
 from src.errors import UsageError, data_error, flag_error
+
+log = logging.getLogger("lapdog.data")
+# A question this long is almost certainly a broken line; it is kept but warned about.
+LONG_TEXT_CHARS = 100_000
+# No T5 / BERT vocabulary piece is longer than this many characters, so cutting a text at
+# max_tokens * TOKEN_CHARS characters before tokenizing leaves the first max_tokens tokens intact
+# (and a 20 MB line no longer costs gigabytes in the tokenizer).
+TOKEN_CHARS = 64
+
+
+def clip_for_tokenizer(texts, max_tokens):
+    limit = max_tokens * TOKEN_CHARS
+    return [t if len(t) <= limit else t[:limit] for t in texts]
 
 DEFAULT_ENCODER_FORMAT = "{query} story title: {title} story: {text}"
 DEFAULT_RETRIEVER_FORMAT = "{title} {text}"
@@ -55,7 +69,9 @@ def _read_json_lines(path, kind, example):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise data_error(path, number, f"invalid JSON ({exc.msg} at column {exc.colno})",
+            # Some of json's messages end in "at" ("Unterminated string starting at"): no "at at".
+            msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+            raise data_error(path, number, f"invalid JSON ({msg} at column {exc.colno})",
                              f"write one JSON object per line, e.g. {example}") from None
         if not isinstance(obj, dict):
             raise data_error(path, number,
@@ -86,7 +102,7 @@ def load_dialogues(path):
     fields are kept on the dict. Every dict also gets ``_line`` (its 1-based line in the file).
     Raises UsageError on any malformed line.
     """
-    examples = []
+    examples, empty, long_lines = [], [], []
     for number, obj in _read_json_lines(path, "dialogue", _DIALOGUE_EXAMPLE):
         for key in ("question", "answers"):
             if key not in obj:
@@ -102,6 +118,16 @@ def load_dialogues(path):
                              "give at least one gold reply, e.g. [\"hello .\"]")
         obj["_line"] = number
         examples.append(obj)
+        if not any(a.strip() for a in answers):
+            empty.append(number)
+        if len(obj["question"]) > LONG_TEXT_CHARS:
+            long_lines.append(number)
+    if empty:
+        log.warning(f"warning: {path}: {len(empty)} example(s) have only empty answers (first: line {empty[0]}); "
+                    "they teach the reader to reply nothing — remove them or fill in the reply")
+    if long_lines:
+        log.warning(f"warning: {path}: {len(long_lines)} question(s) longer than {LONG_TEXT_CHARS} characters "
+                    f"(first: line {long_lines[0]}); only their beginning reaches the model (see --text_maxlength)")
     return examples
 
 

@@ -6,6 +6,7 @@ Works for a single process, `python -m torch.distributed.launch` (which passes -
 sets LOCAL_RANK) and torchrun (environment variables only).
 """
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,9 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(local_rank_flag=-1):
+def init_distributed(local_rank_flag=-1, timeout_minutes=None):
+    """`timeout_minutes` (--dist_timeout) bounds every collective and the initial rendezvous: a
+    rank that hangs or died makes the others fail with a timeout instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
@@ -41,6 +44,8 @@ def init_distributed(local_rank_flag=-1):
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if timeout_minutes is not None:
+            kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
 

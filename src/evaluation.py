@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from src import distributed
 from src.data import eval_shard, interleave_results, reference_answer
+from src.errors import UsageError
 from src.index import recall_at_k
 from src.lapdog import make_batch
 from src.metrics import compute_metrics
@@ -65,7 +66,12 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         ordered = interleave_results([g[0] for g in gathered], len(examples))
         metrics = {"n": len(ordered), **retrieval_statistics(ordered, opts.retriever_n_context)}
         if results_path:
-            _write_results(results_path, ordered, opts)
+            try:
+                _write_results(results_path, ordered, opts)
+            except OSError as exc:
+                # The generations took long to compute: at least the metrics reach the user.
+                raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
+                                 f"{json.dumps(metrics)}") from None
     elif info.is_main:
         ordered = interleave_results([g[0] for g in gathered], len(examples))
         metrics = compute_metrics([r["generation"] for r in ordered], [r["answers"][0] for r in ordered])
@@ -77,7 +83,12 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         if retrieval is not None:
             metrics.update(retrieval_statistics(ordered, opts.retriever_n_context))
         if results_path:
-            _write_results(results_path, ordered, opts)
+            try:
+                _write_results(results_path, ordered, opts)
+            except OSError as exc:
+                # The generations took long to compute: at least the metrics reach the user.
+                raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
+                                 f"{json.dumps(metrics)}") from None
     return distributed.broadcast_object(metrics)
 
 

@@ -282,8 +282,9 @@ class PassageIndex:
         return int(faiss.serialize_index(self._faiss).size)
 
     # ----------------------------------------------------------------------------- save / load
-    def save(self, path, n_shards=1):
-        """Write the index folder (see the module docstring). COLLECTIVE when distributed."""
+    def save(self, path, n_shards=1, fingerprint=None):
+        """Write the index folder (see the module docstring). COLLECTIVE when distributed.
+        `fingerprint`: what the embeddings were made from (corpus and retriever), kept in meta.json."""
         import torch.distributed as dist
         from safetensors.torch import save_file
 
@@ -331,7 +332,8 @@ class PassageIndex:
         if rank == 0:
             meta = {"format": "lapdog-passage-index", "version": 1, "n_total": self.n_total,
                     "dim": self.dim, "mode": self.mode, "faiss_index_type": self.faiss_index_type,
-                    "faiss_code_size": self.faiss_code_size, "n_shards": n_shards, "files": files}
+                    "faiss_code_size": self.faiss_code_size, "n_shards": n_shards, "files": files,
+                    "fingerprint": fingerprint}
             listed = {f["file"] for f in files}
             for old in os.listdir(path):
                 if _FILE_RE.match(old) and old not in listed:
@@ -339,6 +341,8 @@ class PassageIndex:
             with open(meta_path + ".tmp", "w") as fh:
                 json.dump(meta, fh, indent=1)
             os.replace(meta_path + ".tmp", meta_path)
+            from src.checkpoint import make_readable
+            make_readable(path)
         if world > 1:
             dist.barrier()
 
@@ -400,7 +404,9 @@ class PassageIndex:
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise flag_error("--load_index_path", f"bad shard file {file_path}: {exc}", fix) from None
         emb = torch.cat(parts) if parts else torch.empty(0, dim)
-        return index.build(emb, start=lo, n_total=n_total)
+        index = index.build(emb, start=lo, n_total=n_total)
+        index.saved_fingerprint = meta.get("fingerprint")
+        return index
 
 
 def build_index(retriever, passages, *, mode="flat", faiss_index_type="flat", faiss_code_size=None,

@@ -16,7 +16,7 @@ GRPO forwards return a `rollout` (samples, advantages, old and reference log-pro
 import torch
 import torch.nn as nn
 
-from src import grpo
+from src import grpo, safety
 from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
 from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
@@ -332,6 +332,7 @@ class LapdogModel(nn.Module):
         with timed(stats, "time/retriever", dev), dropout_disabled(self.retriever), \
                 torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
+        safety.require_finite(pool_logp, "retriever scores", self.step)
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
                 draw = (grpo.sample_without_replacement if o.grpo_retriever_estimator == "topk_heuristic"

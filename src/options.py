@@ -253,14 +253,29 @@ def _check_unimplemented(opts):
                          "use persona, context, all or persona_rand")
     if opts.task != "qa":
         raise flag_error("--task", f"{opts.task} (the causal-LM chat task) is not implemented", "use --task qa")
+def _add_reliability_options(p):
+    g = p.add_argument_group("reliability")
+    g.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop with exit code 3 after this many consecutive steps skipped for a NaN/inf loss "
+                        "or gradient norm (default: %(default)s)")
+    g.add_argument("--allow_option_changes", action="store_true",
+                   help="on resume, apply changed optimization options (lr, batch size, schedule, GRPO sizes, "
+                        "number of processes) with a warning each, instead of refusing (default: off)")
+    g.add_argument("--keep_checkpoints", type=int, default=0,
+                   help="keep only the newest N step-N folders; `latest` and the newest complete one are "
+                        "always kept (default: %(default)s, keep all)")
+    g.add_argument("--dist_timeout", type=float, default=30.0,
+                   help="minutes a process waits for the others in a collective before the run stops "
+                        "(default: %(default)s)")
 
 
 def build_parser(prog=None):
+    # allow_abbrev=False: `--per_gpu_batch 2` must not silently mean --per_gpu_batch_size.
     p = argparse.ArgumentParser(prog=prog, description="LAPDOG-GRPO: train and evaluate",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for add in (_add_run_options, _add_data_options, _add_model_options, _add_index_options,
                 _add_optim_options, _add_generation_options, _add_retriever_training_options,
-                _add_grpo_options, _add_wandb_options, _add_unimplemented_options):
+                _add_grpo_options, _add_wandb_options, _add_unimplemented_options, _add_reliability_options):
         add(p)
     return p
 

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging as hf_logging
 
 from src import sampling
+from src.data import clip_for_tokenizer
 from src.errors import flag_error
 from src.grpo import linear_token_logprobs, logprobs_without_token, token_logprobs
 
@@ -131,7 +132,7 @@ class FiDReader(torch.nn.Module):
         n = len(inputs[0])
         if n == 0 or any(len(x) != n for x in inputs):
             raise ValueError(f"every example needs the same non-zero number of passages; got {[len(x) for x in inputs]}")
-        flat = [s for example in inputs for s in example]
+        flat = clip_for_tokenizer([s for example in inputs for s in example], max_length)
         enc = self.tokenizer(flat, truncation=True, max_length=max_length, padding="longest",
                              return_tensors="pt")
         shape = (len(inputs), n, enc["input_ids"].shape[1])
@@ -141,7 +142,7 @@ class FiDReader(torch.nn.Module):
     def tokenize_targets(self, targets, max_length):
         """``targets``: B strings -> labels [B, T] long, EOS included (truncated to
         ``max_length`` tokens), -100 at padding."""
-        enc = self.tokenizer(list(targets), truncation=True, max_length=max_length, padding="longest",
+        enc = self.tokenizer(clip_for_tokenizer(list(targets), max_length), truncation=True, max_length=max_length, padding="longest",
                              return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return labels.to(self.device)

@@ -10,8 +10,10 @@ import time
 
 import torch
 
+from src import fingerprint
 from src.data import retrieval_query, retriever_passage_text
 from src.errors import flag_error
+from src.preflight import check_corpus
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_trained
 from src.posterior import FactSwap, PosteriorStories
@@ -30,10 +32,7 @@ class StoryRetrieval:
         if opts.posterior_fact_swap > 0:
             texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
             self.fact_swap = FactSwap(self.posterior, texts)
-        needed = max(opts.retriever_n_context, opts.grpo_retriever_pool_size if opts.grpo_train_retriever else 1)
-        if len(passages) < needed:
-            raise flag_error("--passages", f"the corpus has {len(passages)} stories but {needed} are retrieved per query",
-                             "use a larger corpus or lower --retriever_n_context / --grpo_retriever_pool_size")
+        check_corpus(opts, passages)
 
     def build(self, retriever, allow_load=True):
         """Build (or load) the index with the current retriever; returns the seconds it took."""
@@ -46,6 +45,7 @@ class StoryRetrieval:
             if self.index.n_total != len(self.passages):
                 raise flag_error("--load_index_path", f"the index holds {self.index.n_total} stories, --passages has "
                                  f"{len(self.passages)}", "load an index built from the same corpus and --max_passages")
+            check_index_fingerprint(self.index.saved_fingerprint, self.fingerprint(retriever), o.load_index_path)
         else:
             self.index = build_index(retriever, self.passages, mode=o.index_mode, faiss_index_type=o.faiss_index_type,
                                      faiss_code_size=o.faiss_code_size, batch_size=o.per_gpu_embedder_batch_size,
@@ -53,8 +53,14 @@ class StoryRetrieval:
                                      device=self.info.device, rank=self.info.rank, world=self.info.world,
                                      show_progress=self.info.is_main)
             if o.save_index_path:
-                self.index.save(o.save_index_path, n_shards=o.save_index_n_shards)
+                self.index.save(o.save_index_path, n_shards=o.save_index_n_shards, fingerprint=self.fingerprint(retriever))
         return time.perf_counter() - t0
+
+    def fingerprint(self, retriever):
+        """What an index of this corpus made by this retriever is made from (see src/fingerprint.py)."""
+        if getattr(self, "_corpus_fp", None) is None:
+            self._corpus_fp = fingerprint.corpus(self.passages)
+        return {"corpus": self._corpus_fp, "retriever": fingerprint.weights(retriever)}
 
     def should_refresh(self, step):
         o = self.opts
@@ -125,3 +131,16 @@ class StoryRetrieval:
                     have.add(cand["id"])
             out.append(keep)
         return out
+
+
+def check_index_fingerprint(saved, current, path):
+    """A loaded index must come from this corpus and this retriever: an index of another corpus of
+    the same size loads fine and retrieves the wrong stories (recall 100 -> 0, same scores)."""
+    if saved is None:
+        raise flag_error("--load_index_path", f"'{path}' does not record the corpus and retriever it was built from "
+                         "(saved by an older version)", "rebuild it: drop --load_index_path and pass --save_index_path")
+    for what, flag in (("corpus", "--passages / --max_passages"), ("retriever", "the retriever weights")):
+        if saved.get(what) != current[what]:
+            raise flag_error("--load_index_path", f"'{path}' was built from another {what} (fingerprint "
+                             f"{str(saved.get(what))[:12]}, this run's {flag}: {current[what][:12]})",
+                             "load the index saved with this corpus and retriever, or rebuild it")

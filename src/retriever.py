@@ -9,6 +9,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from src.data import clip_for_tokenizer
 from src.errors import flag_error
 
 _LOAD_FIX = "pass a local folder, e.g. the retriever/ written by scripts/build_small_models.py"
@@ -96,7 +97,7 @@ class Retriever(torch.nn.Module):
 
     def tokenize(self, texts, max_length):
         """``dict(input_ids [B,T] long, attention_mask [B,T] long)`` on CPU; pads to the longest."""
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+        enc = self.tokenizer(clip_for_tokenizer(list(texts), max_length), padding="longest", truncation=True,
                              max_length=max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
