@@ -18,14 +18,13 @@ if ROOT not in sys.path:
 
 from src import checkpoint, distributed, options  # noqa: E402
 from src.data import load_dialogues, load_passages  # noqa: E402
-from src.errors import flag_error  # noqa: E402
+from src.errors import entry, flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
 from src.lapdog import LapdogModel  # noqa: E402
 from src.metrics import format_metrics  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from train import entry  # noqa: E402
 
 
 def layered_options(argv):

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from src import checkpoint, distributed, options  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
-from src.errors import UsageError, flag_error  # noqa: E402
+from src.errors import entry, flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
 from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
@@ -66,20 +66,17 @@ def load_models(opts, resume_path):
     """(reader, retriever, where from). `latest` in --checkpoint_dir wins over --model_path."""
     retriever = None
     if resume_path:
-        reader = FiDReader.from_pretrained(os.path.join(resume_path, "reader"), dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
-        src_ret = os.path.join(resume_path, "retriever")
+        reader_path, src_ret = os.path.join(resume_path, "reader"), os.path.join(resume_path, "retriever")
         origin = f"resumed from {resume_path}"
     elif opts.model_path:
         checkpoint.check_model_path(opts.model_path)
-        reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"), dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+        reader_path = os.path.join(opts.model_path, "reader")
         src_ret = None if opts.load_reader_weights_only else os.path.join(opts.model_path, "retriever")
         origin = f"started from {opts.model_path}"
     else:
-        reader = FiDReader.from_pretrained(opts.reader_model_type, dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
-        src_ret, origin = None, f"new run from {opts.reader_model_type}"
+        reader_path, src_ret, origin = opts.reader_model_type, None, f"new run from {opts.reader_model_type}"
+    reader = FiDReader.from_pretrained(reader_path, dropout=opts.dropout,
+                                       gradient_checkpointing=opts.use_gradient_checkpoint_reader)
     if not opts.closed_book:
         path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
         retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)
@@ -270,7 +267,7 @@ def main(argv=None):
                         loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
                     loss = loss / len(micro)
                     (scaler.scale(loss) if scaler else loss).backward()
-                samples = stats.pop("_samples", None)
+                samples = model.samples
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
             if scaler:
@@ -281,7 +278,7 @@ def main(argv=None):
             if "retriever" in optims:
                 step_stats["grad_norm/retriever"] = clip_and_norm(optims["retriever"], retriever.parameters(), opts.clip)
             for name, o in optims.items():
-                if name == "retriever" and step < opts.freeze_retriever_steps:
+                if name == "retriever" and options.retriever_frozen_at(opts, step):
                     continue
                 scaler.step(o) if scaler else o.step()
             if scaler:
@@ -320,14 +317,6 @@ def main(argv=None):
     tracker.close()
     distributed.cleanup()
     return 0
-
-
-def entry(main_fn, argv=None):
-    try:
-        return main_fn(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

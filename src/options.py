@@ -199,6 +199,12 @@ def retriever_trained(opts):
     return bool(opts.train_retriever or opts.grpo_train_retriever)
 
 
+def retriever_frozen_at(opts, step):
+    """True while --freeze_retriever_steps holds the retriever at `step` (completed updates):
+    no retriever loss, no retriever optimizer step, no index refresh. The one test of it."""
+    return step < opts.freeze_retriever_steps
+
+
 def validate(opts):
     """Check values and combinations; normalise derived values. Raises UsageError."""
     positive = ["per_gpu_batch_size", "accumulation_steps", "total_steps", "text_maxlength",

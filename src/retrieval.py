@@ -13,7 +13,7 @@ import torch
 from src.data import retrieval_query
 from src.errors import flag_error
 from src.index import PassageIndex, RefreshSchedule, build_index
-from src.options import retriever_trained
+from src.options import retriever_frozen_at, retriever_trained
 
 
 class StoryRetrieval:
@@ -50,7 +50,7 @@ class StoryRetrieval:
 
     def should_refresh(self, step):
         o = self.opts
-        return retriever_trained(o) and step >= max(o.freeze_retriever_steps, 0) and self.schedule.should_refresh(step)
+        return retriever_trained(o) and not retriever_frozen_at(o, step) and self.schedule.should_refresh(step)
 
     def query_texts(self, examples, rng):
         return [retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]
