@@ -29,7 +29,7 @@ from src.retriever import Retriever  # noqa: E402
 
 def layered_options(argv):
     """Defaults <- checkpoint options.json <- this command line."""
-    cli, explicit = options.parse(argv)
+    cli, explicit = options.parse(argv, shown=options.EVALUATION_OPTIONS, description=options.EVALUATE_DESCRIPTION)
     if not cli.model_path:
         raise flag_error("--model_path", "is required", "pass a checkpoint folder, e.g. ckpt/run/checkpoint/step-N")
     model_path = os.path.realpath(cli.model_path)

@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from src import checkpoint, distributed, options  # noqa: E402
+from src import checkpoint, distributed, options, provenance  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
 from src.errors import entry, flag_error  # noqa: E402
 from src.evaluation import evaluate  # noqa: E402
@@ -176,6 +176,7 @@ def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
 def main(argv=None):
     opts, _ = options.parse(argv)
     options.validate(opts)
+    opts.run_info = provenance.run_info(sys.argv[1:] if argv is None else argv)  # into options.json
     if not opts.train_data:
         raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
     if not opts.closed_book and not opts.passages:
