@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from src import checkpoint, distributed, options, provenance  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
 from src.errors import entry, flag_error  # noqa: E402
-from src.evaluation import evaluate  # noqa: E402
+from src.evaluation import evaluate, output_paths  # noqa: E402
 from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
@@ -164,8 +164,10 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
 def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
     results = {}
     for name, exs in evals.items():
-        path = os.path.join(opts.checkpoint_dir, "results", f"step-{step}-{name}.jsonl") if opts.write_results else None
-        m = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}")
+        path, metrics_path = output_paths(os.path.join(opts.checkpoint_dir, "results"), step, name)
+        path = path if opts.write_results else None
+        m = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}",
+                     metrics_path=metrics_path, about={"step": step, "eval": name})
         results.update({f"eval/{name}/{k}": v for k, v in m.items()})
         if path:
             tracker.info(f"wrote {path}")
