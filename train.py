@@ -244,6 +244,7 @@ def main(argv=None):
         tracker.info(f"already at step {step} >= --total_steps {opts.total_steps}: nothing to train")
     window, window_t0, window_examples = {}, time.perf_counter(), 0
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
+    tracker.start_progress(step, opts.total_steps)
     model.train()
     while step < opts.total_steps:
         kind = training_kind(opts, step)
@@ -289,6 +290,7 @@ def main(argv=None):
             for s in scheds.values():
                 s.step()
             step += 1
+            tracker.advance(step)
             step_stats["time/retrieval"] = t_retrieval
             t_retrieval = 0.0
             for k, v in step_stats.items():
@@ -317,6 +319,7 @@ def main(argv=None):
                 model.train()
             if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps:
                 save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
+    tracker.finish(step, opts.total_steps)
     tracker.close()
     distributed.cleanup()
     return 0
