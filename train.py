@@ -29,6 +29,7 @@ from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer 
 from src.errors import entry, flag_error  # noqa: E402
 from src.evaluation import evaluate, output_paths  # noqa: E402
 from src.lapdog import LapdogModel, make_batch, training_kind  # noqa: E402
+from src.model_card import write_model_cards  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
@@ -156,6 +157,7 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker):
                  "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
                  "world": info.world}
         checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
+        write_model_cards(tmp, options.to_json_dict(opts), step, tracker.eval_at(step))
         path = checkpoint.commit_save(opts.checkpoint_dir, step)
         tracker.info(f"saved {path}")
     distributed.barrier()
