@@ -67,6 +67,8 @@ def reader_card(opts, step, metrics):
     fmt = opts.get("encoder_format")
     example = query if closed else encoder_inputs(query, [_EXAMPLE_STORY], 1, fmt)[0]
     n_ctx = 1 if closed else opts.get("n_context")
+    beams = opts.get("generation_num_beams") or 1
+    decoding = f"with beam search ({beams} beams)" if beams > 1 else "greedily (num_beams 1)"
     inputs = ("The input is the prompt alone (closed book)." if closed else
               f"Each of the top {n_ctx} retrieved stories gets its own encoder input "
               f"`{fmt}` (`{{query}}` the prompt above), truncated to {opts.get('text_maxlength')} tokens "
@@ -90,8 +92,7 @@ owner of a ConvAI2-style dialogue, optionally reading stories a retriever found 
 Prompt: `dialog with R's persona: {{question}} R: <extra_id_0>` where `{{question}}` is
 `persona: ... context: Q: ... R: ... Q: ...`. {inputs} The reply is generated at the sentinel:
 the target is `<extra_id_0> {{reply}}`, so decode with `skip_special_tokens=True`. Evaluation
-decodes greedily ({'beam search, ' + str(opts.get('generation_num_beams')) + ' beams' if (opts.get('generation_num_beams') or 1) > 1 else 'num_beams 1'}) with max_length {opts.get('generation_max_length')}
-(counting the decoder start token).
+decodes {decoding} with max_length {opts.get('generation_max_length')} (counting the decoder start token).
 
 ```python
 from transformers import AutoTokenizer, T5ForConditionalGeneration
@@ -118,7 +119,9 @@ reply = tok.decode(out[0], skip_special_tokens=True)
 def retriever_card(opts, step, metrics):
     trained = retriever_trained(argparse.Namespace(**opts))
     origin = ("trained in this run from " if trained else "not trained in this run: a copy of ") + \
-        f"`{opts.get('retriever_model_path')}`" + (" (or the --model_path checkpoint's retriever)" if opts.get("model_path") else "")
+        f"`{opts.get('retriever_model_path')}`"
+    if opts.get("model_path"):
+        origin += " (or the --model_path checkpoint's retriever)"
     fmt = opts.get("retriever_format")
     story = retriever_passage_text(_EXAMPLE_STORY, fmt)
     query = retrieval_query(_EXAMPLE_QUESTION, opts.get("retriever_from"), random.Random(0))

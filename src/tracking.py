@@ -564,7 +564,6 @@ class Tracker:
             return
         self._check_open()
         clean = {str(k): _to_python(v) for k, v in values.items()}
-        path = os.path.join(self.checkpoint_dir, "summary.json")
         self._update_summary_file({k: _json_safe(v) for k, v in clean.items()})
         self._logger.info("summary | " + " | ".join(f"{k} {format_value(v)}" for k, v in clean.items()))
         if self.wandb_run is not None:
