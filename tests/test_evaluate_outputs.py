@@ -55,3 +55,18 @@ def test_evaluation_writes_metrics_per_step_and_names_latest(tmp_path, tiny_mode
         assert len(open(results).readlines()) == 3
         assert json.load(open(metrics))["step"] == step and json.load(open(metrics))["results"] == results
         assert f"metrics written to {metrics}" in out or step == 3
+
+
+def test_readme_documents_every_compute_metrics_key():
+    """compute_metrics.py --json prints compute_metrics' dict: the README's key table names each key."""
+    import re
+
+    from conftest import ROOT
+    from src.metrics import compute_metrics
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = text[text.index("| key | meaning |"):].split("\n\n", 1)[0]
+    documented = {k for row in table.splitlines()[2:] for k in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    keys = set(compute_metrics(["i like dogs .", ""], ["i like cats .", "hello there ."]))
+    assert keys - documented == set(), f"undocumented compute_metrics keys: {keys - documented}"
+    assert documented - keys == set(), f"documented keys it does not return: {documented - keys}"
