@@ -123,7 +123,11 @@ def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
             assert torch.equal(v, saved[k])
     log = [json.loads(line) for line in open(a / "metrics.jsonl")]
     assert [r["step"] for r in log if "loss/reader" in r] == [1, 2, 3, 4]
-    assert {"lr/reader", "grad_norm/reader", "examples_per_s", "memory/peak_mb"} <= set(log[0])
+    assert {"lr/reader", "grad_norm/reader", "examples_per_s", "memory/peak_mb", "wall_time", "elapsed_s"} <= set(log[0])
+    summary = json.load(open(a / "summary.json"))
+    assert summary["steps"] == 4 and summary["final"]["loss/reader"] == log[-1]["loss/reader"]
+    card = (step4 / "reader" / "README.md").read_text()  # a model card in every saved reader/
+    assert "(step 4)" in card and "closed book, stage 1" in card
 
     run(stage1(b, tiny_models))
     crash_after(b, 2)
