@@ -19,21 +19,21 @@ if ROOT not in sys.path:
 from src import checkpoint, distributed, options  # noqa: E402
 from src import preflight, safety  # noqa: E402
 from src.data import load_dialogues, load_passages  # noqa: E402
-from src.errors import flag_error  # noqa: E402
-from src.evaluation import evaluate  # noqa: E402
+from src.errors import entry, flag_error  # noqa: E402
+from src.evaluation import evaluate, output_paths  # noqa: E402
 from src.lapdog import LapdogModel  # noqa: E402
 from src.metrics import format_metrics  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from train import entry  # noqa: E402
 
 
 def layered_options(argv):
     """Defaults <- checkpoint options.json <- this command line."""
-    cli, explicit = options.parse(argv)
+    cli, explicit = options.parse(argv, shown=options.EVALUATION_OPTIONS, description=options.EVALUATE_DESCRIPTION)
     if not cli.model_path:
         raise flag_error("--model_path", "is required", "pass a checkpoint folder, e.g. ckpt/run/checkpoint/step-N")
+    cli.given_model_path = cli.model_path  # e.g. .../checkpoint/latest, printed with what it resolved to
     model_path = os.path.realpath(cli.model_path)
     checkpoint.check_model_path(model_path)
     saved = checkpoint.load_options(model_path)
@@ -51,10 +51,12 @@ def layered_options(argv):
     return opts, explicit
 
 
-def results_location(opts, explicit, name):
+def output_dir(opts, explicit):
+    """{--checkpoint_dir}/results/ when given (as train.py's in-loop evaluations), else the folder
+    that holds the checkpoint (ckpt/run/checkpoint/)."""
     if "checkpoint_dir" in explicit:
-        return os.path.join(opts.checkpoint_dir, f"{name}.results.jsonl")
-    return os.path.join(os.path.dirname(opts.model_path), f"{os.path.basename(opts.model_path)}.{name}.results.jsonl")
+        return os.path.join(opts.checkpoint_dir, "results")
+    return os.path.dirname(opts.model_path)
 
 
 def main(argv=None):
@@ -77,6 +79,11 @@ def main(argv=None):
             preflight.check_writable_dir(os.path.dirname(os.path.abspath(results_location(opts, explicit, name))),
                                          "--checkpoint_dir")
     evals = {name: load_dialogues(p)[: opts.max_eval_examples] for name, p in names.items()}
+    step = checkpoint.step_of(opts.model_path)
+    if info.is_main:
+        given = opts.given_model_path
+        via = f", {given} resolved" if os.path.realpath(given) != os.path.abspath(given) else ""  # e.g. latest
+        print(f"evaluating {opts.model_path} ({'step unknown' if step is None else f'step {step}'}{via})")
     passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
     preflight.check_corpus(opts, passages)
     with checkpoint.reading_models(opts.model_path):
@@ -96,9 +103,13 @@ def main(argv=None):
         untied = os.path.join(opts.model_path, "passage_retriever")
         retrieval.build(Retriever.from_pretrained(untied) if has_retriever and os.path.isdir(untied) else retriever)
     all_metrics = {}
+    sources = {os.path.splitext(os.path.basename(p))[0]: p for p in opts.eval_data}
     for name, exs in evals.items():
-        path = results_location(opts, explicit, name) if opts.write_results else None
-        metrics = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}")
+        path, metrics_path = output_paths(output_dir(opts, explicit), step, name)
+        path = path if opts.write_results else None
+        metrics = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}",
+                           metrics_path=metrics_path,
+                           about={"step": step, "eval": name, "eval_data": sources[name], "model_path": opts.model_path})
         if info.is_main:
             print(f"{name}: {format_metrics(metrics)}")
             if "recall@1" in metrics:
@@ -107,6 +118,7 @@ def main(argv=None):
                       f" | mean top-1 score {metrics['retrieval/top1_score']:.3f}")
             if path:
                 print(f"results written to {path}")
+            print(f"metrics written to {metrics_path}")
         all_metrics[name] = metrics
     if info.is_main:
         print(json.dumps(all_metrics))

@@ -24,13 +24,13 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from src import checkpoint, distributed, options  # noqa: E402
+from src import checkpoint, distributed, grpo, options, provenance  # noqa: E402
 from src import exits, interrupt, preflight, reference, resume, safety  # noqa: E402
 from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
 from src.errors import flag_error  # noqa: E402
-from src.evaluation import evaluate  # noqa: E402
-from src import grpo  # noqa: E402
+from src.evaluation import evaluate, output_paths  # noqa: E402
 from src.lapdog import Batch, LapdogModel, make_batch, rollout_reply_tokens, training_kind  # noqa: E402
+from src.model_card import write_model_cards  # noqa: E402
 from src.reader import FiDReader  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
@@ -68,20 +68,17 @@ def load_models(opts, resume_path):
     """(reader, retriever, where from). `latest` in --checkpoint_dir wins over --model_path."""
     retriever = None
     if resume_path:
-        reader = FiDReader.from_pretrained(os.path.join(resume_path, "reader"), dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
-        src_ret = os.path.join(resume_path, "retriever")
+        reader_path, src_ret = os.path.join(resume_path, "reader"), os.path.join(resume_path, "retriever")
         origin = f"resumed from {resume_path}"
     elif opts.model_path:
         checkpoint.check_model_path(opts.model_path)
-        reader = FiDReader.from_pretrained(os.path.join(opts.model_path, "reader"), dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+        reader_path = os.path.join(opts.model_path, "reader")
         src_ret = None if opts.load_reader_weights_only else os.path.join(opts.model_path, "retriever")
         origin = f"started from {opts.model_path}"
     else:
-        reader = FiDReader.from_pretrained(opts.reader_model_type, dropout=opts.dropout,
-                                           gradient_checkpointing=opts.use_gradient_checkpoint_reader)
-        src_ret, origin = None, f"new run from {opts.reader_model_type}"
+        reader_path, src_ret, origin = opts.reader_model_type, None, f"new run from {opts.reader_model_type}"
+    reader = FiDReader.from_pretrained(reader_path, dropout=opts.dropout,
+                                       gradient_checkpointing=opts.use_gradient_checkpoint_reader)
     if not opts.closed_book:
         path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
         retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)
@@ -190,6 +187,7 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, ro
                  "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
                  "world": info.world, "rollout_iteration": rollout_state["iteration"] if rollout_state else 0}
         checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
+        write_model_cards(tmp, options.to_json_dict(opts), step, tracker.eval_at(step))
         path = checkpoint.commit_save(opts.checkpoint_dir, step)
         tracker.info(f"saved {path}")
         for old in checkpoint.prune(opts.checkpoint_dir, opts.keep_checkpoints):
@@ -243,8 +241,10 @@ def resumed_rollout(resume_path, state, info, tracker):
 def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
     results = {}
     for name, exs in evals.items():
-        path = os.path.join(opts.checkpoint_dir, "results", f"step-{step}-{name}.jsonl") if opts.write_results else None
-        m = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}")
+        path, metrics_path = output_paths(os.path.join(opts.checkpoint_dir, "results"), step, name)
+        path = path if opts.write_results else None
+        m = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}",
+                     metrics_path=metrics_path, about={"step": step, "eval": name})
         results.update({f"eval/{name}/{k}": v for k, v in m.items()})
         if path:
             tracker.info(f"wrote {path}")
@@ -258,6 +258,7 @@ def main(argv=None):
     if opts.retrieve_only:
         raise flag_error("--retrieve_only", "is an evaluation mode", "run evaluate.py --retrieve_only --model_path ...")
     preflight.check_options(opts)
+    opts.run_info = provenance.run_info(sys.argv[1:] if argv is None else argv)  # into options.json
     if not opts.train_data:
         raise flag_error("--train_data", "is required for training", "pass a dialogue jsonl file")
     if not opts.closed_book and not opts.passages:
@@ -348,6 +349,7 @@ def main(argv=None):
     window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
     guard, stopper = safety.StepGuard(opts.max_nonfinite_steps), interrupt.StopOnInterrupt().install()
+    tracker.start_progress(step, opts.total_steps)
     model.train()
     while step < opts.total_steps:
         kind = training_kind(opts, step)
@@ -383,7 +385,7 @@ def main(argv=None):
                         loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
                     loss = loss / len(micro)
                     (scaler.scale(loss) if scaler else loss).backward()
-                samples = stats.pop("_samples", None)
+                samples = model.samples
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
             # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
@@ -415,7 +417,7 @@ def main(argv=None):
                 continue
             step_stats.update(guard.log_values())
             for name, o in optims.items():
-                if name == "retriever" and step < opts.freeze_retriever_steps:
+                if name == "retriever" and options.retriever_frozen_at(opts, step):
                     continue
                 scaler.step(o) if scaler else o.step()
             if scaler:
@@ -423,6 +425,7 @@ def main(argv=None):
             for s in scheds.values():
                 s.step()
             step += 1
+            tracker.advance(step)
             step_stats["time/retrieval"] = t_retrieval
             t_retrieval = 0.0
             window.add(step_stats)
@@ -455,6 +458,7 @@ def main(argv=None):
                 raise interrupt.Interrupted(f"Ctrl-C: stopped after step {step}, saved "
                                             f"{checkpoint.step_dir(opts.checkpoint_dir, step)}; the same command resumes")
     stopper.uninstall()
+    tracker.finish(step, opts.total_steps)
     tracker.close()
     distributed.cleanup()
     return 0

@@ -54,12 +54,12 @@ from src import grpo, options  # noqa: E402
 from src.data import (encoder_inputs, load_dialogues, load_passages, pick_answer,  # noqa: E402
                       retriever_passage_text)
 from src.errors import UsageError, flag_error  # noqa: E402
-from src.tracking import timed
+from src.tracking import timed  # noqa: E402
 from src.lapdog import LapdogModel, make_batch  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from src.rewards import grpo_reward  # noqa: E402
+from src.rewards import grpo_reward, scale_tuple  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 PARTS = ("retriever", "sampling", "reward", "reference", "policy")
@@ -190,7 +190,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
     ref_reader, ref_retriever = model.refs["reader"], model.refs["retriever"]
     k, G, tau, T = o.grpo_retriever_group_size, o.grpo_group_size, o.grpo_retriever_temperature, o.grpo_temperature
     eps, beta, eos = o.grpo_clip_epsilon, o.grpo_kl_coeff, reader.eos_token_id
-    scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
+    scale = scale_tuple(o.metric_scale)
     B = len(batch.queries)
     reader_terms, ret_surrogate, ret_kl, kl_tokens, rewards_all = [], [], [], [], []
     with dropout_disabled(reader, retriever):
@@ -382,7 +382,9 @@ def table(fast, naive, mem_fast, mem_naive, mem_kind):
             f, n = fast.get(key, 0.0), naive.get(key, 0.0)
         ratio = f"{n / f:.1f}×" if f > 1e-9 else "–"
         lines.append(f"| {name} | {f:.3f} | {n:.3f} | {ratio} |")
-    fmt = (lambda m: "n/a" if m is None else f"{m:.0f}")
+    def fmt(m):
+        return "n/a" if m is None else f"{m:.0f}"
+
     lines.append(f"| peak memory MiB ({mem_kind}) | {fmt(mem_fast)} | {fmt(mem_naive)} | |")
     return "\n".join(lines)
 
@@ -399,7 +401,8 @@ def build_parser():
     p.add_argument("--gen_len", type=int, default=32, help="--generation_max_length")
     p.add_argument("--steps", type=int, default=4, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps per side before timing (the first steps of a process pay one-time costs: optimizer state, heap growth)")
+                   help="untimed steps per side before timing (the first steps of a process pay one-time costs: "
+                        "optimizer state, heap growth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one line of JSON as the last line of stdout")
     return p

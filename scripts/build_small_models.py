@@ -136,9 +136,10 @@ def _wrap(vocab):
     return wrapped
 
 
-def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4,
+def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=None,
                  num_heads=4, d_kv=64, dropout=0.1):
-    """A random-init ``T5ForConditionalGeneration`` sized by the arguments, seeded by ``seed``."""
+    """A random-init ``T5ForConditionalGeneration`` sized by the arguments, seeded by ``seed``
+    (``num_decoder_layers`` None: as many as ``num_layers``)."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -147,7 +148,7 @@ def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_de
         d_model=d_model,
         d_ff=d_ff,
         num_layers=num_layers,
-        num_decoder_layers=num_decoder_layers,
+        num_decoder_layers=num_layers if num_decoder_layers is None else num_decoder_layers,
         num_heads=num_heads,
         d_kv=d_kv,
         dropout_rate=dropout,
@@ -195,21 +196,22 @@ def build_all(out, seed=0, vocab_from=None, **sizes):
             "retriever_params": retriever.num_parameters(), "vocab_size": len(tokenizer)}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (reader/ and retriever/ are written inside)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--d_ff", type=int, default=1024)
-    p.add_argument("--num_layers", type=int, default=4)
-    p.add_argument("--num_decoder_layers", type=int, default=4)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--d_kv", type=int, default=64)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--vocab_from", nargs="+", default=None, metavar="JSONL",
-                   help="restrict the reader vocabulary to the word pieces these dialogue/story jsonl files use "
-                        "(default: all of MiniLM's ~30k; the quickstart passes data/sample/*.jsonl: ~4x faster steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reader's random initialization")
+    p.add_argument("--d_model", type=int, default=256, help="reader hidden size")
+    p.add_argument("--d_ff", type=int, default=1024, help="reader feed-forward size")
+    p.add_argument("--num_layers", type=int, default=4, help="reader encoder layers")
+    p.add_argument("--num_decoder_layers", type=int, default=None,
+                   help="reader decoder layers (default: --num_layers)")
+    p.add_argument("--num_heads", type=int, default=4, help="reader attention heads")
+    p.add_argument("--d_kv", type=int, default=64, help="reader size per attention head")
+    p.add_argument("--dropout", type=float, default=0.1, help="reader dropout probability")
     args = p.parse_args(argv)
+    if args.num_decoder_layers is None:
+        args.num_decoder_layers = args.num_layers
     for name in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv"):
         if getattr(args, name) < 1:
             from src.errors import flag_error
@@ -220,6 +222,11 @@ def main(argv=None):
         from src.errors import flag_error
 
         raise flag_error("--dropout", f"must be in [0, 1), got {args.dropout}", "pass e.g. --dropout 0.1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     info = build_all(
         args.out, seed=args.seed, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.num_layers,
         num_decoder_layers=args.num_decoder_layers, num_heads=args.num_heads, d_kv=args.d_kv,

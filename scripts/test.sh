@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv/ if needed, then run the test suite (slow tests too unless FAST=1).
+# Set up .venv/ if needed, lint with ruff, then run the test suite (slow tests too unless FAST=1).
 #   bash scripts/test.sh            # everything CI runs
 #   FAST=1 bash scripts/test.sh     # skip tests marked slow
 #   bash scripts/test.sh tests/test_grpo.py -k advantages   # extra pytest arguments
@@ -8,6 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_venv.sh"
 cd "$root"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# Lint first (settings in pyproject.toml): seconds, and a failure names file:line.
+"$root/.venv/bin/python" -m ruff check "$root"
 marker=()
 if [ "${FAST:-0}" = "1" ]; then marker=(-m "not slow"); fi
 exec "$root/.venv/bin/python" -m pytest -q --durations=15 "${marker[@]}" "$@"

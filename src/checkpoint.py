@@ -36,6 +36,18 @@ def step_dir(checkpoint_dir, step):
     return os.path.join(checkpoint_root(checkpoint_dir), f"step-{step}")
 
 
+def step_of(path):
+    """The step of a checkpoint folder: N of its `step-N` name (after resolving `latest`), else the
+    step in its state.pt, else None."""
+    path = os.path.realpath(path)
+    name = os.path.basename(path.rstrip(os.sep))
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    if os.path.isfile(os.path.join(path, "state.pt")):
+        return int(load_state(path)["step"])
+    return None
+
+
 def latest_checkpoint(checkpoint_dir):
     """The folder `latest` points at, or None when there is no complete checkpoint."""
     link = os.path.join(checkpoint_root(checkpoint_dir), "latest")

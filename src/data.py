@@ -209,7 +209,7 @@ def encoder_inputs(query, passages, n_context, encoder_format=DEFAULT_ENCODER_FO
         title, text = _passage_fields(passage)
         try:
             out.append(encoder_format.format(query=query, title=title, text=text))
-        except (KeyError, IndexError) as exc:
+        except (KeyError, IndexError, ValueError) as exc:
             raise flag_error("--encoder_format", f"unknown placeholder {exc}",
                              "use only {query}, {title} and {text}") from None
     return out
@@ -220,9 +220,9 @@ def retriever_passage_text(passage, retriever_format=DEFAULT_RETRIEVER_FORMAT):
     title, text = _passage_fields(passage)
     try:
         return retriever_format.format(title=title, text=text).strip()
-    except (KeyError, IndexError) as exc:
-        raise flag_error("--retriever_format", f"unknown placeholder {exc}",
-                         "use only {title} and {text}") from None
+    except (KeyError, IndexError, ValueError) as exc:  # ValueError: a malformed string such as "{"
+        raise flag_error("--retriever_format", f"bad format string {retriever_format!r} ({exc!r})",
+                         "use only the placeholders {title} and {text}") from None
 
 
 # ----------------------------------------------------------------------------- retrieval queries

@@ -4,6 +4,8 @@ Entry points catch it, print ``error: {message}`` on one line and exit with stat
 user sees what was wrong, where, and what to do, without a traceback.
 """
 
+import sys
+
 
 class UsageError(Exception):
     """A mistake the user can fix: a bad flag value, a malformed data file, a missing model."""
@@ -18,3 +20,12 @@ def data_error(path, line, problem, fix):
 def flag_error(flag, problem, fix):
     """``--flag: problem — what to do`` for a bad option or combination of options."""
     return UsageError(f"{flag}: {problem} — {fix}")
+
+
+def entry(main_fn, argv=None):
+    """Run an entry point's ``main_fn(argv)``; a UsageError becomes ``error: ...`` and exit 2."""
+    try:
+        return main_fn(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -24,9 +24,29 @@ from src.reader import dropout_disabled
 from src.rewards import grpo_reward, scale_tuple
 
 
+def output_paths(directory, step, name):
+    """(results jsonl, metrics json) of evaluation `name` at `step`, the one naming of both entry
+    points: `{directory}/step-{step}.{name}.results.jsonl` and `.metrics.json` beside it; the step
+    in every name, so evaluations of different steps never overwrite each other. `step` None (a
+    checkpoint folder not named step-N): `{name}` alone."""
+    prefix = f"{name}" if step is None else f"step-{step}.{name}"
+    return (os.path.join(directory, f"{prefix}.results.jsonl"), os.path.join(directory, f"{prefix}.metrics.json"))
+
+
+def write_metrics(path, metrics, **about):
+    """`{**about, "metrics": metrics}` as JSON (what was evaluated, and its numbers), atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**about, "metrics": metrics}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
-def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="eval"):
-    """Metrics dict (same on every rank); writes results_path (jsonl, input order) when given."""
+def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="eval", metrics_path=None, about=None):
+    """Metrics dict (same on every rank); writes results_path (jsonl, input order) when given, and
+    metrics_path (`write_metrics`, with the `about` fields) when given."""
     reader, retriever = model.reader, model.retriever
     mine = eval_shard(len(examples), info.rank, info.world)
     bs = opts.per_gpu_eval_batch_size
@@ -89,6 +109,8 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                 # The generations took long to compute: at least the metrics reach the user.
                 raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
                                  f"{json.dumps(metrics)}") from None
+        if metrics_path:
+            write_metrics(metrics_path, metrics, n_examples=len(examples), results=results_path, **(about or {}))
     return distributed.broadcast_object(metrics)
 
 

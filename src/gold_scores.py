@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from src.data import encoder_inputs
 from src.reader import dropout_disabled
-from src.rewards import lapdog_gold_scores, sentence_bleu
+from src.rewards import lapdog_gold_scores, scale_tuple, sentence_bleu
 
 # mode -> components whose scores are added
 MODES = {
@@ -146,8 +146,7 @@ def gold_metric_scale(opts):
     """
     if getattr(opts, "metric_scale_factors", None) is None:
         return (1.0, 1.0, 1.0)
-    m = opts.metric_scale
-    return (m["bleu"], m["f1"], m["rouge"])
+    return scale_tuple(opts.metric_scale)
 
 
 def _f1rougebleu(g):

@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from src.data import retriever_passage_text
 from src.errors import flag_error
 
 FAISS_INDEX_TYPES = ("flat", "ivfflat", "ivfsq", "ivfpq", "pq")
@@ -414,17 +415,12 @@ def build_index(retriever, passages, *, mode="flat", faiss_index_type="flat", fa
                 rank=0, world=1, show_progress=True, faiss_nlist=None, faiss_nprobe=None):
     """Embed this rank's share ``shard_bounds(len(passages), rank, world)`` of ``passages``
     (dicts with id/title/text, identical on every rank) with ``retriever.embed_texts`` and index
-    it. Passage text: ``retriever_format.format(title=..., text=...).strip()``."""
+    it. Passage text: ``src.data.retriever_passage_text`` (the same text the objectives re-encode)."""
     index = PassageIndex(retriever.hidden_size, mode=mode, faiss_index_type=faiss_index_type,
                          faiss_code_size=faiss_code_size, device=device,
                          faiss_nlist=faiss_nlist, faiss_nprobe=faiss_nprobe)
     lo, hi = shard_bounds(len(passages), rank, world)
-    try:
-        texts = [retriever_format.format(title=p.get("title", ""), text=p["text"]).strip()
-                 for p in passages[lo:hi]]
-    except (KeyError, IndexError, ValueError) as exc:
-        raise flag_error("--retriever_format", f"bad format string {retriever_format!r}: {exc!r}",
-                         "use only the fields {title} and {text}") from None
+    texts = [retriever_passage_text(p, retriever_format) for p in passages[lo:hi]]
     emb = retriever.embed_texts(texts, batch_size=batch_size, max_length=max_length,
                                 device=device if mode == "flat" else "cpu",
                                 show_progress=show_progress and rank == 0)

@@ -21,13 +21,23 @@ from src.data import encoder_inputs, reader_query, reader_target, retriever_pass
 from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
-from src.rewards import grpo_reward
+from src.options import retriever_frozen_at
+from src.rewards import grpo_reward, scale_tuple
 from src.tracking import timed
 
 
 class Batch(dict):
-    """A plain dict with attribute access (texts, passages, tensors of one micro-batch)."""
-    __getattr__ = dict.__getitem__
+    """A plain dict with attribute access (texts, passages, tensors of one micro-batch).
+
+    A missing attribute raises AttributeError, not KeyError, so ``getattr(b, name, default)``,
+    ``hasattr`` and copy/pickle behave as for any object.
+    """
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this batch has no {name!r} (it holds {sorted(self)})") from None
 
 
 def training_kind(opts, step):
@@ -51,6 +61,15 @@ def augments_candidates(opts, step, train):
     if not train or opts.add_random_retrieval <= 0:
         return False
     return opts.add_random_retrieval_mode == "replace_bottom" or lapdog_retriever_trained(opts, step)
+
+
+def sample_contexts(queries, passage_lists, n_context):
+    """One {prompt, story} per reader input, for the logged sample rows: the reader prompt and
+    the stories fused into it (title: text, joined by " || "; "" closed book)."""
+    lists = passage_lists or [[] for _ in queries]
+    return [{"prompt": q, "story": " || ".join(f"{p.get('title') or ''}: {p['text']}".lstrip(": ")
+                                               for p in plist[:n_context])}
+            for q, plist in zip(queries, lists)]
 
 
 def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True, step=0):
@@ -142,6 +161,9 @@ class LapdogModel(nn.Module):
         # the step's token count); token_normalizer is dapo's divisor (grpo.dapo_normalizer).
         self.sampling_pass = False
         self.token_normalizer = None
+        # Rows {prompt, story, reference, reply, reward} of the replies sampled by the last
+        # forward (empty for objectives that sample none); train.py logs a few to samples.jsonl.
+        self.samples = []
 
     @property
     def device(self):
@@ -149,6 +171,7 @@ class LapdogModel(nn.Module):
 
     def forward(self, kind, batch, rollout=None):
         stats = {}
+        self.samples = []
         loss, rollout = getattr(self, "_" + kind)(batch, stats, rollout)
         return loss, stats, rollout
 
@@ -246,7 +269,7 @@ class LapdogModel(nn.Module):
                 replies = self.reader.sample(hidden.detach(), mask, 1, o.generation_max_length,
                                              temperature=1.0, min_length=o.generation_min_length)
             with timed(stats, "time/reward", dev):
-                r = self._rewards(replies, b.answers, stats)
+                r = self._rewards(replies, b.answers, stats, sample_contexts(b.queries, b.passages, o.n_context))
             with timed(stats, "time/policy", dev):
                 logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
@@ -256,18 +279,19 @@ class LapdogModel(nn.Module):
         return loss, None
 
     # ---------------------------------------------------------------- GRPO
-    def _rewards(self, replies, answers, stats, per_reply_answers=None):
+    def _rewards(self, replies, answers, stats, contexts, per_reply_answers=None):
+        """Rewards of `replies` (n per answer); `contexts` holds one (prompt, story) per answer."""
         o = self.opts
         texts = self.reader.decode(replies)
         refs = per_reply_answers or [a for a in answers for _ in range(len(texts) // len(answers))]
-        scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
-        r = grpo_reward(texts, refs, scale=scale, scale_rouge=o.scale_rouge,
+        r = grpo_reward(texts, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
                         length_penalty_strength=o.generation_length_penalty)
         for key in ("f1", "rouge", "bleu", "length_ratio"):
             stats[f"reward/{key}"] = r[key].mean().item()
         stats["reward/mean"] = r["reward"].mean().item()
-        stats["_samples"] = [{"reference": ref, "reply": t, "reward": float(v)}
-                              for ref, t, v in zip(refs, texts, r["reward"].tolist())]
+        n = len(texts) // len(contexts)
+        self.samples = [{**contexts[i // n], "reference": ref, "reply": t, "reward": float(v)}
+                        for i, (ref, t, v) in enumerate(zip(refs, texts, r["reward"].tolist()))]
         return r
 
     def _require_reference(self, name):
@@ -275,7 +299,7 @@ class LapdogModel(nn.Module):
             raise ValueError(f"GRPO needs the frozen reference {name}: pass ref_{name} to LapdogModel")
         return self.refs[name]
 
-    def _generator_grpo(self, ids, mask_in, answers, stats, rollout):
+    def _generator_grpo(self, ids, mask_in, answers, stats, rollout, contexts):
         """Clipped surrogate + β·KL on G replies per prompt; returns (loss, rollout)."""
         o, dev, G = self.opts, self.device, self.opts.grpo_group_size
         reader = self.reader
@@ -288,7 +312,7 @@ class LapdogModel(nn.Module):
                                             temperature=o.grpo_temperature, top_p=o.grpo_top_p,
                                             min_length=o.generation_min_length)
                 with timed(stats, "time/reward", dev):
-                    r = self._rewards(replies, answers, stats)
+                    r = self._rewards(replies, answers, stats, contexts)
                     rewards = r["reward"].to(dev).view(-1, G)
                     adv, zero_std = grpo.group_advantages(rewards)
                 with timed(stats, "time/reference", dev), torch.no_grad():
@@ -323,12 +347,13 @@ class LapdogModel(nn.Module):
         return loss, rollout
 
     def _grpo(self, b, stats, rollout):
-        return self._generator_grpo(b.input_ids, b.attention_mask, b.answers, stats, rollout)
+        contexts = sample_contexts(b.queries, b.passages, self.opts.n_context)
+        return self._generator_grpo(b.input_ids, b.attention_mask, b.answers, stats, rollout, contexts)
 
     def _grpo_joint(self, b, stats, rollout):
         o, dev = self.opts, self.device
         k, tau = o.grpo_retriever_group_size, o.grpo_retriever_temperature
-        train_retriever = self.step >= max(o.freeze_retriever_steps, 0)
+        train_retriever = not retriever_frozen_at(o, self.step)
         with timed(stats, "time/retriever", dev), dropout_disabled(self.retriever), \
                 torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
@@ -347,12 +372,15 @@ class LapdogModel(nn.Module):
             ids, mask = self.reader.tokenize_inputs(texts, o.text_maxlength)
             rollout = {"idx": idx, "ref_pool_logp": ref_pool_logp, "ids": ids.to(dev), "mask": mask.to(dev),
                        "old_sampled_logp": pool_logp.detach().gather(1, idx), "gen": None,
-                       "old_pool_logp": pool_logp.detach()}
+                       "old_pool_logp": pool_logp.detach(),
+                       "contexts": sample_contexts([q for q in b.queries for _ in range(k)],
+                                                   [[p] for plist in chosen for p in plist], 1)}
             if o.grpo_retriever_estimator == "pool" and train_retriever:
                 with timed(stats, "time/pool_reward", dev):
                     rollout["pool_rewards"] = self._pool_greedy_rewards(b)
         answers = [a for a in b.answers for _ in range(k)]
-        gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"])
+        gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"],
+                                                        rollout["contexts"])
         # A story's reward is the mean of its G replies' rewards; advantages across the k stories.
         story_reward = rollout["gen"]["rewards"].view(-1, k, o.grpo_group_size).mean(-1)
         if o.grpo_retriever_estimator == "rloo":

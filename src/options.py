@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 
+from src.config import expand_config
 from src.errors import flag_error
 
 # Options that describe the run's inputs and bookkeeping rather than the model: evaluate.py
@@ -20,14 +21,18 @@ NOT_INHERITED = {"model_path", "checkpoint_dir", "local_rank", "write_results", 
 
 def _add_run_options(p):
     g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, metavar="FILE.yaml|json",
+                   help="recipe file whose keys are flag names (a checkpoint's options.json is one); "
+                        "flags on the command line win over it")
     g.add_argument("--name", default="experiment", help="run name (logs, W&B run name)")
     g.add_argument("--checkpoint_dir", default="ckpt/run",
-                   help="checkpoints go to {checkpoint_dir}/checkpoint/step-N; logs and metrics.jsonl beside")
+                   help="checkpoints go to {checkpoint_dir}/checkpoint/step-N; logs, metrics.jsonl and "
+                        "results/ beside")
     g.add_argument("--model_path", default=None,
                    help="start from a checkpoint folder (step-N); `latest` in --checkpoint_dir wins when present")
     g.add_argument("--load_reader_weights_only", action="store_true",
                    help="with --model_path: take only the reader from the checkpoint (start stage 2 from a stage-1 reader)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch (plus the rank)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=-1,
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is used otherwise")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -43,16 +48,19 @@ def _add_data_options(p):
     g.add_argument("--max_eval_examples", type=int, default=None,
                    help="evaluate on the first N examples of each eval file (default: all)")
     g.add_argument("--passages", default=None, help="story corpus jsonl ({id, title, text})")
-    g.add_argument("--max_passages", type=int, default=None, help="use the first N stories only")
+    g.add_argument("--max_passages", type=int, default=None, help="use the first N stories only (default: all)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the training data every epoch")
-    g.add_argument("--text_maxlength", type=int, default=512, help="reader input tokens per (query, story)")
+    g.add_argument("--text_maxlength", type=int, default=512,
+                   help="reader input tokens per (query, story); the story is cut first")
     g.add_argument("--target_maxlength", type=int, default=32, help="reply tokens for training")
     g.add_argument("--retriever_maxlength", type=int, default=256, help="retriever tokens per query/story")
-    g.add_argument("--encoder_format", default="{query} story title: {title} story: {text}")
-    g.add_argument("--retriever_format", default="{title} {text}")
+    g.add_argument("--encoder_format", default="{query} story title: {title} story: {text}",
+                   help="reader input for one story (placeholders {query}, {title}, {text})")
+    g.add_argument("--retriever_format", default="{title} {text}",
+                   help="story text the retriever embeds (placeholders {title}, {text})")
     g.add_argument("--retriever_from", default="persona",
                    choices=["persona", "context", "all", "persona_rand", "forward"],
-                   help="what part of the dialogue is the retrieval query (default persona; forward is refused)")
+                   help="what part of the dialogue is the retrieval query (forward is refused: not implemented)")
 
 
 def _add_model_options(p):
@@ -72,24 +80,32 @@ def _add_model_options(p):
                         "copying from the story is the only way to it (src/posterior.py FactSwap; default: 0)")
     g.add_argument("--n_context", type=int, default=1, help="retrieved stories fused in the reader")
     g.add_argument("--retriever_n_context", type=int, default=5, help="stories retrieved per example")
-    g.add_argument("--dropout", type=float, default=0.1, help="reader dropout")
-    g.add_argument("--use_gradient_checkpoint_reader", action="store_true")
-    g.add_argument("--use_gradient_checkpoint_retriever", action="store_true")
+    g.add_argument("--dropout", type=float, default=0.1,
+                   help="reader dropout probability (RL forwards always run without dropout)")
+    g.add_argument("--use_gradient_checkpoint_reader", action="store_true",
+                   help="activation checkpointing in the reader (less memory, more compute)")
+    g.add_argument("--use_gradient_checkpoint_retriever", action="store_true",
+                   help="activation checkpointing in the retriever")
 
 
 def _add_index_options(p):
     g = p.add_argument_group("index")
-    g.add_argument("--index_mode", default="flat", choices=["flat", "faiss"])
-    g.add_argument("--faiss_index_type", default="flat", choices=["flat", "ivfflat", "ivfsq", "ivfpq", "pq"])
-    g.add_argument("--faiss_code_size", type=int, default=None, help="bytes per vector for pq / ivfpq")
-    g.add_argument("--per_gpu_embedder_batch_size", type=int, default=128)
-    g.add_argument("--save_index_path", default=None)
-    g.add_argument("--load_index_path", default=None)
-    g.add_argument("--save_index_n_shards", type=int, default=1)
+    g.add_argument("--index_mode", default="flat", choices=["flat", "faiss"],
+                   help="flat: exact inner product with torch on the run's device; faiss: a FAISS CPU index")
+    g.add_argument("--faiss_index_type", default="flat", choices=["flat", "ivfflat", "ivfsq", "ivfpq", "pq"],
+                   help="FAISS index structure (with --index_mode faiss)")
+    g.add_argument("--faiss_code_size", type=int, default=None,
+                   help="bytes per vector for pq / ivfpq (default: dimension / 8)")
+    g.add_argument("--per_gpu_embedder_batch_size", type=int, default=128,
+                   help="stories per retriever forward when building the index")
+    g.add_argument("--save_index_path", default=None, help="write the index to this folder (in shards)")
+    g.add_argument("--load_index_path", default=None, help="load the index from this folder instead of building it")
+    g.add_argument("--save_index_n_shards", type=int, default=1, help="shard files --save_index_path writes")
     g.add_argument("--refresh_index", default="-1",
-                   help='"-1" never, "N" every N steps, or "0-100:10,100-1000000:500"')
+                   help='re-embed the corpus while the retriever trains: "-1" never, "N" every N steps, '
+                        'or "0-100:10,100-1000000:500" (step ranges: every n steps)')
     g.add_argument("--freeze_retriever_steps", type=int, default=-1,
-                   help="the retriever is not updated (nor the index refreshed) before this step")
+                   help="the retriever is not updated (nor the index refreshed) before this step (-1: never frozen)")
     g.add_argument("--retrieve_with_rerank", action="store_true",
                    help="search --n_to_rerank_with_retrieve_with_rerank candidates in the (possibly stale) index, "
                         "re-embed them with the current retriever and keep the best by fresh scores (default: off)")
@@ -103,33 +119,38 @@ def _add_index_options(p):
 
 def _add_optim_options(p):
     g = p.add_argument_group("optimization")
-    g.add_argument("--per_gpu_batch_size", type=int, default=1)
-    g.add_argument("--per_gpu_eval_batch_size", type=int, default=None, help="default: per_gpu_batch_size")
-    g.add_argument("--accumulation_steps", type=int, default=1)
-    g.add_argument("--total_steps", type=int, default=1000, help="optimizer updates")
-    g.add_argument("--warmup_steps", type=int, default=100)
-    g.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "fixed"])
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--lr_retriever", type=float, default=1e-5)
     g.add_argument("--beta2", type=float, default=0.999, help="AdamW β2 (default 0.999, the original's)")
     g.add_argument("--epsilon", type=float, default=1e-6, help="AdamW ε (default 1e-6, the original's)")
     g.add_argument("--scheduler_steps", type=int, default=None,
                    help="steps the learning-rate schedule spans (default: --total_steps)")
     g.add_argument("--save_optimizer", action="store_true",
                    help="accepted for LAPDOG commands: optimizer state is always saved (resume needs it)")
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--per_gpu_batch_size", type=int, default=1, help="training examples per process and micro-batch")
+    g.add_argument("--per_gpu_eval_batch_size", type=int, default=None,
+                   help="evaluation examples per process and batch (default: --per_gpu_batch_size)")
+    g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer update")
+    g.add_argument("--total_steps", type=int, default=1000, help="optimizer updates of the run")
+    g.add_argument("--warmup_steps", type=int, default=100, help="optimizer updates of linear learning-rate warmup")
+    g.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "fixed"],
+                   help="learning rate after warmup: linear decay to 0, cosine, or constant")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the reader")
+    g.add_argument("--lr_retriever", type=float, default=1e-5, help="AdamW learning rate of the retriever")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (<= 0: off)")
     g.add_argument("--shard_optim", action="store_true", help="fairscale OSS optimizer state sharding")
     g.add_argument("--shard_grads", action="store_true", help="fairscale ShardedDataParallel (needs --shard_optim)")
     g.add_argument("--eval_freq", type=int, default=500, help="evaluate every N steps (0: never in the loop)")
     g.add_argument("--save_freq", type=int, default=500, help="save every N steps (and always at the end)")
-    g.add_argument("--log_freq", type=int, default=10)
+    g.add_argument("--log_freq", type=int, default=10,
+                   help="log (console, metrics.jsonl, W&B) the mean of the last N steps every N steps (0: never)")
 
 
 def _add_generation_options(p):
     g = p.add_argument_group("generation")
-    g.add_argument("--generation_max_length", type=int, default=32)
-    g.add_argument("--generation_min_length", type=int, default=0)
+    g.add_argument("--generation_max_length", type=int, default=32,
+                   help="reply tokens, counting the decoder start token (as in transformers)")
+    g.add_argument("--generation_min_length", type=int, default=0,
+                   help="minimum reply tokens, counting the decoder start token")
     g.add_argument("--generation_num_beams", type=int, default=1, help="1: greedy; beam search keeps length_penalty 1.0")
     g.add_argument("--retrieve_only", action="store_true",
                    help="evaluate.py: retrieval only (the reader is never run): results hold the retrieved stories, "
@@ -140,21 +161,22 @@ def _add_generation_options(p):
 
 def _add_retriever_training_options(p):
     g = p.add_argument_group("retriever training (LAPDOG)")
-    g.add_argument("--train_retriever", action="store_true")
+    g.add_argument("--train_retriever", action="store_true",
+                   help="LAPDOG retriever training: KL(softmax(gold/τ_g) ‖ softmax(score/τ_s))")
     g.add_argument("--gold_score_mode", default="f1rougebleudist",
                    choices=["ppmean", "pdist", "loop", "emdr", "emdr_seq", "evalnormsum", "adist", "bleudist",
                             "bleudist_pdist", "f1rougebleudist"],
                    help="LAPDOG's gold score (default f1rougebleudist); emdr mixes the stories per reply token over "
                         "log_softmax(logits/τ_g) as the original, emdr_seq (ours) mixes whole-reply likelihoods")
-    g.add_argument("--temperature_score", type=float, default=0.1)
     g.add_argument("--retriever_kl_reduction", default="mean", choices=["mean", "batchmean"],
                    help="LAPDOG's KL to the gold scores: mean over all batch × stories terms, as the original's "
                         "KLDivLoss() (default mean), or batchmean, the KL per example (K times larger)")
-    g.add_argument("--temperature_gold", type=float, default=0.1)
+    g.add_argument("--temperature_score", type=float, default=0.1, help="τ_s of the retriever scores (LAPDOG: 0.8)")
+    g.add_argument("--temperature_gold", type=float, default=0.1, help="τ_g of the gold scores (LAPDOG: 0.85)")
     g.add_argument("--scale_rouge", action="store_true", help="ROUGE-L ×100 in the gold score / reward")
     g.add_argument("--metric_scale_factors", default=None,
-                   help="weights of BLEU, F1, ROUGE-L, e.g. \"{'bleu':0.01,'f1':1,'rouge':1}\" (the RL reward's "
-                        "default); LAPDOG's gold score defaults to 1, 1, 1 (its BLEU is L2-normalized)")
+                   help="weights of BLEU, F1, ROUGE-L, e.g. \"{'bleu':0.01,'f1':1,'rouge':1}\" (default: the RL reward's "
+                        "0.01, 1, 1; LAPDOG's gold score 1, 1, 1, its BLEU being L2-normalized)")
     g.add_argument("--add_random_retrieval", type=float, default=0.0,
                    help="candidate augmentation: fraction f of each example's K retrieved stories made random in "
                         "training (default 0, off)")
@@ -169,7 +191,7 @@ def _add_retriever_training_options(p):
 
 def _add_grpo_options(p):
     g = p.add_argument_group("GRPO")
-    g.add_argument("--use_grpo", action="store_true")
+    g.add_argument("--use_grpo", action="store_true", help="GRPO for the reader (needs --reader_rl_learning)")
     g.add_argument("--grpo_group_size", type=int, default=4, help="G: replies sampled per prompt")
     g.add_argument("--grpo_kl_coeff", type=float, default=0.1, help="β: weight of the KL to the reference")
     g.add_argument("--grpo_clip_epsilon", type=float, default=0.2, help="ε: PPO clip range")
@@ -187,22 +209,22 @@ def _add_grpo_options(p):
                         "top-k draws scored as single draws, std-normalized advantages), for ablations. The k draws "
                         "always give the generator its stories (default: pool)")
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
-    g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies")
+    g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies (1: off)")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
     g.add_argument("--grpo_loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo", "bnpo"],
                    help="token aggregation (default grpo): grpo mean per reply then over replies; dr_grpo token sum "
                         "/ (replies × max reply tokens); dapo token sum / token count of the whole accumulated "
                         "batch across processes (TRL); bnpo token sum / token count per micro-batch, averaged")
     g.add_argument("--generation_length_penalty", type=float, default=0.0,
-                   help="strength s of the reward's length penalty (beam search keeps 1.0)")
+                   help="strength s of the reward's length penalty (0: off; beam search keeps 1.0)")
 
 
 def _add_wandb_options(p):
     g = p.add_argument_group("monitoring")
-    g.add_argument("--use_wandb", action="store_true")
-    g.add_argument("--wandb_project", default="lapdog-grpo")
-    g.add_argument("--wandb_run_name", default=None)
-    g.add_argument("--wandb_entity", default=None)
+    g.add_argument("--use_wandb", action="store_true", help="log to W&B (rank 0; offline without an API key)")
+    g.add_argument("--wandb_project", default="lapdog-grpo", help="W&B project")
+    g.add_argument("--wandb_run_name", default=None, help="W&B run name (default: --name)")
+    g.add_argument("--wandb_entity", default=None, help="W&B entity (default: your W&B default entity)")
 
 
 # Options of the original LAPDOG/Atlas options.py this project accepts but does not implement:
@@ -253,6 +275,8 @@ def _check_unimplemented(opts):
                          "use persona, context, all or persona_rand")
     if opts.task != "qa":
         raise flag_error("--task", f"{opts.task} (the causal-LM chat task) is not implemented", "use --task qa")
+
+
 def _add_reliability_options(p):
     g = p.add_argument_group("reliability")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
@@ -269,15 +293,48 @@ def _add_reliability_options(p):
                         "(default: %(default)s)")
 
 
-def build_parser(prog=None):
+# What `evaluate.py --help` lists; it accepts every other flag too (the checkpoint's
+# options.json supplies them), but a user evaluating needs only these.
+EVALUATION_OPTIONS = {
+    "config", "model_path", "eval_data", "max_eval_examples", "passages", "max_passages", "checkpoint_dir",
+    "write_results", "dont_write_passages", "per_gpu_eval_batch_size", "n_context", "retriever_n_context",
+    "closed_book", "retriever_model_path", "retriever_from", "generation_max_length", "generation_min_length",
+    "generation_num_beams", "index_mode", "faiss_index_type", "faiss_code_size", "per_gpu_embedder_batch_size",
+    "load_index_path", "save_index_path", "save_index_n_shards", "precision", "seed", "local_rank",
+}
+
+HYPHENS = "every flag takes hyphens or underscores alike: --total-steps is --total_steps"
+TRAIN_DESCRIPTION = f"LAPDOG-GRPO: train (stage 1, LAPDOG or GRPO stage 2). {HYPHENS}."
+EVALUATE_DESCRIPTION = (
+    "LAPDOG-GRPO: evaluate a checkpoint. Listed here are the evaluation options, with their built-in "
+    "defaults; every training option is accepted too, and the checkpoint's options.json supplies each "
+    f"option not given on this command line. {HYPHENS}.")
+
+
+def build_parser(prog=None, shown=None, description=TRAIN_DESCRIPTION):
+    """The parser of every option; `shown`: the option names --help lists (default: all)."""
     # allow_abbrev=False: `--per_gpu_batch 2` must not silently mean --per_gpu_batch_size.
-    p = argparse.ArgumentParser(prog=prog, description="LAPDOG-GRPO: train and evaluate",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=_HelpFormatter, allow_abbrev=False)
     for add in (_add_run_options, _add_data_options, _add_model_options, _add_index_options,
                 _add_optim_options, _add_generation_options, _add_retriever_training_options,
                 _add_grpo_options, _add_wandb_options, _add_unimplemented_options, _add_reliability_options):
         add(p)
+    if shown is not None:
+        for action in p._actions:
+            if action.dest not in shown and action.dest != "help":
+                action.help = argparse.SUPPRESS
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag's help unless the help already words its default
+    (for None defaults: "(default: all)" says more than "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,12 +350,36 @@ def _quiet_parser():
     return p
 
 
-def parse(argv=None):
-    """Parse a command line; returns (options namespace, set of option names given explicitly)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def normalize_flags(argv, parser=None):
+    """`--total-steps` -> `--total_steps` for every known flag (also `--flag-name=value`).
+
+    Only the flag name is rewritten, never a value; unknown names are left for argparse to reject.
+    """
+    known = {s for a in (parser or _quiet_parser())._actions for s in a.option_strings}
+    out = []
+    for token in argv:
+        if token.startswith("--") and "-" in token[2:]:
+            name, eq, value = token.partition("=")
+            alt = "--" + name[2:].replace("-", "_")
+            if name not in known and alt in known:
+                token = alt + eq + value
+        out.append(token)
+    return out
+
+
+def parse(argv=None, shown=None, description=TRAIN_DESCRIPTION):
+    """Parse a command line; returns (options namespace, set of option names given explicitly).
+
+    `--config FILE` expands, in place, into the flags its keys name, so flags after it win;
+    `shown`/`description` shape --help (evaluate.py lists only its own options).
+    """
+    argv = normalize_flags(list(sys.argv[1:] if argv is None else argv))
     if "-h" in argv or "--help" in argv:
-        build_parser().parse_args(argv)  # prints help and exits 0
+        build_parser(shown=shown, description=description).parse_args(argv)  # prints help and exits 0
+    argv = expand_config(argv, _quiet_parser())
     opts = _quiet_parser().parse_args(argv)
+    if opts.config is not None:  # an abbreviation such as --conf reached argparse unexpanded
+        raise flag_error("--config", "was abbreviated", "write --config in full")
     return opts, explicit_options(argv)
 
 
@@ -307,11 +388,17 @@ def explicit_options(argv):
     p = _quiet_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)).keys())
+    return set(vars(p.parse_args(normalize_flags(argv))).keys())
 
 
 def retriever_trained(opts):
     return bool(opts.train_retriever or opts.grpo_train_retriever)
+
+
+def retriever_frozen_at(opts, step):
+    """True while --freeze_retriever_steps holds the retriever at `step` (completed updates):
+    no retriever loss, no retriever optimizer step, no index refresh. The one test of it."""
+    return step < opts.freeze_retriever_steps
 
 
 def validate(opts):

@@ -42,6 +42,17 @@ def dropout_disabled(*modules):
             m.training = flag
 
 
+def _fresh_cache():
+    """An empty key/value cache that grows one layer per decoder layer as they run.
+
+    Built from the config, transformers sizes the cache by ``num_layers`` (the encoder's depth,
+    T5's ``num_hidden_layers``), so a reader with more decoder than encoder layers fails with an
+    IndexError in ``generate``; the lazily grown cache fits any decoder depth and gives the same
+    outputs for equal stacks.
+    """
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
 @contextlib.contextmanager
 def _output_projection_removed(model):
     """Within the block ``model(...).logits`` are the decoder states the output projection
@@ -237,6 +248,7 @@ class FiDReader(torch.nn.Module):
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
             attention_mask=mask,
             generation_config=self._generation_config(**kwargs),
+            cache=_fresh_cache(),
         )
         # Drop the decoder start token; everything after the first EOS becomes pad.
         return self._pad_after_eos(out[:, 1:])
@@ -283,7 +295,7 @@ class FiDReader(torch.nn.Module):
         hidden = hidden.detach().repeat_interleave(num_samples, dim=0)
         mask = mask.repeat_interleave(num_samples, dim=0)
         encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
-        cache = EncoderDecoderCache(DynamicCache(config=self.model.config), DynamicCache(config=self.model.config))
+        cache = _fresh_cache()
         rows = hidden.shape[0]
         token = torch.full((rows, 1), self.decoder_start_token_id, dtype=torch.long, device=hidden.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=hidden.device)

@@ -15,7 +15,7 @@ from src.data import retrieval_query, retriever_passage_text
 from src.errors import flag_error
 from src.preflight import check_corpus
 from src.index import PassageIndex, RefreshSchedule, build_index
-from src.options import retriever_trained
+from src.options import retriever_frozen_at, retriever_trained
 from src.posterior import FactSwap, PosteriorStories
 
 
@@ -66,7 +66,7 @@ class StoryRetrieval:
         o = self.opts
         if o.query_side_retriever_training:
             return False  # the passage side is frozen: the index built at the start stays exact
-        return retriever_trained(o) and step >= max(o.freeze_retriever_steps, 0) and self.schedule.should_refresh(step)
+        return retriever_trained(o) and not retriever_frozen_at(o, step) and self.schedule.should_refresh(step)
 
     def query_texts(self, examples, rng):
         return [retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]

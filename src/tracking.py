@@ -6,12 +6,15 @@ the checkpoint of that step, the resumed run logs that step again: readers keep 
 per step):
 
 - ``run.log``: every console line, with a timestamp.
-- ``metrics.jsonl``: one JSON object per :meth:`Tracker.log` call, ``{"step": N, key: value...}``,
-  flushed at once. Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and
-  ``"-Infinity"`` (always, so the file stays strict JSON and a reader can tell NaN from inf;
-  Python's ``float()`` parses all three back).
+- ``metrics.jsonl``: one JSON object per :meth:`Tracker.log` call, ``{"step": N, "wall_time": T,
+  "elapsed_s": E, key: value...}`` (T: seconds since the epoch; E: seconds of the run so far,
+  continued across resumes from the file's last row), flushed at once. Every key is kept here
+  and in W&B; the console shows a short summary (``console_line``). Non-finite floats are written
+  as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (always, so the file stays strict
+  JSON and a reader can tell NaN from inf; Python's ``float()`` parses all three back).
 - ``samples.jsonl``: one JSON object per sample row, ``{"step": N, **row}``.
-- ``summary.json``: the final numbers (merged over :meth:`Tracker.log_summary` calls).
+- ``summary.json``: the end of a run (:meth:`Tracker.finish`: steps, time, final training values,
+  last and best evaluation), plus anything given to :meth:`Tracker.log_summary`.
 - ``wandb_run_id.txt``: the W&B run id, so a resumed run continues the same W&B run.
 
 Console/file lines go through the named logger ``"lapdog"`` (not the root logger); other
@@ -20,6 +23,7 @@ console and file. The newest Tracker of a process owns that logger's handlers: c
 second Tracker replaces the first one's handlers instead of duplicating them.
 """
 
+import fnmatch
 import json
 import logging
 import math
@@ -33,6 +37,8 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import torch
+
+from tqdm import tqdm
 
 from src.errors import flag_error
 
@@ -138,6 +144,51 @@ def format_line(step, values):
             text = format_value(v)
         parts.append(f"{k} {text}")
     return " | ".join(parts)
+
+
+# What the console line shows of a logged row (glob patterns, in this order); metrics.jsonl and
+# W&B keep every key. A row none of these match (e.g. only time/index_refresh) prints in full.
+CONSOLE_KEYS = ("loss/*", "reward/mean", "lr/*", "eval/*/f1", "eval/*/bleu", "eval/*/rougeL", "eval/*/reward",
+                "eval/*/recall@1")
+# Evaluation metric whose maximum is the run's best evaluation in summary.json.
+BEST_EVAL_METRIC = "f1"
+
+
+def format_duration(seconds):
+    """``45s``, ``12m05s``, ``3h07m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def console_line(step, values, total=None, sec_per_step=None, eta=None):
+    """``step 20/1000 | loss/reader 2.345 | reward 0.52 | lr/reader 1.0e-04 | 0.41 s/step | ETA 6m41s``:
+    the ``CONSOLE_KEYS`` of ``values`` (``reward/mean`` shown as ``reward``), then speed and ETA."""
+    shown = {}
+    for pattern in CONSOLE_KEYS:
+        for k in values:
+            if k not in shown and fnmatch.fnmatchcase(k, pattern):
+                shown[k] = values[k]
+    if not shown:
+        return format_line(step if total is None else f"{step}/{total}", values)
+    parts = [f"step {step}" if total is None else f"step {step}/{total}"]
+    parts += [f"{'reward' if k == 'reward/mean' else k} {format_value(v)}" for k, v in shown.items()]
+    if sec_per_step is not None:
+        parts.append(f"{format_value(float(sec_per_step))} s/step")
+    if eta is not None:
+        parts.append(f"ETA {format_duration(eta)}")
+    return " | ".join(parts)
+
+
+def _as_float(v):
+    """A logged number back from metrics.jsonl ("NaN"/"Infinity" strings included), else None."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,9 +298,17 @@ class _StdStreamHandler(logging.StreamHandler):
     def __init__(self, name):
         super().__init__(getattr(sys, name))
         self._name = name
+        self.bar = None  # the Tracker's progress bar while one is shown
 
     def emit(self, record):
         self.stream = getattr(sys, self._name)
+        if self.bar is not None and not self.bar.disable:
+            # Through tqdm, so the bar is cleared, the line printed and the bar redrawn below it.
+            try:
+                tqdm.write(self.format(record), file=self.stream)
+            except Exception:  # logging's contract: a failing handler reports, never raises
+                self.handleError(record)
+            return
         super().emit(record)
 
 
@@ -281,6 +340,14 @@ class Tracker:
         self._metrics_file = None
         self._samples_file = None
         self._closed = False
+        self._t0 = time.time()
+        self._elapsed_before = 0.0  # seconds of the run before this process (a resume)
+        self._evals = {}  # step -> {"eval/<name>/<metric>": value}
+        self._final = {}  # the latest value of every training key
+        self._bar = None
+        self._total = None
+        self._progress_from = None  # (time, step) when the progress started
+        self._last_row = None  # (time, step) of the last training row, for s/step
 
         self._logger = logging.getLogger(LOGGER_NAME)
         self._logger.propagate = False  # the root logger would print every line a second time
@@ -291,10 +358,98 @@ class Tracker:
         if not self.is_main:
             return
         os.makedirs(self.checkpoint_dir, exist_ok=True)
-        self._metrics_file = open(os.path.join(self.checkpoint_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        metrics_path = os.path.join(self.checkpoint_dir, "metrics.jsonl")
+        self._read_history(metrics_path)
+        self._metrics_file = open(metrics_path, "a", encoding="utf-8")
         if self.use_wandb:
             self._init_wandb(wandb_project or DEFAULT_WANDB_PROJECT, wandb_entity,
                              wandb_run_name or run_name)
+
+    # ---- history (a resumed run continues its evaluations and elapsed time) ----------------
+
+    def _read_history(self, path):
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by a crash: the rest of the history still counts
+                    continue
+                self._remember(int(row.get("step", 0)), row)
+                self._elapsed_before = _as_float(row.get("elapsed_s")) or self._elapsed_before
+
+    def _remember(self, step, values):
+        evals = {k: v for k, v in values.items() if k.startswith("eval/")}
+        if evals:
+            self._evals.setdefault(step, {}).update(evals)
+        self._final.update({k: v for k, v in values.items()
+                            if not k.startswith("eval/") and k not in ("step", "wall_time", "elapsed_s")})
+
+    def elapsed(self):
+        """Seconds of the run so far (earlier processes of a resumed run included)."""
+        return self._elapsed_before + time.time() - self._t0
+
+    def eval_at(self, step):
+        """The evaluation metrics logged at ``step`` (``{"eval/<name>/<metric>": value}``), or {}."""
+        return dict(self._evals.get(step, {}))
+
+    def best_eval(self, metric=BEST_EVAL_METRIC):
+        """{eval name: {"step", metric: best value, "metrics": that evaluation}} over the run."""
+        best = {}
+        for step, row in sorted(self._evals.items()):
+            for key, value in row.items():
+                parts = key.split("/")
+                number = _as_float(value)
+                if len(parts) != 3 or parts[2] != metric or number is None or not math.isfinite(number):
+                    continue
+                name = parts[1]
+                if name not in best or number > best[name][metric]:
+                    best[name] = {"step": step, metric: number,
+                                  "metrics": {k.split("/", 2)[2]: v for k, v in row.items()
+                                              if k.startswith(f"eval/{name}/")}}
+        return best
+
+    # ---- progress --------------------------------------------------------------------------
+
+    def start_progress(self, step, total, force_bar=False):
+        """A progress bar (rank 0, on a terminal; ``force_bar``: also elsewhere) from ``step`` to
+        ``total``, and s/step and ETA on the console lines."""
+        if not self.is_main:
+            return
+        self._total, self._progress_from = total, (time.time(), step)
+        self._bar = tqdm(total=total, initial=step, unit="step", desc=self.run_name, dynamic_ncols=True,
+                         disable=False if force_bar else None, file=sys.stderr, smoothing=0.05)
+        for h in self._handlers:
+            if isinstance(h, _StdStreamHandler):
+                h.bar = self._bar
+
+    def advance(self, step):
+        """Move the progress bar to ``step`` (completed optimizer updates)."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def _speed(self, step):
+        """(seconds per step over the last logging window, ETA in seconds) or Nones."""
+        now = time.time()
+        sec_per_step = eta = None
+        if self._last_row is not None and step > self._last_row[1]:
+            sec_per_step = (now - self._last_row[0]) / (step - self._last_row[1])
+        elif self._progress_from is not None and step > self._progress_from[1]:
+            sec_per_step = (now - self._progress_from[0]) / (step - self._progress_from[1])
+        if self._progress_from is not None and step > self._progress_from[1] and self._total is not None:
+            # the average since this process started: evaluations and saves included, so it holds
+            average = (now - self._progress_from[0]) / (step - self._progress_from[1])
+            eta = average * max(self._total - step, 0)
+        return sec_per_step, eta
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            for h in self._handlers:
+                if isinstance(h, _StdStreamHandler):
+                    h.bar = None
+            self._bar = None
 
     # ---- logging setup ---------------------------------------------------------------------
 
@@ -385,11 +540,16 @@ class Tracker:
             return
         self._check_open()
         clean = {str(k): _to_python(v) for k, v in values.items()}
-        record = {"step": int(step)}
+        record = {"step": int(step), "wall_time": round(time.time(), 3), "elapsed_s": round(self.elapsed(), 3)}
         record.update({k: _json_safe(v) for k, v in clean.items()})
         self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_file.flush()  # a crash right after this call loses nothing
-        self._logger.info(format_line(step, clean))
+        self._remember(int(step), clean)
+        training_row = not any(k.startswith("eval/") for k in clean)
+        sec_per_step, eta = self._speed(int(step)) if training_row else (None, None)
+        self._logger.info(console_line(step, clean, self._total, sec_per_step, eta))
+        if training_row:
+            self._last_row = (time.time(), int(step))
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=int(step))
 
@@ -422,20 +582,48 @@ class Tracker:
             return
         self._check_open()
         clean = {str(k): _to_python(v) for k, v in values.items()}
+        self._update_summary_file({k: _json_safe(v) for k, v in clean.items()})
+        self._logger.info("summary | " + " | ".join(f"{k} {format_value(v)}" for k, v in clean.items()))
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(clean)
+
+    def _update_summary_file(self, values):
         path = os.path.join(self.checkpoint_dir, "summary.json")
         summary = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 summary = json.load(f)
-        summary.update({k: _json_safe(v) for k, v in clean.items()})
+        summary.update(values)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)  # never leave a half-written summary
-        self._logger.info("summary | " + " | ".join(f"{k} {format_value(v)}" for k, v in clean.items()))
+
+    def finish(self, step, total_steps=None):
+        """The end of a run into ``summary.json``: steps, time, the final training values, the last
+        and the best evaluation (by ``BEST_EVAL_METRIC``); one line on the console."""
+        if not self.is_main:
+            return
+        self._check_open()
+        self._close_bar()
+        last = max(self._evals) if self._evals else None
+        best = self.best_eval()
+        summary = {"name": self.run_name, "steps": int(step), "total_steps": total_steps,
+                   "elapsed_s": round(self.elapsed(), 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "final": {k: _json_safe(v) for k, v in self._final.items()},
+                   "last_eval": None if last is None else {"step": last, **{k: _json_safe(v) for k, v in
+                                                                             self._evals[last].items()}},
+                   "best_eval": {name: {**b, "metrics": {k: _json_safe(v) for k, v in b["metrics"].items()}}
+                                 for name, b in best.items()}}
+        self._update_summary_file(summary)
+        told = "; ".join(f"best {name} {BEST_EVAL_METRIC} {format_value(b[BEST_EVAL_METRIC])} at step {b['step']}"
+                         for name, b in best.items())
+        self._logger.info(f"finished: {step} steps in {format_duration(self.elapsed())}"
+                          f"{'; ' + told if told else ''}; {os.path.join(self.checkpoint_dir, 'summary.json')}")
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(clean)
+            self.wandb_run.summary.update({f"best/{name}/{BEST_EVAL_METRIC}": b[BEST_EVAL_METRIC]
+                                           for name, b in best.items()})
 
     def _check_open(self):
         if self._closed:
@@ -446,6 +634,7 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
+        self._close_bar()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None

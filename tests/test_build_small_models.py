@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from scripts.build_small_models import build_reader_tokenizer, main, tokenizer_stats
+from scripts.build_small_models import build_reader, build_reader_tokenizer, main, tokenizer_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,3 +117,23 @@ def test_vocab_from_training_texts_keeps_their_tokenization(tok, tmp_path):
     ids = small("zebra quokka", add_special_tokens=False)["input_ids"]
     assert small.unk_token_id not in ids and small.decode(ids) == "zebra quokka"
     assert small.convert_ids_to_tokens(small("<extra_id_0> hi")["input_ids"])[0] == "<extra_id_0>"
+def test_num_decoder_layers_defaults_to_num_layers():
+    from scripts.build_small_models import parse_args
+
+    assert parse_args(["--out", "x", "--num_layers", "2"]).num_decoder_layers == 2
+    assert parse_args(["--out", "x", "--num_layers", "2", "--num_decoder_layers", "3"]).num_decoder_layers == 3
+
+
+def test_unequal_stacks_generate_and_sample(tok):
+    """A reader with more decoder than encoder layers (transformers sizes a config-built cache by
+    the encoder) greedy-decodes, beam-searches and samples like any other."""
+    from src.reader import FiDReader
+
+    model = build_reader(tok, seed=1, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2, d_kv=8)
+    reader = FiDReader(model.eval(), tok)
+    ids, mask = reader.tokenize_inputs([["hello there"], ["how are you ?"]], 16)
+    for beams in (1, 2):
+        assert len(reader.generate_text(ids, mask, max_length=5, num_beams=beams)) == 2
+    hidden, hmask = reader.encode(ids, mask)
+    replies = reader.sample(hidden, hmask, 3, max_length=5)
+    assert replies.shape[0] == 6 and replies.shape[1] <= 4

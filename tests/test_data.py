@@ -313,3 +313,32 @@ def test_real_files_load_fast():
     assert all(isinstance(x["id"], str) for x in p)
     assert len({retrieval_query(x["question"], "persona", None) for x in d}) == 992
     assert len(load_passages(stories, max_passages=100)) == 100
+
+
+def test_batch_attribute_access_and_missing_attribute():
+    from src.lapdog import Batch
+    b = Batch(queries=["q"], passages=None)
+    assert b.queries == ["q"] and b.passages is None
+    with pytest.raises(AttributeError, match="'labels'"):
+        b.labels
+    assert getattr(b, "labels", "absent") == "absent" and not hasattr(b, "input_ids")
+
+
+def test_index_and_objectives_embed_the_same_passage_text():
+    """build_index formats stories through retriever_passage_text, like the objectives do."""
+    from src.data import retriever_passage_text
+    from src.index import build_index
+
+    class Recorder:
+        hidden_size = 2
+
+        def embed_texts(self, texts, **_):
+            self.texts = texts
+            return torch.zeros(len(texts), 2)
+
+    passages = [{"id": "1", "title": "", "text": "a b"}, {"id": "2", "title": "t", "text": "c"}]
+    r = Recorder()
+    build_index(r, passages, retriever_format="{title} | {text}", show_progress=False)
+    assert r.texts == [retriever_passage_text(p, "{title} | {text}") for p in passages] == ["| a b", "t | c"]
+    with pytest.raises(UsageError, match="^--retriever_format"):
+        retriever_passage_text(passages[0], "{")  # malformed, not only unknown placeholders

@@ -8,7 +8,7 @@ import torch
 
 from src.lapdog import LapdogModel, make_batch, training_kind
 from src.reader import dropout_disabled
-from src.rewards import grpo_reward
+from src.rewards import grpo_reward, scale_tuple
 from test_objectives import (BruteForceRetrieval, closed_book_batch, examples_with_story, frozen_copy, load_models,
                              make_opts, sample_data)
 
@@ -26,7 +26,7 @@ def grpo_model(tiny_models, *flags, dropout=0.1):
 
 def fixed_rewards(values):
     """A _rewards replacement giving reply i the reward values[i % len(values)]."""
-    def rewards(self, replies, answers, stats, per_reply_answers=None):
+    def rewards(self, replies, answers, stats, contexts, per_reply_answers=None):
         n = replies.shape[0]
         r = torch.tensor([float(values[i % len(values)]) for i in range(n)])
         stats["reward/mean"] = r.mean().item()
@@ -126,8 +126,12 @@ def test_real_reward_statistics(tiny_models):
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
     loss, stats, rollout = model("grpo", batch)
-    texts = [row["reply"] for row in stats["_samples"]]
-    assert [row["reward"] for row in stats["_samples"]] == pytest.approx(rollout["rewards"].reshape(-1).tolist())
+    assert "_samples" not in stats  # the sample rows come back through model.samples, not the stats
+    texts = [row["reply"] for row in model.samples]
+    assert [row["reward"] for row in model.samples] == pytest.approx(rollout["rewards"].reshape(-1).tolist())
+    # each row names what it was generated from: G consecutive rows per prompt
+    assert [row["prompt"] for row in model.samples] == [q for q in batch.queries for _ in range(G)]
+    assert all(row["story"] == "" for row in model.samples)  # closed book
     expected = grpo_reward(texts, [a for a in batch.answers for _ in range(G)])["reward"]
     assert torch.allclose(rollout["rewards"].reshape(-1), expected)
     for key in ("reward/mean", "reward/f1", "reward/bleu", "reward/rouge", "reward/std", "reply_length",
@@ -167,6 +171,9 @@ def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypa
     assert rollout["idx"].shape == (2, 2)
     assert all(len(set(row)) == 2 for row in rollout["idx"].tolist())
     assert rollout["ids"].shape[:2] == (4, 1)  # one reader input per (query, sampled story), story alone
+    chosen = [batch.passages[i][j] for i, row in enumerate(rollout["idx"].tolist()) for j in row]
+    assert [c["prompt"] for c in rollout["contexts"]] == [q for q in batch.queries for _ in range(2)]
+    assert [c["story"] for c in rollout["contexts"]] == [f"{p['title']}: {p['text']}".lstrip(": ") for p in chosen]
     opt = torch.optim.SGD(list(reader.parameters()) + list(retriever.parameters()), lr=0.1)
     opt.zero_grad()
     loss.backward()
@@ -188,7 +195,7 @@ def greedy_reward(model, batch):
     reader, o = model.reader, model.opts
     with dropout_disabled(reader):
         texts = reader.generate_text(batch.input_ids, batch.attention_mask, max_length=o.generation_max_length)
-    scale = (o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"])
+    scale = scale_tuple(o.metric_scale)
     return grpo_reward(texts, batch.answers, scale=scale)["reward"].mean().item()
 
 

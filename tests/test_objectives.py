@@ -211,7 +211,7 @@ def test_reinforce_step_raises_the_rewarded_reply(tiny_models, monkeypatch):
 
     seen = {}
 
-    def rewards(self, replies, answers, stats, per_reply_answers=None):
+    def rewards(self, replies, answers, stats, contexts, per_reply_answers=None):
         seen["replies"] = replies.clone()
         r = torch.zeros(replies.shape[0])
         r[1] = 1.0  # only the second example's reply is rewarded

@@ -85,3 +85,12 @@ def test_closed_book_forces_one_context():
 
 def test_explicit_options():
     assert options.explicit_options(["--lr", "1e-3", "--closed_book"]) == {"lr", "closed_book"}
+
+
+def test_retriever_frozen_at_is_the_one_freeze_test():
+    from src.lapdog import training_kind
+    o = parsed(BASE + ["--train_retriever", "--freeze_retriever_steps", "3"])
+    assert [options.retriever_frozen_at(o, s) for s in range(5)] == [True, True, True, False, False]
+    assert [training_kind(o, s) for s in (2, 3)] == ["sft", "lapdog"]
+    never = parsed(BASE + ["--train_retriever"])  # the default -1: trained from step 0
+    assert not options.retriever_frozen_at(never, 0)

@@ -50,7 +50,7 @@ def test_lapdog_stage2_two_processes_then_evaluate(tmp_path, tiny_models, stage1
     for k in ["loss/retriever", "grad_norm/retriever", "gold_score/mean", "time/retrieval", "time/index_refresh",
               "eval/valid/recall@1"]:
         assert k in keys, k
-    rows = [json.loads(line) for line in open(ck / "results" / "step-2-valid.jsonl")]
+    rows = [json.loads(line) for line in open(ck / "results" / "step-2.valid.results.jsonl")]
     assert len(rows) == 6 and all(len(r["passages"]) == 3 for r in rows)
 
     # evaluate.py with only --model_path, --eval_data, --passages, --write_results
@@ -64,7 +64,7 @@ def test_lapdog_stage2_two_processes_then_evaluate(tmp_path, tiny_models, stage1
     p = run(["evaluate.py", f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=4",
              f"--passages={SAMPLE}/stories.jsonl", "--write_results", "--dont_write_passages",
              f"--checkpoint_dir={tmp_path / 'ev'}", f"--load_index_path={ck / 'index'}"], nproc=2)
-    rows = [json.loads(line) for line in open(tmp_path / "ev" / "valid.results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "ev" / "results" / "step-2.valid.results.jsonl")]
     assert len(rows) == 4 and "passages" not in rows[0]
 
 
@@ -99,5 +99,5 @@ def test_real_data_smoke(tmp_path, tiny_models, stage1_ckpt):
                          extra=["--max_passages=2000", "--per_gpu_embedder_batch_size=128"])
     args = [a for a in args if a not in ("--shard_optim", "--shard_grads")]
     run(args)
-    rows = [json.loads(line) for line in open(ck / "results" / "step-2-valid.jsonl")]
+    rows = [json.loads(line) for line in open(ck / "results" / "step-2.valid.results.jsonl")]
     assert len(rows) == 6 and all(int(p["id"]) >= 0 for p in rows[0]["passages"])

@@ -72,6 +72,8 @@ def test_log_metrics_and_run_log(tmp_path, clean_env, capsys):
     tr.log(20, {"loss/reader": float("nan"), "reward": float("inf"), "mem": 512.0})
     # Read back before close: every call must already be on disk.
     rows = read_jsonl(ckpt / "metrics.jsonl")
+    for row in rows:  # wall-clock time and the run's elapsed seconds on every row
+        assert abs(row.pop("wall_time") - time.time()) < 60 and 0 <= row.pop("elapsed_s") < 60
     assert rows[0] == {"step": 10, "loss/reader": pytest.approx(2.345), "lr/reader": 1e-4, "examples": 32}
     assert rows[1] == {"step": 20, "loss/reader": "NaN", "reward": "Infinity", "mem": 512.0}
     assert math.isnan(float(rows[1]["loss/reader"])) and float(rows[1]["reward"]) == math.inf
@@ -80,8 +82,9 @@ def test_log_metrics_and_run_log(tmp_path, clean_env, capsys):
     lines = (ckpt / "run.log").read_text().splitlines()
     assert all(TIMESTAMP.match(line) for line in lines), lines
     assert lines[0].endswith("| hello world")
-    assert lines[1].endswith("| step 10 | loss/reader 2.345 | examples 32 | lr/reader 1.0e-04")
-    assert lines[2].endswith("| step 20 | loss/reader nan | reward inf | mem 512MB")
+    # the console keeps it short (metrics.jsonl has every key); s/step once two rows are known
+    assert lines[1].endswith("| step 10 | loss/reader 2.345 | lr/reader 1.0e-04")
+    assert re.search(r"\| step 20 \| loss/reader nan \| \S+ s/step$", lines[2]), lines[2]
     out = capsys.readouterr().out
     assert "step 10 | loss/reader 2.345" in out and "hello world" in out
     with pytest.raises(RuntimeError):
@@ -238,3 +241,42 @@ def test_stat_window_divides_each_key_by_the_steps_that_produced_it():
     w.add({"loss/reader": 1.0, "reward/f1": 0.5})
     w.add({"loss/reader": 3.0})
     assert w.means() == {"loss/reader": 2.0, "reward/f1": 0.5}
+def test_console_line_is_short_and_keeps_speed_and_eta():
+    values = {"loss/reader": 2.3456, "loss/retriever": 0.5, "reward/mean": 0.52, "reward/f1": 0.3, "kl/reader": 0.01,
+              "lr/reader": 1e-4, "grad_norm/reader": 3.0, "time/sampling": 0.2, "memory/peak_mb": 900.0}
+    line = tracking.console_line(20, values, total=1000, sec_per_step=0.41, eta=401)
+    assert line == ("step 20/1000 | loss/reader 2.346 | loss/retriever 0.5 | reward 0.52 | lr/reader 1.0e-04 | "
+                    "0.41 s/step | ETA 6m41s")
+    evals = {"eval/valid/f1": 14.2, "eval/valid/bleu": 5.0, "eval/valid/dist1": 3.0, "eval/valid/rougeL": 20.0}
+    assert tracking.console_line(20, evals) == "step 20 | eval/valid/f1 14.2 | eval/valid/bleu 5 | eval/valid/rougeL 20"
+    assert tracking.console_line(4, {"time/index_refresh": 1.5}, total=8) == "step 4/8 | time/index_refresh 1.5s"
+    assert [tracking.format_duration(x) for x in (5, 125, 7600)] == ["5s", "2m05s", "2h06m"]
+
+
+def test_progress_bar_summary_and_resumed_history(tmp_path, clean_env, capsys):
+    ckpt = tmp_path / "ckpt"
+    with Tracker(ckpt, "run", {}) as tr:
+        tr.start_progress(0, 10, force_bar=True)
+        for step in range(1, 4):
+            tr.advance(step)
+        tr.log(2, {"loss/reader": 1.0})
+        tr.log(3, {"loss/reader": 0.5, "reward/mean": 0.2})
+        tr.log(3, {"eval/valid/f1": 10.0, "eval/valid/bleu": 1.0})
+        assert tr.eval_at(3) == {"eval/valid/f1": 10.0, "eval/valid/bleu": 1.0} and tr.eval_at(2) == {}
+    err = capsys.readouterr()
+    assert "3/10" in err.err and "step" in err.err  # the bar: step / total, on stderr
+    assert re.search(r"step 3/10 \| loss/reader 0.5 \| reward 0.2 \| \S+ s/step \| ETA \S+", err.out)
+
+    time.sleep(0.01)
+    with Tracker(ckpt, "run", {}) as tr:  # a resumed run: the history of metrics.jsonl counts
+        elapsed_before = read_jsonl(ckpt / "metrics.jsonl")[-1]["elapsed_s"]
+        assert tr.elapsed() >= elapsed_before
+        tr.log(5, {"eval/valid/f1": 8.0, "eval/valid/bleu": 2.0})
+        tr.log(6, {"loss/reader": 0.25})
+        tr.finish(6, 10)
+    summary = json.loads((ckpt / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["total_steps"] == 10 and summary["elapsed_s"] >= elapsed_before
+    assert summary["final"] == {"loss/reader": 0.25, "reward/mean": 0.2}
+    assert summary["last_eval"] == {"step": 5, "eval/valid/f1": 8.0, "eval/valid/bleu": 2.0}
+    assert summary["best_eval"] == {"valid": {"step": 3, "f1": 10.0, "metrics": {"f1": 10.0, "bleu": 1.0}}}
+    assert "finished: 6 steps in" in (ckpt / "run.log").read_text()

@@ -111,6 +111,10 @@ def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
     torch.load(step4 / "rng-rank0.pt", weights_only=True)
     opts = json.load(open(step4 / "options.json"))
     assert opts["total_steps"] == 4 and opts["closed_book"] is True
+    assert opts["run_info"]["command"].startswith("train.py --closed_book") and opts["run_info"]["git"]["commit"]
+    from src import options as options_module
+    again = options_module.parse(["--config", str(step4 / "options.json")])[0]  # a checkpoint's options are a recipe
+    assert (again.total_steps, again.checkpoint_dir, again.reader_model_type) == (4, str(a), tiny_models["reader"])
     from src.reader import FiDReader
     reader = FiDReader.from_pretrained(str(step4 / "reader"))
     saved = weights(step4)
@@ -119,7 +123,11 @@ def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
             assert torch.equal(v, saved[k])
     log = [json.loads(line) for line in open(a / "metrics.jsonl")]
     assert [r["step"] for r in log if "loss/reader" in r] == [1, 2, 3, 4]
-    assert {"lr/reader", "grad_norm/reader", "examples_per_s", "memory/peak_mb"} <= set(log[0])
+    assert {"lr/reader", "grad_norm/reader", "examples_per_s", "memory/peak_mb", "wall_time", "elapsed_s"} <= set(log[0])
+    summary = json.load(open(a / "summary.json"))
+    assert summary["steps"] == 4 and summary["final"]["loss/reader"] == log[-1]["loss/reader"]
+    card = (step4 / "reader" / "README.md").read_text()  # a model card in every saved reader/
+    assert "(step 4)" in card and "closed book, stage 1" in card
 
     run(stage1(b, tiny_models))
     crash_after(b, 2)
@@ -152,7 +160,8 @@ def test_two_process_stage1_trains_saves_evaluates(tmp_path, tiny_models):
     p = run(stage1(ck, tiny_models, steps=2, extra=["--eval_freq=2", "--write_results", "--max_eval_examples=7",
                                                      "--per_gpu_eval_batch_size=2"]), nproc=2)
     assert "2 process(es)" in p.stdout
-    rows = [json.loads(line) for line in open(ck / "results" / "step-2-valid.jsonl")]
+    rows = [json.loads(line) for line in open(ck / "results" / "step-2.valid.results.jsonl")]
+    assert json.load(open(ck / "results" / "step-2.valid.metrics.json"))["step"] == 2
     valid = [json.loads(line) for line in open(f"{SAMPLE}/valid.jsonl")][:7]
     assert [r["query"] for r in rows] == [v["question"] for v in valid]
     assert os.path.isdir(ck / "checkpoint" / "step-2" / "reader")
