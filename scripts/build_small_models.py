@@ -209,6 +209,10 @@ def parse_args(argv=None):
     p.add_argument("--num_heads", type=int, default=4, help="reader attention heads")
     p.add_argument("--d_kv", type=int, default=64, help="reader size per attention head")
     p.add_argument("--dropout", type=float, default=0.1, help="reader dropout probability")
+    p.add_argument("--vocab_from", nargs="+", default=None, metavar="JSONL",
+                   help="restrict the reader vocabulary to the word pieces these dialogue/story jsonl files use "
+                        "(default: all of MiniLM's ~30k; the quickstart passes data/sample/*.jsonl: 2.8k pieces, "
+                        "a 10x smaller output layer, identical tokenization of those texts)")
     args = p.parse_args(argv)
     if args.num_decoder_layers is None:
         args.num_decoder_layers = args.num_layers
