@@ -39,18 +39,18 @@ launch train.py "${COMMON[@]}" "${READS[@]}" --shuffle --per_gpu_batch_size="$S1
 S1="$OUT/stage1/checkpoint/step-$S1_STEPS"
 
 STAGE2=("${COMMON[@]}" --shuffle --per_gpu_batch_size="$S2_BS" --total_steps="$S2_STEPS" --model_path="$S1"
-        --eval_freq=$((S2_STEPS / 4)) --save_freq="$S2_STEPS" --log_freq=5 --warmup_steps=5 --retriever_n_context=5)
+        --eval_freq=$((S2_STEPS / 2)) --save_freq="$S2_STEPS" --log_freq=5 --warmup_steps=5 --retriever_n_context=5)
 echo "== (a) control: SFT continued ($S2_STEPS steps)"
 launch train.py "${STAGE2[@]}" "${READS[@]}" --name=quickstart_control --checkpoint_dir="$OUT/control" --lr=1e-4
 echo "== (b) LAPDOG stage 2 ($S2_STEPS steps)"
 launch train.py "${STAGE2[@]}" "${READS[@]}" --name=quickstart_lapdog --checkpoint_dir="$OUT/lapdog" --lr=1e-4 \
-  --train_retriever --query_side_retriever_training --gold_score_mode=ppmean --retriever_n_context=24 \
-  --temperature_score=0.02 --temperature_gold=0.1 --lr_retriever=2e-5
+  --train_retriever --query_side_retriever_training --gold_score_mode=ppmean --retriever_n_context=16 \
+  --temperature_score=0.02 --temperature_gold=0.1 --lr_retriever=1e-5
 echo "== (c) joint GRPO ($S2_STEPS steps)"
 launch train.py "${STAGE2[@]}" --name=quickstart_joint_grpo --checkpoint_dir="$OUT/joint_grpo" --lr=1e-4 \
   --reader_rl_learning --use_grpo --grpo_group_size=4 --grpo_temperature=0.7 --grpo_kl_coeff=0.02 \
-  --grpo_train_retriever --query_side_retriever_training --grpo_retriever_pool_size=24 --grpo_retriever_group_size=2 \
-  --grpo_retriever_temperature=0.02 --grpo_retriever_kl_coeff=0.001 --lr_retriever=2e-5
+  --grpo_train_retriever --query_side_retriever_training --grpo_retriever_pool_size=16 --grpo_retriever_group_size=2 \
+  --grpo_retriever_temperature=0.02 --grpo_retriever_kl_coeff=0.001 --lr_retriever=1e-5
 
 evaluate() {  # $1 checkpoint, $2 output folder
   launch evaluate.py --model_path="$1" --eval_data="$DATA/valid.jsonl" --passages="$DATA/stories.jsonl" \
