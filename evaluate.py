@@ -17,9 +17,9 @@ if ROOT not in sys.path:
 
 
 from src import checkpoint, distributed, options  # noqa: E402
-from src import preflight, safety  # noqa: E402
+from src import exits, preflight, safety  # noqa: E402
 from src.data import load_dialogues, load_passages  # noqa: E402
-from src.errors import entry, flag_error  # noqa: E402
+from src.errors import flag_error  # noqa: E402
 from src.evaluation import evaluate, output_paths  # noqa: E402
 from src.lapdog import LapdogModel  # noqa: E402
 from src.metrics import format_metrics  # noqa: E402
@@ -74,10 +74,7 @@ def main(argv=None):
     info = distributed.init_distributed(opts.local_rank, opts.dist_timeout)
     options.validate_for_device(opts, info.device.type)
     names = preflight.eval_names(opts.eval_data)
-    if opts.write_results:
-        for name in names:
-            preflight.check_writable_dir(os.path.dirname(os.path.abspath(results_location(opts, explicit, name))),
-                                         "--checkpoint_dir")
+    preflight.check_writable_dir(os.path.abspath(output_dir(opts, explicit)), "--checkpoint_dir")
     evals = {name: load_dialogues(p)[: opts.max_eval_examples] for name, p in names.items()}
     step = checkpoint.step_of(opts.model_path)
     if info.is_main:
@@ -127,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(entry(main))
+    sys.exit(exits.run(main))

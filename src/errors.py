@@ -23,9 +23,8 @@ def flag_error(flag, problem, fix):
 
 
 def entry(main_fn, argv=None):
-    """Run an entry point's ``main_fn(argv)``; a UsageError becomes ``error: ...`` and exit 2."""
-    try:
-        return main_fn(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run an entry point's ``main_fn(argv)`` the way train.py and evaluate.py do (src/exits.py):
+    a UsageError becomes one ``error: ...`` line (once under several processes) and exit 2."""
+    from src import exits
+
+    return exits.run(main_fn, argv)

@@ -64,3 +64,13 @@ def test_fact_swap_replaces_the_shared_fact_everywhere_and_leaves_chit_chat_alon
     assert r2 == f"his name is {new} ." and f"is it {new} ?" in q2
     assert s2["text"] == story["text"].replace("petd", new) and story["text"].count("petd") == 1  # original intact
     assert swap(question, "i am fine", post.best("i am fine"), random.Random(0))[1] == "i am fine"
+
+
+def test_reading_probe_reports_the_three_fusions(tiny_models):
+    from scripts.reading_probe import probe
+
+    res = probe(os.path.dirname(tiny_models["reader"]), os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "data", "sample"), batch_size=64)
+    assert res["n"] == 137  # valid examples with a relevant story
+    assert set(res) == {"relevant", "same_topic", "random", "n"}
+    assert all(0 <= res[k]["reward"] <= 3 and 0 <= res[k]["f1"] <= 100 for k in ("relevant", "same_topic", "random"))
