@@ -238,13 +238,17 @@ class LapdogModel(nn.Module):
     def _lapdog_retriever_objective(self, b, stats):
         o = self.opts
         score_logits = self._retriever_pool_logits(b.retrieval_queries, b.passages, o.temperature_score)
-        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, b.get("gold_labels", b.labels),
-                           b.answers, o)
+        # The original targets: with --posterior_fact_swap the reader's own labels may be swapped ones.
+        gold_labels = b.get("gold_labels", b.labels)
         if o.gold_score_mode == "emdr":
             # EMDR² as the original: per token, −log Σ_k softmax(s/τ_s)_k · p_τg(y_t | q, story k).
-            token_logp, mask = emdr_token_logprobs(self.reader, b.queries, b.passages, b.labels, o)
+            token_logp, mask = emdr_token_logprobs(self.reader, b.queries, b.passages, gold_labels, o)
             loss = grpo.emdr_token_loss(token_logp, torch.log_softmax(score_logits, -1), mask)
-        elif o.gold_score_mode == "emdr_seq":
+            # logged gold score: each story's reply log-likelihood at τ_g (one reader pass, not two)
+            stats["gold_score/mean"] = (token_logp * mask.unsqueeze(1)).sum(-1).mean().item()
+            return loss
+        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, gold_labels, b.answers, o)
+        if o.gold_score_mode == "emdr_seq":
             # Sequence-level variant: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), no τ_g.
             loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
         else:
