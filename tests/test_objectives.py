@@ -357,3 +357,39 @@ def test_f1rougebleudist_default_weights_are_lapdogs(lapdog_setup, monkeypatch):
     opts = make_opts("--retriever_n_context", "2", "--metric_scale_factors", "{'bleu':0.5,'f1':2,'rouge':0}")
     gold = gold_scores("f1rougebleudist", reader, batch.queries, batch.passages, batch.labels, batch.answers, opts)
     assert torch.allclose(gold, lapdog_gold_scores(fake, refs, scale=(0.5, 2.0, 0.0)).view(2, 2))
+
+
+def test_posterior_fact_swap_trains_the_reader_on_swapped_targets_and_scores_gold_on_the_originals(
+        lapdog_setup, monkeypatch):
+    """--posterior_passages --posterior_fact_swap 1: the reader's labels are the swapped replies,
+    fused with their posterior story; LAPDOG's gold scores see the original replies."""
+    from src.posterior import FactSwap, PosteriorStories
+
+    reader, retriever, _ = lapdog_setup
+    train, _, stories = sample_data()
+    opts = make_opts("--train_retriever", "--posterior_passages", "--posterior_fact_swap", "1", "--retriever_n_context",
+                     "2", "--gold_score_mode", "ppmean", "--text_maxlength", "256")
+    model = LapdogModel(reader, retriever, opts)
+    retrieval = BruteForceRetrieval(stories, opts)
+    retrieval.posterior = PosteriorStories(stories)
+    retrieval.fact_swap = FactSwap(retrieval.posterior, [ex["question"] + " " + ex["answers"][0] for ex in train])
+    exs = [ex for ex in examples_with_story("train", 12) if retrieval.fact_swap.shared_fact(
+        ex["answers"][0], retrieval.posterior.best(ex["answers"][0]))][:3]
+    assert len(exs) == 3
+    answers = [ex["answers"][0] for ex in exs]
+    b = make_batch(exs, answers, reader, retrieval, retriever, opts, random.Random(0), model.device)
+    original = reader.tokenize_targets([f"<extra_id_0> {a}" for a in answers], opts.target_maxlength)
+    assert torch.equal(b.gold_labels, original) and not torch.equal(b.labels, original)
+    fused = reader.tokenizer.batch_decode(b.input_ids[:, 0], skip_special_tokens=True)
+    swapped = reader.tokenizer.batch_decode(b.labels.clamp(min=0), skip_special_tokens=True)
+    for text, reply, a in zip(fused, swapped, answers):
+        new = [w for w in reply.split() if w not in a.split()]
+        assert new and all(w in text for w in new)  # the swapped fact is in the fused story/prompt
+    seen = {}
+
+    def fake_gold(mode, reader_, queries, passages, labels, references, o):
+        seen["labels"] = labels
+        return torch.zeros(len(passages), len(passages[0]))
+    monkeypatch.setattr("src.lapdog.gold_scores", fake_gold)
+    model("lapdog", b)
+    assert torch.equal(seen["labels"], original)
