@@ -48,7 +48,10 @@ from src.errors import UsageError  # noqa: E402
 # are shared by all arms and set by the study itself; an arm may not set them (checked), so
 # every arm starts from the same stage-1 checkpoint and sees the same examples.
 # ============================================================================================
-STAGE1_FLAGS = ["--closed_book", "--lr=1e-3", "--warmup_steps={s1_warmup}", "--scheduler=linear", "--dropout=0.1"]
+# Stage 1 teaches the reader to read (README: "Teaching the reader to read"); the paper's closed-book
+# stage 1 is ["--closed_book", ...] (then the control arm needs --closed_book too).
+_READS = ["--posterior_passages", "--posterior_fact_swap=0.9"]
+STAGE1_FLAGS = [*_READS, "--lr=1e-3", "--warmup_steps={s1_warmup}", "--scheduler=linear", "--dropout=0.1"]
 
 _GRPO = ["--reader_rl_learning", "--use_grpo", "--gold_score_mode=f1rougebleudist", "--grpo_group_size={G}",
          "--grpo_kl_coeff=0.05", "--grpo_clip_epsilon=0.2", "--grpo_temperature=0.7",
@@ -58,9 +61,9 @@ _LAPDOG = ["--train_retriever", "--gold_score_mode=f1rougebleudist", "--temperat
 
 ARMS = {
     # (a) the control: stage 1 continued with plain closed-book SFT
-    "control": {"retrieval": False, "evals": ("retrieval", "closed_book"),
-                "about": "stage 1 continued: closed-book SFT of the reader",
-                "flags": ["--closed_book", "--lr=1e-4", "--dropout=0.1"]},
+    "control": {"retrieval": True, "evals": ("retrieval", "closed_book"),
+                "about": "stage 1 continued: SFT of the reader on posterior stories (fact swaps)",
+                "flags": [*_READS, "--lr=1e-4", "--dropout=0.1"]},
     # (b) LAPDOG stage 2: retriever toward the gold scores, reader by CE on the fused stories
     "lapdog": {"retrieval": True, "evals": ("retrieval",),
                "about": "LAPDOG: f1rougebleudist gold scores, tau_s 0.8, tau_g 0.85, reader CE",
@@ -71,10 +74,12 @@ ARMS = {
              "flags": _GRPO},
     # (d) joint GRPO: generator + retriever
     "joint_grpo": {"retrieval": True, "evals": ("retrieval",),
-                   "about": "joint GRPO: k stories sampled from the top-M pool, G replies each",
+                   "about": "joint GRPO: pool estimator (greedy rewards of all M pool stories), k stories "
+                            "drawn for the generator, G replies each; query side trained, tau 0.02",
                    "flags": _GRPO + ["--grpo_train_retriever", "--grpo_retriever_group_size={k}",
                                      "--grpo_retriever_pool_size={pool}", "--lr_retriever=1e-5",
-                                     "--refresh_index={refresh}"]},
+                                     "--grpo_retriever_estimator=pool", "--query_side_retriever_training",
+                                     "--grpo_retriever_temperature=0.02", "--grpo_retriever_kl_coeff=0.001"]},
     # (e) extras, run when named in --arms
     "sft_rag": {"retrieval": True, "evals": ("retrieval",),
                 "about": "reader SFT on the frozen retriever's top-n stories (LAPDOG without retriever training)",
@@ -161,6 +166,11 @@ def _retrieval_flags(paths, sizes):
 
 
 def stage1_command(paths, sizes, seed, run_dir):
+    reads = [] if "--closed_book" in STAGE1_FLAGS else _retrieval_flags(paths, sizes)
+    return [*_stage1_base(paths, sizes, seed, run_dir), *reads]
+
+
+def _stage1_base(paths, sizes, seed, run_dir):
     return ["train.py", "--shuffle", f"--total_steps={sizes['s1_steps']}", f"--per_gpu_batch_size={sizes['s1_batch']}",
             f"--save_freq={sizes['s1_steps']}", "--eval_freq=0", f"--log_freq={sizes['s1_log_freq']}", f"--seed={seed}",
             f"--name=study_stage1_seed{seed}", f"--checkpoint_dir={run_dir}", f"--reader_model_type={paths['reader']}",
