@@ -92,7 +92,7 @@ def draw(out):
               face=RETRIEVER, edge=RETRIEVER_EDGE)
     idx = box(ax, 64, y, 25, 15, "story index", "flat / FAISS over ROCStories\nprecomputed p, no grad\n→ top-M pool")
     sel = box(ax, 95, y, 26, 15, "score and choose",
-              "pool re-encoded with grad\ns = q·p / √H\nLAPDOG: top-n    GRPO: sample k\nfrom softmax(s / τ)",
+              "pool re-encoded with grad\ns = q·p / √H\nLAPDOG: top-n    GRPO: sample k\n(with replacement) from softmax(s / τ)",
               face=RETRIEVER, edge=RETRIEVER_EDGE)
     rd = box(ax, 127, y, 38, 15, "fusion-in-decoder T5 reader",
              "encode each (query + story) once\nthe decoder attends to all of them (fused)\n"
@@ -109,7 +109,7 @@ def draw(out):
     arrow(ax, anchor(rd, "bottom"), anchor(rw, "top"), label="replies", label_offset=(3.4, -0.9))
 
     # ---- stage 2: the two objectives --------------------------------------------------------
-    lap = box(ax, 5, 8, 52, 36.5, "LAPDOG  (--train_retriever)",
+    box(ax, 5, 8, 52, 36.5, "LAPDOG  (--train_retriever)",
               "gold score of story k  (f1rougebleudist):\n"
               "g_k = a·BLEU/‖BLEU‖ + b·F1 + c·ROUGE-L\n"
               "of a greedy reply from query + story k\n\n"
@@ -123,8 +123,9 @@ def draw(out):
     grpo = box(ax, 63, 8, 58, 36.5, "GRPO  (--reader_rl_learning --use_grpo)",
                "group advantages  A = (r − mean) / (std + 1e-4)\n"
                "reader: within the G replies of a prompt\n"
-               "retriever (--grpo_train_retriever): story reward =\n"
-               "mean of its G rewards, normalized over the k stories\n\n"
+               "retriever (--grpo_train_retriever): J = E_j~π[R(j)];\n"
+               "pool: R(j) = reward of the greedy reply, every story,\n"
+               "A_j = R(j) − Σ π_old R, surrogate in expectation over π_old\n"
                "clipped surrogate, per token / per story:\n"
                "−min( ρ·A, clip(ρ, 1−ε, 1+ε)·A ) + β·KL\n"
                "ρ = π_θ / π_old  (≠ 1 only when samples are reused, μ > 1)",

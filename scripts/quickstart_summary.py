@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--seconds", type=int, default=None, help="wall time to report (default: not reported)")
     a = p.parse_args(argv)
     rows = summary(a.out)
-    print(f"\n== quickstart summary (data/sample/valid.jsonl; recall over examples with a relevant story)")
+    print("\n== quickstart summary (data/sample/valid.jsonl; recall over examples with a relevant story)")
     print(table(rows))
     if a.seconds is not None:
         print(f"wall time {a.seconds // 60} min {a.seconds % 60} s; curves: {os.path.join(a.out, 'curves.png')}")

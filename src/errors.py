@@ -4,7 +4,6 @@ Entry points catch it, print ``error: {message}`` on one line and exit with stat
 user sees what was wrong, where, and what to do, without a traceback.
 """
 
-import sys
 
 
 class UsageError(Exception):

@@ -153,8 +153,8 @@ class FiDReader(torch.nn.Module):
     def tokenize_targets(self, targets, max_length):
         """``targets``: B strings -> labels [B, T] long, EOS included (truncated to
         ``max_length`` tokens), -100 at padding."""
-        enc = self.tokenizer(clip_for_tokenizer(list(targets), max_length), truncation=True, max_length=max_length, padding="longest",
-                             return_tensors="pt")
+        enc = self.tokenizer(clip_for_tokenizer(list(targets), max_length), truncation=True, max_length=max_length,
+                             padding="longest", return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return labels.to(self.device)
 

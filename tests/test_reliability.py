@@ -12,7 +12,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -108,7 +107,8 @@ def _fake_step(root, n, complete=True):
 
 def test_resume_skips_a_broken_latest_and_cleans_partial_saves(tmp_path):
     root = tmp_path / "checkpoint"
-    s39, s40 = _fake_step(root, 39), _fake_step(root, 40, complete=False)
+    s39 = _fake_step(root, 39)
+    _fake_step(root, 40, complete=False)
     os.symlink("step-40", root / "latest")
     (root / ".tmp-step-41" / "reader").mkdir(parents=True)
     path, notes = checkpoint.resolve_resume(str(tmp_path))
