@@ -30,18 +30,15 @@ import re
 import string
 from collections import Counter
 
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+from functools import lru_cache
+
 from rouge import Rouge
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 _ROUGE = Rouge()
 _RS_TYPES = ("rouge1", "rouge2", "rougeL")
-_RS = {False: rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=False),
-       True: rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=True)}
 # Uniform weights per BLEU order; corpus_bleu takes the list and shares one n-gram pass.
 _NLTK_BLEU_WEIGHTS = {"nltk_bleu1": (1.0,), "nltk_bleu2": (0.5, 0.5), "nltk_bleu4": (0.25,) * 4}
-_NLTK_SMOOTHING = SmoothingFunction().method1
 STANDARD_KEYS = tuple([f"rs_{t}" for t in _RS_TYPES] + [f"rs_{t}_stem" for t in _RS_TYPES]
                       + list(_NLTK_BLEU_WEIGHTS))
 _PUNCT = set(string.punctuation)
@@ -158,20 +155,31 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     return out
 
 
+# nltk (which rouge-score imports for its stemmer) takes seconds to import; train.py and
+# evaluate.py import this module but never need the standard block, so load it on first use.
+@lru_cache(maxsize=2)
+def _rouge_scorer(stem: bool):
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=stem)
+
+
 def rouge_score_f(pred: str, ref: str, stem: bool) -> tuple[float, float, float]:
     """(rouge1, rouge2, rougeL) F-scores in 0-1 from the ``rouge-score`` package."""
-    s = _RS[stem].score(ref, pred)  # rouge-score's order is (target, prediction)
+    s = _rouge_scorer(stem).score(ref, pred)  # rouge-score's order is (target, prediction)
     return tuple(s[t].fmeasure for t in _RS_TYPES)
 
 
 def nltk_corpus_bleu(preds: list[str], refs: list[str]) -> dict:
     """nltk corpus BLEU-1/2/4 (0-1) on whitespace tokens, smoothing method1, one reference each."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu  # slow import: see _rouge_scorer
+
     hyps = [p.split() for p in preds]
     references = [[r.split()] for r in refs]
     if not any(hyps):
         return {k: 0.0 for k in _NLTK_BLEU_WEIGHTS}
     scores = corpus_bleu(references, hyps, weights=list(_NLTK_BLEU_WEIGHTS.values()),
-                         smoothing_function=_NLTK_SMOOTHING)
+                         smoothing_function=SmoothingFunction().method1)
     return {k: float(v) for k, v in zip(_NLTK_BLEU_WEIGHTS, scores)}
 
 
