@@ -71,6 +71,8 @@ def bench_options(models, batch, G, k, M, gen_len, extra=()):
     argv = ["--reader_model_type", models["reader"], "--retriever_model_path", models["retriever"],
             "--passages", os.path.join(SAMPLE, "stories.jsonl"), "--train_data", os.path.join(SAMPLE, "train.jsonl"),
             "--reader_rl_learning", "--use_grpo", "--grpo_train_retriever",
+            # the naive side implements the draw-based step; the pool estimator adds M greedy decodes
+            "--grpo_retriever_estimator", "topk_heuristic",
             "--per_gpu_batch_size", str(batch), "--grpo_group_size", str(G),
             "--grpo_retriever_group_size", str(k), "--grpo_retriever_pool_size", str(M),
             "--generation_max_length", str(gen_len), *extra]

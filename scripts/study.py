@@ -280,8 +280,13 @@ def eval_metrics(eval_dir, test_path):
     eval loss and retrieval statistics from the last line of its log."""
     import compute_metrics as cm
 
+    import glob
+
     name = os.path.splitext(os.path.basename(test_path))[0]
-    gens, refs = cm.read_results(os.path.join(eval_dir, f"{name}.results.jsonl"))
+    # evaluate.py names it {--checkpoint_dir}/results/step-N.<name>.results.jsonl (`name` alone
+    # for a checkpoint folder not called step-N)
+    found = sorted(glob.glob(os.path.join(eval_dir, "**", f"*{name}.results.jsonl"), recursive=True))
+    gens, refs = cm.read_results(found[-1] if found else os.path.join(eval_dir, f"{name}.results.jsonl"))
     metrics = cm.results_metrics(gens, refs)
     own = {}
     with open(os.path.join(eval_dir, "study.log")) as f:

@@ -147,7 +147,7 @@ def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypa
     reader, retriever = load_models(tiny_models, dropout=0.1)
     opts = make_opts("--reader_rl_learning", "--use_grpo", "--grpo_train_retriever", "--grpo_group_size", "2",
                      "--grpo_retriever_group_size", "2", "--grpo_retriever_pool_size", "4", "--n_context", "1",
-                     "--retriever_n_context", "1", "--grpo_kl_coeff", "0.1")
+                     "--retriever_n_context", "1", "--grpo_kl_coeff", "0.1", "--grpo_retriever_estimator", "topk_heuristic")
     assert training_kind(opts, 0) == "grpo_joint"
     ref_reader, ref_retriever = frozen_copy(reader), frozen_copy(retriever)
     model = LapdogModel(reader, retriever, opts, ref_reader=ref_reader, ref_retriever=ref_retriever)
