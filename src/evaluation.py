@@ -86,12 +86,7 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         ordered = interleave_results([g[0] for g in gathered], len(examples))
         metrics = {"n": len(ordered), **retrieval_statistics(ordered, opts.retriever_n_context)}
         if results_path:
-            try:
-                _write_results(results_path, ordered, opts)
-            except OSError as exc:
-                # The generations took long to compute: at least the metrics reach the user.
-                raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
-                                 f"{json.dumps(metrics)}") from None
+            _write_results(results_path, ordered, opts, metrics)
     elif info.is_main:
         ordered = interleave_results([g[0] for g in gathered], len(examples))
         metrics = compute_metrics([r["generation"] for r in ordered], [r["answers"][0] for r in ordered])
@@ -103,24 +98,24 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         if retrieval is not None:
             metrics.update(retrieval_statistics(ordered, opts.retriever_n_context))
         if results_path:
-            try:
-                _write_results(results_path, ordered, opts)
-            except OSError as exc:
-                # The generations took long to compute: at least the metrics reach the user.
-                raise UsageError(f"{results_path}: cannot write the results ({exc.strerror}) — metrics: "
-                                 f"{json.dumps(metrics)}") from None
+            _write_results(results_path, ordered, opts, metrics)
         if metrics_path:
             write_metrics(metrics_path, metrics, n_examples=len(examples), results=results_path, **(about or {}))
     return distributed.broadcast_object(metrics)
 
 
-def _write_results(path, ordered, opts):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in ordered:
-            if opts.dont_write_passages:
-                r = {k: v for k, v in r.items() if k != "passages"}
-            f.write(json.dumps(r) + "\n")
+def _write_results(path, ordered, opts, metrics):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            for r in ordered:
+                if opts.dont_write_passages:
+                    r = {k: v for k, v in r.items() if k != "passages"}
+                f.write(json.dumps(r) + "\n")
+    except OSError as exc:
+        # The generations took long to compute: at least the metrics reach the user.
+        raise UsageError(f"{path}: cannot write the results ({exc.strerror}) — metrics: "
+                         f"{json.dumps(metrics)}") from None
 
 
 def retrieval_statistics(rows, k):

@@ -471,6 +471,16 @@ def leave_one_out_advantages(rewards):
     return (d - d.mean(dim=-1, keepdim=True)) * (k / (k - 1))
 
 
+def _pool_kl_term(pool_logp, ref_pool_logp, kl_coeff):
+    """(kl_coeff · mean exact KL(π_θ‖π_ref) over the pool, the KL as a detached stat); zeros
+    without a reference. Shared by both retriever losses."""
+    zero = torch.zeros((), device=pool_logp.device)
+    if ref_pool_logp is None:
+        return zero, zero
+    kl = categorical_kl(pool_logp, ref_pool_logp.detach()).mean()
+    return (kl_coeff * kl if kl_coeff != 0 else zero), kl.detach()
+
+
 def pool_policy_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, clip_eps, kl_coeff):
     """The retriever's PPO surrogate taken in expectation over its whole candidate pool.
 
@@ -502,13 +512,8 @@ def pool_policy_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, clip_eps,
     log_ratio = torch.where(usable, pool_logp - torch.where(usable, old, zero), zero)
     surrogate, clipped = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, clip_eps)
     loss = (old_p * surrogate).sum(dim=-1).mean()
-    if ref_pool_logp is not None:
-        kl = categorical_kl(pool_logp, ref_pool_logp.detach()).mean()
-        if kl_coeff != 0:
-            loss = loss + kl_coeff * kl
-        kl_stat = kl.detach()
-    else:
-        kl_stat = torch.zeros((), device=pool_logp.device)
+    kl_term, kl_stat = _pool_kl_term(pool_logp, ref_pool_logp, kl_coeff)
+    loss = loss + kl_term
     with torch.no_grad():
         rows = max(pool_logp.shape[0], 1)
         stats = {
@@ -549,13 +554,8 @@ def retriever_policy_loss(
     sampled_logp = pool_logp.gather(-1, sampled_idx.long())
     surrogate, clipped = clipped_surrogate(sampled_logp, old_sampled_logp, advantages, clip_eps)
     loss = surrogate.mean()
-    if ref_pool_logp is not None:
-        kl = categorical_kl(pool_logp, ref_pool_logp.detach()).mean()
-        if kl_coeff != 0:
-            loss = loss + kl_coeff * kl
-        kl_stat = kl.detach()
-    else:
-        kl_stat = torch.zeros((), device=pool_logp.device)
+    kl_term, kl_stat = _pool_kl_term(pool_logp, ref_pool_logp, kl_coeff)
+    loss = loss + kl_term
     with torch.no_grad():
         stats = {
             "kl": kl_stat,

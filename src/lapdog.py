@@ -433,6 +433,6 @@ class LapdogModel(nn.Module):
                 ids, mask = reader.tokenize_inputs(texts[start:start + 64], o.text_maxlength)
                 replies += reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
                                                 min_length=o.generation_min_length)
-        r = grpo_reward(replies, refs, scale=(o.metric_scale["bleu"], o.metric_scale["f1"], o.metric_scale["rouge"]),
-                        scale_rouge=o.scale_rouge, length_penalty_strength=o.generation_length_penalty)["reward"]
+        r = grpo_reward(replies, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
+                        length_penalty_strength=o.generation_length_penalty)["reward"]
         return r.to(dev).view(len(b.passages), -1)
