@@ -25,12 +25,12 @@ from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.rewards import grpo_reward  # noqa: E402
 
 
-def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32):
+def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32, split="valid", max_examples=None):
     reader = FiDReader.from_pretrained(os.path.join(checkpoint, "reader")).eval()
     stories = load_passages(os.path.join(data_dir, "stories.jsonl"))
     by_id = {p["id"]: p for p in stories}
-    rows = [json.loads(line) for line in open(os.path.join(data_dir, "valid.jsonl"))]
-    rows = [r for r in rows if r.get("story_id") in by_id]
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, f"{split}.jsonl"))]
+    rows = [r for r in rows if r.get("story_id") in by_id][:max_examples]
     rng = random.Random(seed)
     gold = [by_id[r["story_id"]] for r in rows]
     same = [rng.choice([p for p in stories if p["title"] == g["title"] and p["id"] != g["id"]] or stories)
@@ -56,8 +56,10 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a step-N folder (with reader/)")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "sample"), help="folder with valid/stories jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed of the same-topic and random story picks")
+    p.add_argument("--split", default="valid", help="which {split}.jsonl of --data to probe (train shows memorization)")
+    p.add_argument("--max_examples", type=int, default=None, help="probe only the first N examples with a story")
     a = p.parse_args(argv)
-    res = probe(a.checkpoint, a.data, a.seed)
+    res = probe(a.checkpoint, a.data, a.seed, split=a.split, max_examples=a.max_examples)
     for name in ("relevant", "same_topic", "random"):
         print(f"{name:11s} reward {res[name]['reward']:.3f}  F1 {res[name]['f1']:.2f}")
     print(json.dumps(res))

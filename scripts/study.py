@@ -65,7 +65,7 @@ ARMS = {
                 "about": "stage 1 continued: SFT of the reader on posterior stories (fact swaps)",
                 "flags": [*_READS, "--lr=1e-4", "--dropout=0.1"]},
     # (b) LAPDOG stage 2: retriever toward the gold scores, reader by CE on the fused stories
-    "lapdog": {"retrieval": True, "evals": ("retrieval",),
+    "lapdog": {"retrieval": True, "own_index": True, "evals": ("retrieval",),
                "about": "LAPDOG: f1rougebleudist gold scores, tau_s 0.8, tau_g 0.85, reader CE",
                "flags": _LAPDOG},
     # (c) generator GRPO (frozen retriever, top-n stories fused)
@@ -84,7 +84,7 @@ ARMS = {
     "sft_rag": {"retrieval": True, "evals": ("retrieval",),
                 "about": "reader SFT on the frozen retriever's top-n stories (LAPDOG without retriever training)",
                 "flags": ["--lr=1e-4", "--dropout=0.1"]},
-    "lapdog_aug": {"retrieval": True, "evals": ("retrieval",),
+    "lapdog_aug": {"retrieval": True, "own_index": True, "evals": ("retrieval",),
                    "about": "LAPDOG with candidate augmentation (20% random stories in training)",
                    "flags": _LAPDOG + ["--add_random_retrieval=0.2"]},
     "reinforce": {"retrieval": True, "evals": ("retrieval",),
@@ -99,6 +99,10 @@ EVAL_FLAGS = ["--generation_length_penalty=1.0"]
 
 # Sizes per scale. cpu: meant to finish in about 90 minutes for 2 seeds on a 2-core CPU
 # (estimated from the quickstart's speed, not yet measured: time the first run and adjust).
+# The quickstart's reader (1.3M parameters with a data-sized vocabulary): 4x faster per step than
+# build_small_models.py's default 256-wide 4+4-layer reader.
+_QUICKSTART_READER = ["--d_model=128", "--d_ff=512", "--num_layers=2", "--num_decoder_layers=2", "--num_heads=4",
+                      "--d_kv=32"]
 SCALES = {
     "tiny": dict(s1_steps=4, s2_steps=2, s1_batch=4, s2_batch=2, accumulation=1, eval_n=6, dev_n=4,
                  max_passages=40, text_maxlength=96, target_maxlength=16, generation_max_length=8,
@@ -108,7 +112,7 @@ SCALES = {
     "cpu": dict(s1_steps=600, s2_steps=100, s1_batch=16, s2_batch=4, accumulation=1, eval_n=None, dev_n=100,
                 max_passages=5000, text_maxlength=192, target_maxlength=32, generation_max_length=32,
                 eval_freq=50, log_freq=1, n_context=1, retriever_n_context=4, pool=8, k=4, G=4,
-                eval_batch=32, reader_sizes=[]),
+                eval_batch=32, reader_sizes=_QUICKSTART_READER),
     "gpu": dict(s1_steps=4000, s2_steps=600, s1_batch=32, s2_batch=8, accumulation=1, eval_n=None, dev_n=400,
                 max_passages=None, text_maxlength=256, target_maxlength=32, generation_max_length=32,
                 eval_freq=100, log_freq=5, n_context=2, retriever_n_context=6, pool=20, k=4, G=8,
@@ -205,22 +209,33 @@ def eval_command(ckpt, mode, paths, sizes, seed, eval_dir):
 
 
 def plan(arms, seeds, paths, sizes, out):
-    """[(kind, label, folder, argv)] in run order: stage 1, arms, evaluations, per seed."""
+    """[(kind, label, folder, argv)] in run order: stage 1, arms, evaluations, per seed.
+
+    Every run whose stories are embedded by the pretrained retriever (stage 1, the arms that do
+    not train the passage side, their evaluations) shares one index: the first stage 1 saves it
+    (--save_index_path), the others load it (--load_index_path; its fingerprint is checked).
+    Embedding 5,000 stories took ~2 minutes per run on the 2-core CPU."""
+    shared = os.path.join(out, "index-pretrained")
     steps = []
     for seed in seeds:
         sdir = os.path.join(out, f"seed{seed}")
         s1 = os.path.join(sdir, "stage1")
         s1_ckpt = os.path.join(s1, "checkpoint", "latest")
-        steps.append(("train", f"seed {seed} stage 1", s1, stage1_command(paths, sizes, seed, s1)))
+        index = [f"--save_index_path={shared}"] if not steps else [f"--load_index_path={shared}"]
+        steps.append(("train", f"seed {seed} stage 1", s1, stage1_command(paths, sizes, seed, s1) + index))
+        load = [f"--load_index_path={shared}"]
         for name in arms:
             run_dir = os.path.join(sdir, name)
-            steps.append(("train", f"seed {seed} {name}", run_dir, arm_command(name, paths, sizes, seed, s1_ckpt, run_dir)))
+            own = ARMS[name].get("own_index") or not ARMS[name]["retrieval"]
+            steps.append(("train", f"seed {seed} {name}", run_dir,
+                          arm_command(name, paths, sizes, seed, s1_ckpt, run_dir) + ([] if own else load)))
         for name in arms:
             ckpt = os.path.join(sdir, name, "checkpoint", "latest")
             for mode in ARMS[name]["evals"]:
                 eval_dir = os.path.join(sdir, "eval", f"{name}-{mode}")
+                own = ARMS[name].get("own_index") or mode != "retrieval"
                 steps.append(("eval", f"seed {seed} eval {name} ({mode})", eval_dir,
-                              eval_command(ckpt, mode, paths, sizes, seed, eval_dir)))
+                              eval_command(ckpt, mode, paths, sizes, seed, eval_dir) + ([] if own else load)))
     return steps
 
 
@@ -327,10 +342,14 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch_version}
 
 
-def build_models(out, sizes):
-    """A small random-init T5 reader + MiniLM retriever (scripts/build_small_models.py), once."""
+def build_models(out, sizes, vocab_from=()):
+    """A small random-init T5 reader + MiniLM retriever (scripts/build_small_models.py), once.
+    ``vocab_from``: jsonl files whose word pieces make the reader's vocabulary (the split's
+    dialogues and the stories: a ~10x smaller output layer, same tokenization of those texts)."""
     models = os.path.join(out, "models")
     cmd = [sys.executable, "scripts/build_small_models.py", f"--out={models}", *sizes["reader_sizes"]]
+    if vocab_from:
+        cmd += ["--vocab_from", *vocab_from]
     if not os.path.exists(os.path.join(models, "reader", "config.json")):
         print("== building the small models", flush=True)
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -501,7 +520,7 @@ def main(argv=None):
     timings = []
     try:
         if not (paths["reader"] and paths["retriever"]):
-            built = build_models(out, sizes)
+            built = build_models(out, sizes, [paths["train"], paths["dev"], paths["test"], paths["stories"]])
             paths["reader"] = paths["reader"] or built[0]
             paths["retriever"] = paths["retriever"] or built[1]
         for kind, label, folder, cmd in plan(args.arms, args.seeds, paths, sizes, out):

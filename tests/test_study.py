@@ -118,6 +118,21 @@ def test_plan_shares_checkpoint_steps_and_batch():
     assert "--grpo_train_retriever" in joint and _flag(joint, "grpo_retriever_pool_size") == "8"
 
 
+def test_plan_shares_the_pretrained_index_except_where_the_passage_side_trains():
+    sizes = study.sizes_of(study.parse_args(["--scale", "cpu"]))
+    paths = {k: f"/{k}" for k in ("train", "dev", "test", "stories", "reader", "retriever")}
+    steps = {label: cmd for _, label, _, cmd in study.plan(list(study.ARMS), [0, 1], paths, sizes, "/out")}
+    shared = "/out/index-pretrained"
+    assert _flag(steps["seed 0 stage 1"], "save_index_path") == shared
+    assert _flag(steps["seed 1 stage 1"], "load_index_path") == shared
+    for label in ("seed 1 control", "seed 0 grpo", "seed 0 joint_grpo", "seed 1 eval control (retrieval)",
+                  "seed 0 eval joint_grpo (retrieval)"):
+        assert _flag(steps[label], "load_index_path") == shared, label
+    # LAPDOG re-embeds the corpus with its trained passage side; closed book needs no index.
+    for label in ("seed 0 lapdog", "seed 0 eval lapdog (retrieval)", "seed 0 eval control (closed_book)"):
+        assert _flag(steps[label], "load_index_path") is None and _flag(steps[label], "save_index_path") is None
+
+
 @pytest.mark.parametrize("scale", ["tiny", "cpu", "gpu"])
 def test_every_command_passes_train_and_evaluate_option_checks(scale):
     """Every arm's recipe at every scale is accepted by the options train.py / evaluate.py use
