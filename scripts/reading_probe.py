@@ -4,7 +4,12 @@ fusing (a) that story, (b) a same-topic story holding other facts, (c) a random 
     python scripts/reading_probe.py CHECKPOINT [--data data/sample] [--seed 0]
 
 A reader that ignores stories scores alike in (a), (b) and (c); one that reads the topic scores
-(a) ≈ (b) > (c); one that copies facts scores (a) > (b) > (c). The last line is one JSON object.
+(a) ≈ (b) > (c); one that copies facts scores (a) > (b) > (c).
+
+``fact_copy_rate`` asks the last question directly: the relevant story's fact word that the reply
+needs (src/posterior.py:FactSwap's choice) is replaced, in prompt and story, by a random rare corpus
+word; the rate is the share of greedy replies that contain the replacement. Only copying gets it.
+The last line is one JSON object.
 """
 
 import argparse
@@ -20,6 +25,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from src.data import encoder_inputs, load_passages, reader_query  # noqa: E402
+from src.posterior import FactSwap, PosteriorStories  # noqa: E402
 from src.metrics import compute_metrics  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.rewards import grpo_reward  # noqa: E402
@@ -37,17 +43,30 @@ def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32, split
             for g in gold]
     rand = [stories[rng.randrange(len(stories))] for _ in rows]
     refs = [r["answers"][0] for r in rows]
-    out = {}
-    for name, fused in (("relevant", gold), ("same_topic", same), ("random", rand)):
-        texts = [encoder_inputs(reader_query(r["question"]), [p], 1) for r, p in zip(rows, fused)]
+    def replies_to(questions, fused):
+        texts = [encoder_inputs(reader_query(q), [p], 1) for q, p in zip(questions, fused)]
         replies = []
         with torch.no_grad(), dropout_disabled(reader):
             for i in range(0, len(texts), batch_size):
                 ids, mask = reader.tokenize_inputs(texts[i:i + batch_size], text_maxlength)
                 replies += reader.generate_text(ids, mask, max_length=32)
+        return replies
+
+    out = {}
+    for name, fused in (("relevant", gold), ("same_topic", same), ("random", rand)):
+        replies = replies_to([r["question"] for r in rows], fused)
         reward = grpo_reward(replies, refs, scale=(0.01, 1.0, 1.0), length_penalty_strength=1.0)["reward"]
         out[name] = {"reward": round(reward.mean().item(), 4), "f1": round(compute_metrics(replies, refs)["f1"], 2)}
     out["n"] = len(rows)
+    dialogues = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
+    swap = FactSwap(PosteriorStories(stories), [" ".join([d["question"], *d["answers"]]) for d in dialogues])
+    swapped = [swap(r["question"], ref, g, rng) for r, ref, g in zip(rows, refs, gold)]
+    swapped = [(q, a, p, ref) for (q, a, p), ref in zip(swapped, refs) if a != ref]
+    if swapped:
+        replies = replies_to([q for q, _, _, _ in swapped], [p for _, _, p, _ in swapped])
+        new = [next(w for w in a.split() if w not in ref.split()) for _, a, _, ref in swapped]
+        out["fact_copy_rate"] = round(sum(w in r.split() for w, r in zip(new, replies)) / len(swapped), 4)
+    out["n_swapped"] = len(swapped)
     return out
 
 
@@ -62,6 +81,7 @@ def main(argv=None):
     res = probe(a.checkpoint, a.data, a.seed, split=a.split, max_examples=a.max_examples)
     for name in ("relevant", "same_topic", "random"):
         print(f"{name:11s} reward {res[name]['reward']:.3f}  F1 {res[name]['f1']:.2f}")
+    print(f"fact copy rate {res.get('fact_copy_rate', float('nan')):.3f} of {res['n_swapped']} swapped facts")
     print(json.dumps(res))
 
 

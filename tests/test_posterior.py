@@ -72,5 +72,20 @@ def test_reading_probe_reports_the_three_fusions(tiny_models):
     res = probe(os.path.dirname(tiny_models["reader"]), os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "data", "sample"), batch_size=64)
     assert res["n"] == 137  # valid examples with a relevant story
-    assert set(res) == {"relevant", "same_topic", "random", "n"}
+    assert set(res) == {"relevant", "same_topic", "random", "n", "fact_copy_rate", "n_swapped"}
     assert all(0 <= res[k]["reward"] <= 3 and 0 <= res[k]["f1"] <= 100 for k in ("relevant", "same_topic", "random"))
+    assert 100 < res["n_swapped"] <= 137 and 0 <= res["fact_copy_rate"] <= 1
+
+
+def test_reading_probe_fact_copy_rate_is_one_for_a_copier_and_zero_for_a_constant(tiny_models, monkeypatch):
+    """A 'reader' whose reply is its whole input copies every swapped fact; a constant one none."""
+    from scripts import reading_probe
+    from src.reader import FiDReader
+
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+    ckpt = os.path.dirname(tiny_models["reader"])
+    monkeypatch.setattr(FiDReader, "generate_text",
+                        lambda self, ids, mask, **kw: self.decode(ids[:, 0]))
+    assert reading_probe.probe(ckpt, sample, batch_size=64, max_examples=40)["fact_copy_rate"] == 1.0
+    monkeypatch.setattr(FiDReader, "generate_text", lambda self, ids, mask, **kw: ["his name is max ."] * len(ids))
+    assert reading_probe.probe(ckpt, sample, batch_size=64, max_examples=40)["fact_copy_rate"] == 0.0
