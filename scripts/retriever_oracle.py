@@ -103,7 +103,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.retriever is None:
         from scripts.build_small_models import minilm_path
-        args.retriever = minilm_path()
+        args.retriever = str(minilm_path())
     return args
 
 

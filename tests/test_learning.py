@@ -1,0 +1,115 @@
+"""Learning tests on the sample data, measured on examples never trained on, with a margin that held
+on every seed and thread count tried.
+
+Seed 0 runs by default; ``LEARNING_SEEDS="0 1 2"`` runs more (how the margins were checked, at
+OMP_NUM_THREADS=1 and 2; the measured values are in each test's docstring).
+
+The reader is a 64-wide 2+2-layer T5 whose vocabulary is the word pieces of the sample data (fast).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import TINY_READER
+from src.data import encoder_inputs, reader_query
+from src.lapdog import make_batch
+from src.posterior import PosteriorStories
+from src.reader import FiDReader, dropout_disabled
+from src.rewards import grpo_reward, scale_tuple
+from test_objectives import make_opts, sample_data
+
+SEEDS = [int(s) for s in os.environ.get("LEARNING_SEEDS", "0").split()]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sample_vocab_reader_dir(tmp_path_factory):
+    """A tiny random T5 whose vocabulary is the sample data's word pieces (2.8k, not 29.6k)."""
+    from scripts.build_small_models import build_reader, build_reader_tokenizer, jsonl_texts
+    from conftest import SAMPLE
+
+    tok = build_reader_tokenizer(vocab_texts=jsonl_texts([os.path.join(SAMPLE, f) for f in
+                                                          ("train.jsonl", "valid.jsonl", "stories.jsonl")]))
+    out = str(tmp_path_factory.mktemp("sample_vocab_reader"))
+    build_reader(tok, seed=0, **TINY_READER).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+class PosteriorOnly:
+    """The retrieval object make_batch needs for --posterior_passages with one fused story."""
+
+    def __init__(self, stories):
+        self.posterior, self.fact_swap = PosteriorStories(stories), None
+
+
+def greedy_rewards(reader, queries, stories, answers, opts, batch_size=64):
+    """[N] reward of the greedy reply to each (query, story) (story None: closed book)."""
+    texts = [encoder_inputs(q, [s] if s else [], 1) for q, s in zip(queries, stories)]
+    replies = []
+    with torch.no_grad(), dropout_disabled(reader):
+        for i in range(0, len(texts), batch_size):
+            ids, mask = reader.tokenize_inputs(texts[i:i + batch_size], opts.text_maxlength)
+            replies += reader.generate_text(ids, mask, max_length=opts.generation_max_length)
+    return grpo_reward(replies, answers, scale=scale_tuple(opts.metric_scale), length_penalty_strength=1.0)["reward"]
+
+
+_READERS = {}
+
+
+def reading_reader(reader_dir, seed):
+    """The tiny reader after 150 SFT steps (batch 16, AdamW 3e-3) with each reply's posterior story
+    fused (src/posterior.py: the story sharing the most idf-weighted words with the reply; no
+    relevance label). Cached per seed: later tests start from it."""
+    if seed not in _READERS:
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        train, _, stories = sample_data()
+        reader = FiDReader.from_pretrained(reader_dir, dropout=0.0)
+        opts = make_opts("--posterior_passages", "--n_context", "1", "--text_maxlength", "192")
+        retrieval = PosteriorOnly(stories)
+        optim = torch.optim.AdamW(reader.parameters(), lr=3e-3)
+        reader.train()
+        for _ in range(150):
+            exs = rng.sample(train, 16)
+            b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, None, opts, rng, reader.device)
+            loss = reader(b.input_ids, b.attention_mask, b.labels)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        reader.eval()
+        _READERS[seed] = reader.state_dict()
+    reader = FiDReader.from_pretrained(reader_dir, dropout=0.0)
+    reader.load_state_dict(_READERS[seed])
+    return reader.eval()
+
+
+def held_out_with_story(n=96):
+    _, valid, stories = sample_data()
+    by_id = {s["id"]: s for s in stories}
+    rows = [ex for ex in valid if ex.get("story_id")][:n]
+    return rows, [by_id[ex["story_id"]] for ex in rows], stories
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reader_trained_with_posterior_stories_uses_them(sample_vocab_reader_dir, seed):
+    """On held-out valid examples (held-out stories, unseen personas), the greedy reply's reward
+    with the relevant story fused is clearly above the reward with a random story.
+
+    Measured, relevant − random (mean reward over 96 examples), seeds 0 / 1 / 2: 1 thread 0.126 /
+    0.123 / 0.228; 2 threads 0.226 / 0.073 / 0.172. The margin asserted (0.04) is about half the
+    smallest. It is the topic the reader reads (a same-topic story scores like the relevant one:
+    scripts/reading_probe.py), which is what 150 steps of a 64-wide reader learn."""
+    reader = reading_reader(sample_vocab_reader_dir, seed)
+    opts = make_opts("--text_maxlength", "192")
+    rows, relevant, stories = held_out_with_story()
+    rng = random.Random(100 + seed)
+    random_stories = [rng.choice([s for s in stories if s["title"] != r["title"]]) for r in relevant]
+    queries, answers = [reader_query(ex["question"]) for ex in rows], [ex["answers"][0] for ex in rows]
+    with_relevant = greedy_rewards(reader, queries, relevant, answers, opts).mean().item()
+    with_random = greedy_rewards(reader, queries, random_stories, answers, opts).mean().item()
+    print(f"seed {seed}: reward with the relevant story {with_relevant:.3f}, with a random one {with_random:.3f}")
+    assert with_relevant - with_random > 0.04
