@@ -6,7 +6,7 @@
 1. Splits the dialogues (default ``DATA_DIR/convai2/valid.jsonl``) by persona with a fixed seed
    (``--split_seed``) into train / dev / test (scripts/study_split.py); dev feeds the in-loop
    evaluation curves (for choosing hyperparameters), test only the reported table.
-2. Per training seed: one shared stage 1 (closed-book reader SFT), then every arm of ``ARMS``
+2. Per training seed: one shared stage 1 (reader SFT with each reply's posterior story fused, STAGE1_FLAGS), then every arm of ``ARMS``
    from that same checkpoint with the same optimizer steps and batch (so the same examples
    seen): the sizes are shared, the arms differ only in their flags.
 3. Evaluates every arm on the test split with retrieval (the control also closed-book), reads
@@ -374,7 +374,7 @@ def write_figures(rows, arms, seeds, out, title):
             runs, p, labels=list(arms), smooth=5, title=f"stage 2 training curves, seed {seed} (eval/* on the dev split)")))
     jobs.append(("stage1", lambda p: plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in seeds], p,
                                                labels=[f"seed {s}" for s in seeds],
-                                               title="stage 1 (closed-book reader SFT)")))
+                                               title="stage 1 (reader SFT with posterior stories, fact swaps)")))
     figs = {}
     for name, draw in jobs:
         path = os.path.join(fig_dir, f"{name}.png")
