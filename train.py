@@ -196,7 +196,7 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, ro
 
 
 @torch.no_grad()
-def sample_rollouts(model, kind, micro, autocast):
+def sample_rollouts(model, kind, micro, autocast, step):
     """dapo: draw every micro-batch's rollout before any loss, so the step's token count is known
     first (TRL counts the whole generation batch). The unwrapped model, no gradient: nothing for
     DDP to reduce. Returns (rollouts, their statistics averaged over the micro-batches)."""
@@ -205,7 +205,7 @@ def sample_rollouts(model, kind, micro, autocast):
     try:
         for b in micro:
             with autocast:
-                _, stats, rollout = model(kind, b, None)
+                _, stats, rollout = model(kind, b, None, step=step)
             rollouts.append(rollout)
             samples = stats.pop("_samples", None)
             for k, v in stats.items():
@@ -367,13 +367,12 @@ def main(argv=None):
             t_retrieval = time.perf_counter() - t_retrieval
             rollouts, done = [None] * len(micro), 0
             if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
-                rollouts, sampled = sample_rollouts(model, kind, micro, autocast)
+                rollouts, sampled = sample_rollouts(model, kind, micro, autocast, step)
         if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
             model.token_normalizer = dapo_normalizer(rollouts, info)
         for iteration in range(done, mu):
             if step >= opts.total_steps:
                 break
-            model.step = step
             for o in optims.values():
                 o.zero_grad(set_to_none=True)
             step_stats = {}
@@ -382,7 +381,7 @@ def main(argv=None):
                 sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
                 with sync:
                     with autocast:
-                        loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
+                        loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i], step=step)
                     loss = loss / len(micro)
                     (scaler.scale(loss) if scaler else loss).backward()
                 samples = model.samples

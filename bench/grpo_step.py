@@ -284,9 +284,9 @@ def agreement(model, batch):
             "grad_rel_diff": ((g_fast - g_naive).abs().max() / g_fast.abs().max().clamp(min=1e-30)).item()}
 
 
-def train_step(model, optims, batch, naive, device):
-    """One optimizer update as train.py does it; returns the stats with time/* parts, time/step
-    and time/backward_optim (backward + clipping + AdamW)."""
+def train_step(model, optims, batch, naive, device, step=0):
+    """One optimizer update (``step``: completed updates before it) as train.py does it; returns
+    the stats with time/* parts, time/step and time/backward_optim (backward + clipping + AdamW)."""
     stats = {}
     with timed(stats, "time/step", device):
         for o in optims.values():
@@ -295,7 +295,7 @@ def train_step(model, optims, batch, naive, device):
             if naive:
                 loss = naive_grpo_joint(model, batch, stats)
             else:
-                loss, fstats, _ = model("grpo_joint", batch)
+                loss, fstats, _ = model("grpo_joint", batch, step=step)
                 stats.update({k: v for k, v in fstats.items() if k.startswith(("time/", "kl/", "reward/mean"))})
         with timed(stats, "time/backward_optim", device):
             loss.backward()
@@ -304,7 +304,6 @@ def train_step(model, optims, batch, naive, device):
             torch.nn.utils.clip_grad_norm_([p for p in model.retriever.parameters() if p.grad is not None], clip)
             for o in optims.values():
                 o.step()
-        model.step += 1
     stats["loss"] = loss.item()
     return stats
 
@@ -362,10 +361,10 @@ def run_side(models, opts, batches, device, naive, warmup, steps, seed):
     optims = make_optimizers(model, opts)
     timed = []
     with PeakMemory(device) as mem:
-        for b in batches[:warmup]:
-            train_step(model, optims, b, naive, device)
-        for b in batches[warmup:warmup + steps]:
-            timed.append(train_step(model, optims, b, naive, device))
+        for step, b in enumerate(batches[:warmup]):
+            train_step(model, optims, b, naive, device, step)
+        for step, b in enumerate(batches[warmup:warmup + steps], start=warmup):
+            timed.append(train_step(model, optims, b, naive, device, step))
     mean = {key: sum(s.get(key, 0.0) for s in timed) / len(timed) for key in timed[0] if key != "_texts"}
     return model, mean, mem.mib
 
