@@ -52,8 +52,8 @@ def training_kind(opts, step):
 
 
 def lapdog_retriever_trained(opts, step):
-    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step."""
-    return bool(opts.train_retriever) and step >= max(opts.freeze_retriever_steps, 0)
+    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step (completed updates)."""
+    return bool(opts.train_retriever) and not retriever_frozen_at(opts, step)
 
 
 def augments_candidates(opts, step, train):
