@@ -59,7 +59,7 @@ from src.lapdog import LapdogModel, make_batch  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from src.rewards import grpo_reward, scale_tuple  # noqa: E402
+from src.rewards import grpo_reward, reward_options  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 PARTS = ("retriever", "sampling", "reward", "reference", "policy")
@@ -192,7 +192,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
     ref_reader, ref_retriever = model.refs["reader"], model.refs["retriever"]
     k, G, tau, T = o.grpo_retriever_group_size, o.grpo_group_size, o.grpo_retriever_temperature, o.grpo_temperature
     eps, beta, eos = o.grpo_clip_epsilon, o.grpo_kl_coeff, reader.eos_token_id
-    scale = scale_tuple(o.metric_scale)
+    reward_kwargs = reward_options(o)
     B = len(batch.queries)
     reader_terms, ret_surrogate, ret_kl, kl_tokens, rewards_all = [], [], [], [], []
     with dropout_disabled(reader, retriever):
@@ -224,8 +224,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                 for reply in replies:
                     with timed(stats, "time/reward", dev):
                         hyp = reader.decode(reply.unsqueeze(0))
-                        rewards.append(float(grpo_reward(hyp, [batch.answers[i]], scale=scale, scale_rouge=o.scale_rouge,
-                                                         length_penalty_strength=o.generation_length_penalty)["reward"][0]))
+                        rewards.append(float(grpo_reward(hyp, [batch.answers[i]], **reward_kwargs)["reward"][0]))
                 rewards_all += rewards
                 story_rewards.append(sum(rewards) / G)
                 for reply, adv in zip(replies, _group_advantages(rewards)):

@@ -23,7 +23,7 @@ from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.options import retriever_frozen_at
-from src.rewards import grpo_reward, scale_tuple
+from src.rewards import grpo_reward, reward_options
 from src.tracking import timed
 
 
@@ -290,8 +290,7 @@ class LapdogModel(nn.Module):
         o = self.opts
         texts = self.reader.decode(replies)
         refs = per_reply_answers or [a for a in answers for _ in range(len(texts) // len(answers))]
-        r = grpo_reward(texts, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
-                        length_penalty_strength=o.generation_length_penalty)
+        r = grpo_reward(texts, refs, **reward_options(o))
         for key in ("f1", "rouge", "bleu", "length_ratio"):
             stats[f"reward/{key}"] = r[key].mean().item()
         stats["reward/mean"] = r["reward"].mean().item()
@@ -435,6 +434,5 @@ class LapdogModel(nn.Module):
                 ids, mask = reader.tokenize_inputs(texts[start:start + 64], o.text_maxlength)
                 replies += reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
                                                 min_length=o.generation_min_length)
-        r = grpo_reward(replies, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
-                        length_penalty_strength=o.generation_length_penalty)["reward"]
+        r = grpo_reward(replies, refs, **reward_options(o))["reward"]
         return r.to(dev).view(len(b.passages), -1)
