@@ -11,6 +11,7 @@ A step is one optimizer update everywhere (--total_steps, --warmup_steps, --eval
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -195,8 +196,13 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, ro
     distributed.barrier()
 
 
+def uses_dapo(opts, kind):
+    """dapo's loss on a GRPO objective: rollouts drawn before any loss, TRL's token divisor."""
+    return kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo"
+
+
 @torch.no_grad()
-def sample_rollouts(model, kind, micro, autocast):
+def sample_rollouts(model, kind, micro, autocast, step):
     """dapo: draw every micro-batch's rollout before any loss, so the step's token count is known
     first (TRL counts the whole generation batch). The unwrapped model, no gradient: nothing for
     DDP to reduce. Returns (rollouts, their statistics averaged over the micro-batches)."""
@@ -205,7 +211,7 @@ def sample_rollouts(model, kind, micro, autocast):
     try:
         for b in micro:
             with autocast:
-                _, stats, rollout = model(kind, b, None)
+                _, stats, rollout = model(kind, b, None, step=step)
             rollouts.append(rollout)
             samples = stats.pop("_samples", None)
             for k, v in stats.items():
@@ -224,9 +230,45 @@ def dapo_normalizer(rollouts, info):
     return grpo.dapo_normalizer(distributed.all_reduce_sum(local).item(), len(rollouts), info.world)
 
 
-def resumed_rollout(resume_path, state, info, tracker):
-    """(micro-batches, rollouts, updates done) of a batch the checkpoint was saved part-way
-    through (μ > 1), to finish its reuse updates first; None when it was saved between batches."""
+@dataclasses.dataclass
+class StepBatch:
+    """The micro-batches of --grpo_num_iterations (μ) updates: drawn for the first, then reused,
+    with the GRPO rollouts the first update drew (or dapo's sampling pass before it)."""
+    kind: str                   # the objective (training_kind at the step it was drawn for)
+    micro: list                 # accumulation_steps Batch
+    rollouts: list              # one per micro-batch, None until drawn
+    done: int = 0               # updates tried with it; a skipped (non-finite) one counts
+    sampled: dict = dataclasses.field(default_factory=dict)  # dapo sampling pass: stats of its first update
+    t_retrieval: float = 0.0    # seconds spent drawing it, logged with its first applied update
+    normalizer: float | None = None  # dapo's token divisor, computed before its first update
+
+    def reuse_state(self, mu):
+        """What a checkpoint saved now needs to finish this batch's updates on resume (the
+        micro-batches, rollouts and updates done), or None when they are all done."""
+        return {"micro": self.micro, "rollouts": self.rollouts, "iteration": self.done} if self.done < mu else None
+
+
+def draw_batch(run, step, train, sampler, data_rng, retrieval):
+    """A new StepBatch for update `step`: accumulation_steps micro-batches (their retrieval
+    included) and, with dapo, every micro-batch's rollout."""
+    opts, model = run.opts, run.model
+    kind = training_kind(opts, step)
+    t_retrieval = time.perf_counter()
+    micro = []
+    for _ in range(opts.accumulation_steps):
+        exs = [train[i] for i in sampler.next_batch()]
+        answers = [pick_answer(ex, data_rng) for ex in exs]
+        micro.append(make_batch(exs, answers, model.reader, retrieval, model.retriever, opts, data_rng,
+                                run.info.device, step=step))
+    batch = StepBatch(kind, micro, [None] * len(micro), t_retrieval=time.perf_counter() - t_retrieval)
+    if uses_dapo(opts, kind):
+        batch.rollouts, batch.sampled = sample_rollouts(model, kind, micro, run.autocast, step)
+    return batch
+
+
+def resumed_batch(opts, resume_path, state, info, tracker):
+    """The StepBatch a checkpoint was saved part-way through (μ > 1), to finish its reuse
+    updates first; None when it was saved between batches."""
     done = int(state.get("rollout_iteration", 0))
     if not done:
         return None
@@ -235,7 +277,104 @@ def resumed_rollout(resume_path, state, info, tracker):
                      f"{state.get('world')} process(es); with {info.world} this run draws a new batch instead")
         return None
     saved = checkpoint.to_device(checkpoint.load_rank_rollout(resume_path, info.rank), info.device)
-    return [Batch(b) for b in saved["micro"]], saved["rollouts"], int(saved["iteration"])
+    return StepBatch(training_kind(opts, int(state["step"])), [Batch(b) for b in saved["micro"]],
+                     saved["rollouts"], done=int(saved["iteration"]))
+
+
+@dataclasses.dataclass
+class StepRun:
+    """What train_step needs: the model (and its DDP wrapper), optimizers, schedulers, precision,
+    the non-finite guard, the Ctrl-C flag and the tracker."""
+    opts: object
+    info: object
+    model: LapdogModel
+    wrapped: torch.nn.Module
+    optims: dict
+    scheds: dict
+    autocast: object
+    scaler: object
+    guard: safety.StepGuard
+    stopper: interrupt.StopOnInterrupt
+    tracker: Tracker
+
+
+@dataclasses.dataclass
+class StepResult:
+    stats: dict                 # the update's statistics (averaged over micro-batches)
+    samples: list               # sample rows of its last micro-batch (or of dapo's sampling pass)
+    applied: bool               # False: skipped as non-finite (weights, optimizers, step unchanged)
+    stop: bool                  # some rank was asked to stop (Ctrl-C)
+
+
+def train_step(run, batch, step):
+    """One optimizer update, the one after `step` completed updates, with `batch`'s micro-batches:
+    gradient accumulation (DDP syncs on the last), the rollouts drawn or reused, gradient
+    clipping, the non-finite guard, then the optimizer and scheduler steps."""
+    opts, info, model, optims, scaler = run.opts, run.info, run.model, run.optims, run.scaler
+    if uses_dapo(opts, batch.kind):
+        if batch.normalizer is None:
+            batch.normalizer = dapo_normalizer(batch.rollouts, info)
+        model.token_normalizer = batch.normalizer
+    batch.done += 1
+    for o in optims.values():
+        o.zero_grad(set_to_none=True)
+    stats, n = {}, len(batch.micro)
+    for i, b in enumerate(batch.micro):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not info.distributed else run.wrapped.no_sync()
+        with sync:
+            with run.autocast:
+                loss, micro_stats, batch.rollouts[i] = run.wrapped(batch.kind, b, batch.rollouts[i], step=step)
+            loss = loss / n
+            (scaler.scale(loss) if scaler else loss).backward()
+        samples = model.samples
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + v / n
+    # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
+    samples = batch.sampled.pop("_samples", samples)
+    for k, v in batch.sampled.items():
+        stats[k] = stats.get(k, 0.0) + v if k.startswith("time/") else stats.get(k, v)
+    batch.sampled = {}
+    if scaler:
+        for o in optims.values():
+            scaler.unscale_(o)
+    for name in ("reader", "retriever"):
+        if name in optims:
+            stats[f"grad_norm/{name}"] = clip_and_norm(optims[name], getattr(model, name).parameters(), opts.clip)
+    # fp16: GradScaler skips steps with inf gradients by design; only the loss is checked.
+    applied, stop = run.guard.check(step, stats, run.stopper.requested, info.device, check_grads=not scaler)
+    if not applied:
+        g = run.guard
+        run.tracker.warning(f"step {step + 1}: {g.last}, update skipped ({g.consecutive} in a row, {g.skipped} in this run)")
+        for o in optims.values():
+            o.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        return StepResult(stats, samples, False, stop)
+    stats.update(run.guard.log_values())
+    for name, o in optims.items():
+        if name == "retriever" and options.retriever_frozen_at(opts, step):
+            continue
+        scaler.step(o) if scaler else o.step()
+    if scaler:
+        scaler.update()
+    for s in run.scheds.values():
+        s.step()
+    stats["time/retrieval"], batch.t_retrieval = batch.t_retrieval, 0.0
+    return StepResult(stats, samples, True, stop)
+
+
+def log_window(window, step, samples, scheds, sampler, info, tracker):
+    """One metrics row: the window's per-key means over ranks, learning rates, speed, memory."""
+    logged = distributed.all_reduce_mean(window.means(), info.device)
+    logged.update({f"lr/{name}": s.get_last_lr()[0] for name, s in scheds.items()})
+    logged["examples_per_s"] = window.examples_per_s()
+    logged["memory/peak_mb"] = peak_memory_mb(info.device)
+    logged["epoch"] = sampler.epoch
+    tracker.log(step, logged)
+    if samples:
+        tracker.log_samples(step, samples[:8])
+    window.reset()
 
 
 def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
@@ -250,6 +389,50 @@ def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
             tracker.info(f"wrote {path}")
     tracker.log(step, results)
     return results
+
+
+def make_optimizers(opts, reader, retriever, train_retriever):
+    """({name: optimizer}, {name: scheduler}) of the trained parts, reader first."""
+    optims, scheds = {}, {}
+    if not opts.fix_reader:
+        optims["reader"], scheds["reader"] = make_optimizer(reader.parameters(), opts.lr, opts)
+    if train_retriever:
+        optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
+    return optims, scheds
+
+
+def restore(opts, info, resume_path, optims, scheds, sampler, data_rng, tracker):
+    """Continue from a checkpoint: optimizers, schedulers, sampler and this rank's data RNG.
+    Returns (step, the StepBatch saved part-way through or None)."""
+    state = checkpoint.load_state(resume_path)
+    step = int(state["step"])
+    sampler.load_state_dict(state["sampler"])
+    for name, o in optims.items():
+        o.load_state_dict(state["optimizers"][name])
+    for name, s in scheds.items():
+        s.load_state_dict(state["schedulers"][name])
+        if opts.allow_option_changes:
+            resume.apply_optimizer_options(optims[name], s, opts.lr if name == "reader" else opts.lr_retriever,
+                                           opts.weight_decay)
+    rng = checkpoint.load_rank_rng(resume_path, info.rank)
+    if rng is not None:
+        checkpoint.set_rng_state(rng, data_rng)
+    pending = resumed_batch(opts, resume_path, state, info, tracker)
+    tracker.info(f"continuing at step {step}")
+    return step, pending
+
+
+def precision(opts, info):
+    """(autocast context, fp16 GradScaler or None) for --precision."""
+    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if opts.precision == "bf16"
+                else torch.autocast(info.device.type, dtype=torch.float16) if opts.precision == "fp16"
+                else contextlib.nullcontext())
+    return autocast, torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
+
+
+def stop_interrupted(tracker, message):
+    tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
+    raise interrupt.Interrupted(f"Ctrl-C: {message}; the same command resumes")
 
 
 def main(argv=None):
@@ -306,158 +489,54 @@ def main(argv=None):
         retriever.requires_grad_(False)
     if opts.fix_reader:
         reader.requires_grad_(False)
-
-    optims, scheds = {}, {}
-    if not opts.fix_reader:
-        optims["reader"], scheds["reader"] = make_optimizer(reader.parameters(), opts.lr, opts)
-    if train_retriever:
-        optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
+    optims, scheds = make_optimizers(opts, reader, retriever, train_retriever)
     sampler = ShardedSampler(len(train), opts.per_gpu_batch_size, info.rank, info.world, opts.shuffle, opts.seed)
     data_rng = random.Random(opts.seed * 1000 + info.rank)
-    step, pending = 0, None
+    step, batch = 0, None  # batch: the StepBatch of the coming update(s)
     if resume_path:
-        state = checkpoint.load_state(resume_path)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        for name, o in optims.items():
-            o.load_state_dict(state["optimizers"][name])
-        for name, s in scheds.items():
-            s.load_state_dict(state["schedulers"][name])
-            if opts.allow_option_changes:
-                resume.apply_optimizer_options(optims[name], s, opts.lr if name == "reader" else opts.lr_retriever,
-                                               opts.weight_decay)
-        rng = checkpoint.load_rank_rng(resume_path, info.rank)
-        if rng is not None:
-            checkpoint.set_rng_state(rng, data_rng)
-        pending = resumed_rollout(resume_path, state, info, tracker)
-        tracker.info(f"continuing at step {step}")
+        step, batch = restore(opts, info, resume_path, optims, scheds, sampler, data_rng, tracker)
     wrapped = distributed.wrap_model(model, info, opts.shard_grads, optims.values(),
                                      find_unused_parameters=train_retriever)
-
     retrieval = None
     if passages is not None:
         retrieval = StoryRetrieval(passages, opts, info, dialogues=train)
         seconds = retrieval.build(retriever if frozen_passages is None else frozen_passages)
         tracker.info(f"index over {len(passages)} stories built in {seconds:.1f}s")
-
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if opts.precision == "bf16"
-                else torch.autocast(info.device.type, dtype=torch.float16) if opts.precision == "fp16"
-                else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
+    autocast, scaler = precision(opts, info)
     if step >= opts.total_steps:
         tracker.info(f"already at step {step} >= --total_steps {opts.total_steps}: nothing to train")
-    window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
+    window = StatWindow(examples_per_step=opts.per_gpu_batch_size * opts.accumulation_steps * info.world)
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
-    guard, stopper = safety.StepGuard(opts.max_nonfinite_steps), interrupt.StopOnInterrupt().install()
+    run = StepRun(opts, info, model, wrapped, optims, scheds, autocast, scaler,
+                  safety.StepGuard(opts.max_nonfinite_steps), interrupt.StopOnInterrupt().install(), tracker)
     tracker.start_progress(step, opts.total_steps)
     model.train()
-    while step < opts.total_steps:
-        kind = training_kind(opts, step)
-        sampled = {}
-        if pending is not None:  # resumed part-way through a batch's μ updates: finish them first
-            (micro, rollouts, done), pending, t_retrieval = pending, None, 0.0
-        else:
-            t_retrieval = time.perf_counter()
-            micro = []
-            for _ in range(opts.accumulation_steps):
-                exs = [train[i] for i in sampler.next_batch()]
-                answers = [pick_answer(ex, data_rng) for ex in exs]
-                micro.append(make_batch(exs, answers, reader, retrieval, retriever, opts, data_rng, info.device,
-                                        step=step))
-            t_retrieval = time.perf_counter() - t_retrieval
-            rollouts, done = [None] * len(micro), 0
-            if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
-                rollouts, sampled = sample_rollouts(model, kind, micro, autocast)
-        if kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo":
-            model.token_normalizer = dapo_normalizer(rollouts, info)
-        for iteration in range(done, mu):
-            if step >= opts.total_steps:
-                break
-            model.step = step
-            for o in optims.values():
-                o.zero_grad(set_to_none=True)
-            step_stats = {}
-            for i, b in enumerate(micro):
-                last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
-                with sync:
-                    with autocast:
-                        loss, stats, rollouts[i] = wrapped(kind, b, rollouts[i])
-                    loss = loss / len(micro)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                samples = model.samples
-                for k, v in stats.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + v / len(micro)
-            # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
-            samples = sampled.pop("_samples", samples)
-            for k, v in sampled.items():
-                step_stats[k] = step_stats.get(k, 0.0) + v if k.startswith("time/") else step_stats.get(k, v)
-            sampled = {}
-            if scaler:
-                for o in optims.values():
-                    scaler.unscale_(o)
-            if "reader" in optims:
-                step_stats["grad_norm/reader"] = clip_and_norm(optims["reader"], reader.parameters(), opts.clip)
-            if "retriever" in optims:
-                step_stats["grad_norm/retriever"] = clip_and_norm(optims["retriever"], retriever.parameters(), opts.clip)
-            # fp16: GradScaler skips steps with inf gradients by design; only the loss is checked.
-            apply_step, stop = guard.check(step, step_stats, stopper.requested, info.device, check_grads=not scaler)
-            if not apply_step:
-                tracker.warning(f"step {step + 1}: {guard.last}, update skipped "
-                                f"({guard.consecutive} in a row, {guard.skipped} in this run)")
-                for o in optims.values():
-                    o.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.update()
-                if stop:
-                    save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
-                    tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
-                    raise interrupt.Interrupted(f"Ctrl-C: stopped at step {step}, saved "
-                                                f"{checkpoint.step_dir(opts.checkpoint_dir, step)}; the same command resumes")
-                continue
-            step_stats.update(guard.log_values())
-            for name, o in optims.items():
-                if name == "retriever" and options.retriever_frozen_at(opts, step):
-                    continue
-                scaler.step(o) if scaler else o.step()
-            if scaler:
-                scaler.update()
-            for s in scheds.values():
-                s.step()
-            step += 1
-            tracker.advance(step)
-            step_stats["time/retrieval"] = t_retrieval
-            t_retrieval = 0.0
-            window.add(step_stats)
-            window_examples += opts.per_gpu_batch_size * opts.accumulation_steps * info.world
 
-            if opts.log_freq and step % opts.log_freq == 0:
-                logged = distributed.all_reduce_mean(window.means(), info.device)
-                elapsed = time.perf_counter() - window_t0
-                logged.update({f"lr/{name}": s.get_last_lr()[0] for name, s in scheds.items()})
-                logged["examples_per_s"] = window_examples / max(elapsed, 1e-9)
-                logged["memory/peak_mb"] = peak_memory_mb(info.device)
-                logged["epoch"] = sampler.epoch
-                tracker.log(step, logged)
-                if samples:
-                    tracker.log_samples(step, samples[:8])
-                window, window_t0, window_examples = StatWindow(), time.perf_counter(), 0
-            if retrieval is not None and retrieval.should_refresh(step):
-                seconds = retrieval.build(retriever, allow_load=False)
-                tracker.log(step, {"time/index_refresh": seconds})
-            if opts.eval_freq and step % opts.eval_freq == 0 and evals:
-                model.eval()
-                run_evaluations(opts, info, model, retrieval, evals, step, tracker)
-                model.train()
-            if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or stop:
-                unfinished = iteration + 1 < mu  # reuse updates of this batch remain
-                save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker,
-                     {"micro": micro, "rollouts": rollouts, "iteration": iteration + 1} if unfinished else None)
-            if stop:
-                tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
-                raise interrupt.Interrupted(f"Ctrl-C: stopped after step {step}, saved "
-                                            f"{checkpoint.step_dir(opts.checkpoint_dir, step)}; the same command resumes")
-    stopper.uninstall()
+    while step < opts.total_steps:
+        if batch is None or batch.done >= mu:  # a batch serves μ updates (GRPO rollout reuse)
+            batch = draw_batch(run, step, train, sampler, data_rng, retrieval)
+        result = train_step(run, batch, step)
+        if not result.applied:
+            if result.stop:
+                save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
+                stop_interrupted(tracker, f"stopped at step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
+            continue
+        step += 1
+        tracker.advance(step)
+        window.add(result.stats)
+        if opts.log_freq and step % opts.log_freq == 0:
+            log_window(window, step, result.samples, scheds, sampler, info, tracker)
+        if retrieval is not None and retrieval.should_refresh(step):
+            tracker.log(step, {"time/index_refresh": retrieval.build(retriever, allow_load=False)})
+        if opts.eval_freq and step % opts.eval_freq == 0 and evals:
+            model.eval()
+            run_evaluations(opts, info, model, retrieval, evals, step, tracker)
+            model.train()
+        if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or result.stop:
+            save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, batch.reuse_state(mu))
+        if result.stop:
+            stop_interrupted(tracker, f"stopped after step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
+    run.stopper.uninstall()
     tracker.finish(step, opts.total_steps)
     tracker.close()
     distributed.cleanup()

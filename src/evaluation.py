@@ -21,7 +21,7 @@ from src.index import recall_at_k
 from src.lapdog import make_batch
 from src.metrics import compute_metrics
 from src.reader import dropout_disabled
-from src.rewards import grpo_reward, scale_tuple
+from src.rewards import grpo_reward, reward_options
 
 
 def output_paths(directory, step, name):
@@ -92,8 +92,7 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         metrics = compute_metrics([r["generation"] for r in ordered], [r["answers"][0] for r in ordered])
         total_n = sum(g[2] for g in gathered)
         gens, refs = [r["generation"] for r in ordered], [r["answers"][0] for r in ordered]
-        metrics["reward"] = grpo_reward(gens, refs, scale=scale_tuple(opts.metric_scale), scale_rouge=opts.scale_rouge,
-                                        length_penalty_strength=opts.generation_length_penalty)["reward"].mean().item()
+        metrics["reward"] = grpo_reward(gens, refs, **reward_options(opts))["reward"].mean().item()
         metrics["eval_loss"] = sum(g[1] for g in gathered) / max(total_n, 1)
         if retrieval is not None:
             metrics.update(retrieval_statistics(ordered, opts.retriever_n_context))

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from src.data import retriever_passage_text
+from src.data import DEFAULT_RETRIEVER_FORMAT, retriever_passage_text
 from src.errors import flag_error
 
 FAISS_INDEX_TYPES = ("flat", "ivfflat", "ivfsq", "ivfpq", "pq")
@@ -411,7 +411,7 @@ class PassageIndex:
 
 
 def build_index(retriever, passages, *, mode="flat", faiss_index_type="flat", faiss_code_size=None,
-                batch_size=128, max_length=200, retriever_format="{title} {text}", device="cpu",
+                batch_size=128, max_length=200, retriever_format=DEFAULT_RETRIEVER_FORMAT, device="cpu",
                 rank=0, world=1, show_progress=True, faiss_nlist=None, faiss_nprobe=None):
     """Embed this rank's share ``shard_bounds(len(passages), rank, world)`` of ``passages``
     (dicts with id/title/text, identical on every rank) with ``retriever.embed_texts`` and index

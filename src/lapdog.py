@@ -1,7 +1,8 @@
 """The LAPDOG model: FiD reader + retriever (+ frozen references) and the training objectives.
 
-`LapdogModel.forward(kind, batch, rollout=None)` is the single entry point that DDP wraps, so every
-gradient of a step flows through one wrapped call. Kinds:
+`LapdogModel.forward(kind, batch, rollout=None, step=0)` is the single entry point that DDP wraps, so
+every gradient of a step flows through one wrapped call; `step` is the optimizer step the forward is
+for (completed updates: --freeze_retriever_steps and LAPDOG's retriever loss depend on it). Kinds:
   sft        reader cross-entropy (stage 1, or stage 2 without a trained retriever)
   lapdog     reader cross-entropy + KL(softmax(gold/τ_g) ‖ softmax(score/τ_s)) on the retriever
   reinforce  REINFORCE on the reader (one sampled reply per example), optional LAPDOG retriever loss
@@ -22,7 +23,7 @@ from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.options import retriever_frozen_at
-from src.rewards import grpo_reward, scale_tuple
+from src.rewards import grpo_reward, reward_options
 from src.tracking import timed
 
 
@@ -51,8 +52,8 @@ def training_kind(opts, step):
 
 
 def lapdog_retriever_trained(opts, step):
-    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step."""
-    return bool(opts.train_retriever) and step >= max(opts.freeze_retriever_steps, 0)
+    """Whether LAPDOG's retriever loss (--train_retriever) acts at this step (completed updates)."""
+    return bool(opts.train_retriever) and not retriever_frozen_at(opts, step)
 
 
 def augments_candidates(opts, step, train):
@@ -155,7 +156,6 @@ class LapdogModel(nn.Module):
         # passage_encoder (--query_side_retriever_training): the frozen passage side of an untied
         # retriever, also outside the tree (no gradient, nothing for DDP to reduce).
         self.refs = {"reader": ref_reader, "retriever": ref_retriever, "passage_encoder": passage_encoder}
-        self.step = 0
         # Set by the trainer for GRPO (see train.py): sampling_pass makes a GRPO forward draw its
         # rollout and return a zero loss (dapo samples every micro-batch before any loss, to know
         # the step's token count); token_normalizer is dapo's divisor (grpo.dapo_normalizer).
@@ -169,14 +169,16 @@ class LapdogModel(nn.Module):
     def device(self):
         return next(self.reader.parameters()).device
 
-    def forward(self, kind, batch, rollout=None):
+    def forward(self, kind, batch, rollout=None, step=0):
+        """(loss, stats, rollout) of objective `kind` on `batch` for optimizer step `step`
+        (completed updates; the retriever's freeze and LAPDOG's retriever loss depend on it)."""
         stats = {}
         self.samples = []
-        loss, rollout = getattr(self, "_" + kind)(batch, stats, rollout)
+        loss, rollout = getattr(self, "_" + kind)(batch, stats, rollout, step)
         return loss, stats, rollout
 
     # ---------------------------------------------------------------- supervised and LAPDOG
-    def _sft(self, b, stats, rollout):
+    def _sft(self, b, stats, rollout, step):
         loss = self.reader(b.input_ids, b.attention_mask, b.labels)
         stats["loss/reader"] = loss.item()
         return loss, None
@@ -257,15 +259,15 @@ class LapdogModel(nn.Module):
         stats["gold_score/mean"] = gold.mean().item()
         return loss
 
-    def _lapdog(self, b, stats, rollout):
+    def _lapdog(self, b, stats, rollout, step):
         loss = self._lapdog_retriever_loss(b, stats)
         if not self.opts.fix_reader:
-            reader_loss, _ = self._sft(b, stats, None)
+            reader_loss, _ = self._sft(b, stats, None, step)
             loss = loss + reader_loss
         return loss, None
 
     # ---------------------------------------------------------------- REINFORCE
-    def _reinforce(self, b, stats, rollout):
+    def _reinforce(self, b, stats, rollout, step):
         o, dev = self.opts, self.device
         with dropout_disabled(self.reader):
             hidden, mask = self.reader.encode(b.input_ids, b.attention_mask)
@@ -278,7 +280,7 @@ class LapdogModel(nn.Module):
                 logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
-        if lapdog_retriever_trained(o, self.step):
+        if lapdog_retriever_trained(o, step):
             loss = loss + self._lapdog_retriever_loss(b, stats)
         return loss, None
 
@@ -288,8 +290,7 @@ class LapdogModel(nn.Module):
         o = self.opts
         texts = self.reader.decode(replies)
         refs = per_reply_answers or [a for a in answers for _ in range(len(texts) // len(answers))]
-        r = grpo_reward(texts, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
-                        length_penalty_strength=o.generation_length_penalty)
+        r = grpo_reward(texts, refs, **reward_options(o))
         for key in ("f1", "rouge", "bleu", "length_ratio"):
             stats[f"reward/{key}"] = r[key].mean().item()
         stats["reward/mean"] = r["reward"].mean().item()
@@ -350,18 +351,18 @@ class LapdogModel(nn.Module):
             stats["reward/mean"] = rewards.mean().item()
         return loss, rollout
 
-    def _grpo(self, b, stats, rollout):
+    def _grpo(self, b, stats, rollout, step):
         contexts = sample_contexts(b.queries, b.passages, self.opts.n_context)
         return self._generator_grpo(b.input_ids, b.attention_mask, b.answers, stats, rollout, contexts)
 
-    def _grpo_joint(self, b, stats, rollout):
+    def _grpo_joint(self, b, stats, rollout, step):
         o, dev = self.opts, self.device
         k, tau = o.grpo_retriever_group_size, o.grpo_retriever_temperature
-        train_retriever = not retriever_frozen_at(o, self.step)
+        train_retriever = not retriever_frozen_at(o, step)
         with timed(stats, "time/retriever", dev), dropout_disabled(self.retriever), \
                 torch.set_grad_enabled(train_retriever):
             pool_logp = torch.log_softmax(self._retriever_pool_logits(b.retrieval_queries, b.passages, 1.0) / tau, -1)
-        safety.require_finite(pool_logp, "retriever scores", self.step)
+        safety.require_finite(pool_logp, "retriever scores", step)
         if rollout is None:
             with timed(stats, "time/retriever", dev), torch.no_grad():
                 draw = (grpo.sample_without_replacement if o.grpo_retriever_estimator == "topk_heuristic"
@@ -433,6 +434,5 @@ class LapdogModel(nn.Module):
                 ids, mask = reader.tokenize_inputs(texts[start:start + 64], o.text_maxlength)
                 replies += reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
                                                 min_length=o.generation_min_length)
-        r = grpo_reward(replies, refs, scale=scale_tuple(o.metric_scale), scale_rouge=o.scale_rouge,
-                        length_penalty_strength=o.generation_length_penalty)["reward"]
+        r = grpo_reward(replies, refs, **reward_options(o))["reward"]
         return r.to(dev).view(len(b.passages), -1)

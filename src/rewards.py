@@ -90,6 +90,14 @@ def scale_tuple(d) -> tuple[float, float, float]:
     return tuple(float(d.get(k, DEFAULT_SCALE[k])) for k in _SCALE_KEYS)
 
 
+def reward_options(opts) -> dict:
+    """grpo_reward's keyword arguments as the options set them (--metric_scale_factors weights,
+    --scale_rouge, --generation_length_penalty): the one place training, evaluation and the
+    bench take the RL reward's settings from."""
+    return {"scale": scale_tuple(opts.metric_scale), "scale_rouge": opts.scale_rouge,
+            "length_penalty_strength": opts.generation_length_penalty}
+
+
 def _as_tuple(scale) -> tuple[float, float, float]:
     if isinstance(scale, Mapping):
         return scale_tuple(scale)

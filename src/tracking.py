@@ -255,18 +255,31 @@ class StatWindow:
     """Step statistics summed over a logging window; each key is averaged over the steps that
     produced it. With --grpo_num_iterations μ > 1 the reward and sampling keys exist only on
     the steps that drew a new batch: dividing them by every step of the window would log them
-    about 1/μ too low."""
+    about 1/μ too low.
 
-    def __init__(self):
+    It also counts the window's training examples (``examples_per_step`` per added step) and
+    its wall time, for ``examples_per_s``; ``reset`` starts the next window."""
+
+    def __init__(self, examples_per_step=0):
+        self.examples_per_step = examples_per_step
+        self.reset()
+
+    def reset(self):
         self.sums, self.counts = {}, {}
+        self.examples, self.t0 = 0, time.perf_counter()
 
     def add(self, stats):
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
+        self.examples += self.examples_per_step
 
     def means(self):
         return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def examples_per_s(self):
+        """Examples of the window's steps over the seconds since it started."""
+        return self.examples / max(time.perf_counter() - self.t0, 1e-9)
 
 
 # --------------------------------------------------------------------------------------------

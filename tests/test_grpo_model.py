@@ -142,20 +142,27 @@ def test_real_reward_statistics(tiny_models):
 
 # ------------------------------------------------------------------------------------------ joint GRPO
 
-def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypatch):
+def joint_model_and_batch(tiny_models, *flags):
+    """Joint GRPO (k = 2 of a pool of 4, G = 2) and a batch of 2 training examples."""
     torch.manual_seed(0)
     reader, retriever = load_models(tiny_models, dropout=0.1)
     opts = make_opts("--reader_rl_learning", "--use_grpo", "--grpo_train_retriever", "--grpo_group_size", "2",
                      "--grpo_retriever_group_size", "2", "--grpo_retriever_pool_size", "4", "--n_context", "1",
-                     "--retriever_n_context", "1", "--grpo_kl_coeff", "0.1", "--grpo_retriever_estimator", "topk_heuristic")
-    assert training_kind(opts, 0) == "grpo_joint"
-    ref_reader, ref_retriever = frozen_copy(reader), frozen_copy(retriever)
-    model = LapdogModel(reader, retriever, opts, ref_reader=ref_reader, ref_retriever=ref_retriever)
+                     "--retriever_n_context", "1", *flags)
+    model = LapdogModel(reader, retriever, opts, ref_reader=frozen_copy(reader), ref_retriever=frozen_copy(retriever))
     model.train()
     _, _, stories = sample_data()
     examples = examples_with_story("train", 2)
     batch = make_batch(examples, [ex["answers"][0] for ex in examples], reader, BruteForceRetrieval(stories[:10], opts),
                        retriever, opts, random.Random(0), model.device)
+    return model, batch
+
+
+def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypatch):
+    model, batch = joint_model_and_batch(tiny_models, "--grpo_kl_coeff", "0.1",
+                                         "--grpo_retriever_estimator", "topk_heuristic")
+    reader, retriever, ref_reader, ref_retriever = model.reader, model.retriever, model.refs["reader"], model.refs["retriever"]
+    assert training_kind(model.opts, 0) == "grpo_joint"
     assert all(len(p) == 4 for p in batch.passages)  # the pool M
     # story rewards differ across the k stories of a query (2 replies per story, 2 stories per query)
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5]))
@@ -187,6 +194,34 @@ def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypa
     loss2, stats2, _ = model("grpo_joint", batch, rollout)
     assert stats2["kl/retriever"] > 0
     assert math.isfinite(loss2.item())
+
+
+def test_the_step_given_to_forward_decides_the_retriever_freeze(tiny_models, monkeypatch):
+    """The step is an argument of the forward (no model.step set from outside): under
+    --freeze_retriever_steps 2 the retriever has no loss at step 1 and one at step 2."""
+    model, batch = joint_model_and_batch(tiny_models, "--freeze_retriever_steps", "2",
+                                         "--grpo_retriever_estimator", "topk_heuristic")
+    monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5]))
+    assert not hasattr(model, "step")
+    for step, trained in ((1, False), (2, True)):
+        torch.manual_seed(0)
+        _, stats, _ = model("grpo_joint", batch, step=step)
+        assert ("loss/retriever" in stats) is trained, step
+
+
+def test_dapo_sampling_pass_is_for_the_step_it_samples(tiny_models, monkeypatch):
+    """dapo draws a batch's rollouts before its first update, for that update's step: at the first
+    step the retriever trains, the pool estimator's rewards are in the rollout the update needs."""
+    import contextlib
+    import train
+    model, batch = joint_model_and_batch(tiny_models, "--freeze_retriever_steps", "2", "--grpo_loss_type", "dapo")
+    monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5]))
+    torch.manual_seed(0)
+    rollouts, _ = train.sample_rollouts(model, "grpo_joint", [batch], contextlib.nullcontext(), step=2)
+    assert "pool_rewards" in rollouts[0]
+    model.token_normalizer = 1.0
+    _, stats, _ = model("grpo_joint", batch, rollouts[0], step=2)
+    assert math.isfinite(stats["loss/retriever"])
 
 
 # ------------------------------------------------------------------------------------------ learning

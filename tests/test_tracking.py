@@ -241,6 +241,18 @@ def test_stat_window_divides_each_key_by_the_steps_that_produced_it():
     w.add({"loss/reader": 1.0, "reward/f1": 0.5})
     w.add({"loss/reader": 3.0})
     assert w.means() == {"loss/reader": 2.0, "reward/f1": 0.5}
+
+
+def test_stat_window_counts_examples_and_resets(monkeypatch):
+    from src import tracking
+    clock = iter([10.0, 14.0, 20.0])
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
+    w = tracking.StatWindow(examples_per_step=8)  # t0 = 10
+    w.add({"loss/reader": 1.0})
+    w.add({"loss/reader": 2.0})
+    assert w.examples == 16 and w.examples_per_s() == 16 / 4  # at 14
+    w.reset()  # t0 = 20
+    assert (w.means(), w.examples, w.t0) == ({}, 0, 20.0)
 def test_console_line_is_short_and_keeps_speed_and_eta():
     values = {"loss/reader": 2.3456, "loss/retriever": 0.5, "reward/mean": 0.52, "reward/f1": 0.3, "kl/reader": 0.01,
               "lr/reader": 1e-4, "grad_norm/reader": 3.0, "time/sampling": 0.2, "memory/peak_mb": 900.0}
