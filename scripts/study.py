@@ -6,9 +6,10 @@
 1. Splits the dialogues (default ``DATA_DIR/convai2/valid.jsonl``) by persona with a fixed seed
    (``--split_seed``) into train / dev / test (scripts/study_split.py); dev feeds the in-loop
    evaluation curves (for choosing hyperparameters), test only the reported table.
-2. Per training seed: one shared stage 1 (reader SFT with each reply's posterior story fused, STAGE1_FLAGS), then every arm of ``ARMS``
-   from that same checkpoint with the same optimizer steps and batch (so the same examples
-   seen): the sizes are shared, the arms differ only in their flags.
+2. Per training seed: one shared stage 1 (reader SFT with each reply's posterior story fused,
+   ``STAGE1_FLAGS``), then every arm of ``ARMS`` from that same checkpoint with the same
+   optimizer steps and batch (so the same examples seen): the sizes are shared, the arms differ
+   only in their flags.
 3. Evaluates every arm on the test split with retrieval (the control also closed-book), reads
    the results with compute_metrics.py's definitions (LAPDOG's and the standard block) and
    writes ``OUT/RESULTS.md`` (mean ± std over seeds, change vs the control, per-seed lines for
