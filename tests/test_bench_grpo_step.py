@@ -89,3 +89,27 @@ def test_bad_models_folder_is_a_usage_error(tmp_path):
     from src.errors import UsageError
     with pytest.raises(UsageError, match="--models"):
         bench.main(["--models", str(tmp_path), "--device", "cpu"])
+
+
+def _ab():
+    spec = importlib.util.spec_from_file_location("bench_ab", os.path.join(ROOT, "bench", "ab_fast_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_fast_step_times_two_checkouts(tiny_models, capsys):
+    """The A/B regression timer runs each checkout's own fast step in a subprocess; with the same
+    checkout on both sides it reports two positive times and their ratio."""
+    models_dir = os.path.dirname(tiny_models["reader"])
+    assert _ab().main([ROOT, ROOT, "--models", models_dir, "--rounds", "1", "--steps", "1", "--warmup", "0",
+                       "--batch", "1", "--G", "2", "--k", "2", "--M", "3", "--gen_len", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["rounds"]) == 1 and all(r["a"] > 0 and r["b"] > 0 for r in result["rounds"])
+    assert result["a_over_b"] == pytest.approx(result["a_mean"] / result["b_mean"])
+
+
+def test_ab_fast_step_refuses_a_folder_that_is_not_a_checkout(tmp_path):
+    from src.errors import UsageError
+    with pytest.raises(UsageError, match="no bench/grpo_step.py"):
+        _ab().main([ROOT, str(tmp_path)])
