@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from src.errors import UsageError, flag_error  # noqa: E402
+from src.errors import entry, flag_error  # noqa: E402
 
 # Run inside the checkout being timed, so its own src/ and bench/ are imported.
 CHILD = """
@@ -104,8 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(entry(main))

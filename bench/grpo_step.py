@@ -53,7 +53,7 @@ if ROOT not in sys.path:
 from src import grpo, options  # noqa: E402
 from src.data import (encoder_inputs, load_dialogues, load_passages, pick_answer,  # noqa: E402
                       retriever_passage_text)
-from src.errors import UsageError, flag_error  # noqa: E402
+from src.errors import entry, flag_error  # noqa: E402
 from src.tracking import timed  # noqa: E402
 from src.lapdog import LapdogModel, make_batch  # noqa: E402
 from src.reader import FiDReader, dropout_disabled  # noqa: E402
@@ -468,8 +468,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(entry(main))
