@@ -79,7 +79,8 @@ def load_models(opts, resume_path):
     else:
         reader_path, src_ret, origin = opts.reader_model_type, None, f"new run from {opts.reader_model_type}"
     reader = FiDReader.from_pretrained(reader_path, dropout=opts.dropout,
-                                       gradient_checkpointing=opts.use_gradient_checkpoint_reader)
+                                       gradient_checkpointing=opts.use_gradient_checkpoint_reader,
+                                       pointer_generator=opts.pointer_generator and reader_path == opts.reader_model_type)
     if not opts.closed_book:
         path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
         retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)

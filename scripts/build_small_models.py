@@ -137,11 +137,14 @@ def _wrap(vocab):
 
 
 def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=None,
-                 num_heads=4, d_kv=64, dropout=0.1):
+                 num_heads=4, d_kv=64, dropout=0.1, pointer_generator=False):
     """A random-init ``T5ForConditionalGeneration`` sized by the arguments, seeded by ``seed``
-    (``num_decoder_layers`` None: as many as ``num_layers``)."""
+    (``num_decoder_layers`` None: as many as ``num_layers``); a ``PointerT5`` (src/pointer.py)
+    with ``pointer_generator``."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
+
+    from src.pointer import PointerT5
 
     config = T5Config(
         vocab_size=len(tokenizer),
@@ -155,9 +158,10 @@ def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_de
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
+        pointer_generator=bool(pointer_generator),
     )
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config)
+    return (PointerT5 if pointer_generator else T5ForConditionalGeneration)(config)
 
 
 def tokenizer_stats(tokenizer, texts):
@@ -209,6 +213,9 @@ def parse_args(argv=None):
     p.add_argument("--num_heads", type=int, default=4, help="reader attention heads")
     p.add_argument("--d_kv", type=int, default=64, help="reader size per attention head")
     p.add_argument("--dropout", type=float, default=0.1, help="reader dropout probability")
+    p.add_argument("--pointer_generator", action="store_true",
+                   help="give the reader a copy head (src/pointer.py): it can emit a word of its input by pointing; "
+                        "the quickstart's from-scratch reader does not learn to copy facts without one")
     p.add_argument("--vocab_from", nargs="+", default=None, metavar="JSONL",
                    help="restrict the reader vocabulary to the word pieces these dialogue/story jsonl files use "
                         "(default: all of MiniLM's ~30k; the quickstart passes data/sample/*.jsonl: 2.8k pieces, "
@@ -234,6 +241,7 @@ def main(argv=None):
     info = build_all(
         args.out, seed=args.seed, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.num_layers,
         num_decoder_layers=args.num_decoder_layers, num_heads=args.num_heads, d_kv=args.d_kv,
+        pointer_generator=args.pointer_generator,
         dropout=args.dropout, vocab_from=args.vocab_from,
     )
     print(f"wrote reader: {info['reader']} (T5, {info['reader_params']:,} parameters, "

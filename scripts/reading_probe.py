@@ -31,6 +31,32 @@ from src.reader import FiDReader, dropout_disabled  # noqa: E402
 from src.rewards import grpo_reward  # noqa: E402
 
 
+def greedy_replies(reader, questions, fused, text_maxlength=192, batch_size=32):
+    """Greedy replies to each (question, fused story) pair."""
+    texts = [encoder_inputs(reader_query(q), [p], 1) for q, p in zip(questions, fused)]
+    replies = []
+    with torch.no_grad(), dropout_disabled(reader):
+        for i in range(0, len(texts), batch_size):
+            ids, mask = reader.tokenize_inputs(texts[i:i + batch_size], text_maxlength)
+            replies += reader.generate_text(ids, mask, max_length=32)
+    return replies
+
+
+def fact_copy_rate(reader, rows, gold, stories, dialogues, rng, text_maxlength=192):
+    """(share of greedy replies containing the swapped-in word, number of swapped examples): each
+    row's relevant story ``gold`` has the fact its reply needs replaced, in prompt and story, by a
+    random rare corpus word (src/posterior.py:FactSwap); only copying gets it."""
+    swap = FactSwap(PosteriorStories(stories), [" ".join([d["question"], *d["answers"]]) for d in dialogues])
+    refs = [r["answers"][0] for r in rows]
+    swapped = [swap(r["question"], ref, g, rng) for r, ref, g in zip(rows, refs, gold)]
+    swapped = [(q, a, p, ref) for (q, a, p), ref in zip(swapped, refs) if a != ref]
+    if not swapped:
+        return float("nan"), 0
+    replies = greedy_replies(reader, [q for q, _, _, _ in swapped], [p for _, _, p, _ in swapped], text_maxlength)
+    new = [next(w for w in a.split() if w not in ref.split()) for _, a, _, ref in swapped]
+    return sum(w in r.split() for w, r in zip(new, replies)) / len(swapped), len(swapped)
+
+
 def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32, split="valid", max_examples=None):
     reader = FiDReader.from_pretrained(os.path.join(checkpoint, "reader")).eval()
     stories = load_passages(os.path.join(data_dir, "stories.jsonl"))
@@ -43,14 +69,9 @@ def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32, split
             for g in gold]
     rand = [stories[rng.randrange(len(stories))] for _ in rows]
     refs = [r["answers"][0] for r in rows]
+
     def replies_to(questions, fused):
-        texts = [encoder_inputs(reader_query(q), [p], 1) for q, p in zip(questions, fused)]
-        replies = []
-        with torch.no_grad(), dropout_disabled(reader):
-            for i in range(0, len(texts), batch_size):
-                ids, mask = reader.tokenize_inputs(texts[i:i + batch_size], text_maxlength)
-                replies += reader.generate_text(ids, mask, max_length=32)
-        return replies
+        return greedy_replies(reader, questions, fused, text_maxlength, batch_size)
 
     out = {}
     for name, fused in (("relevant", gold), ("same_topic", same), ("random", rand)):
@@ -59,14 +80,10 @@ def probe(checkpoint, data_dir, seed=0, text_maxlength=192, batch_size=32, split
         out[name] = {"reward": round(reward.mean().item(), 4), "f1": round(compute_metrics(replies, refs)["f1"], 2)}
     out["n"] = len(rows)
     dialogues = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
-    swap = FactSwap(PosteriorStories(stories), [" ".join([d["question"], *d["answers"]]) for d in dialogues])
-    swapped = [swap(r["question"], ref, g, rng) for r, ref, g in zip(rows, refs, gold)]
-    swapped = [(q, a, p, ref) for (q, a, p), ref in zip(swapped, refs) if a != ref]
-    if swapped:
-        replies = replies_to([q for q, _, _, _ in swapped], [p for _, _, p, _ in swapped])
-        new = [next(w for w in a.split() if w not in ref.split()) for _, a, _, ref in swapped]
-        out["fact_copy_rate"] = round(sum(w in r.split() for w, r in zip(new, replies)) / len(swapped), 4)
-    out["n_swapped"] = len(swapped)
+    rate, n_swapped = fact_copy_rate(reader, rows, gold, stories, dialogues, rng, text_maxlength)
+    if n_swapped:
+        out["fact_copy_rate"] = round(rate, 4)
+    out["n_swapped"] = n_swapped
     return out
 
 

@@ -116,7 +116,8 @@ def cross_attention_story_scores(reader, input_ids, attention_mask, labels):
     model.set_attn_implementation("eager")
     try:
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                    labels=labels, output_attentions=True, return_dict=True)
+                    labels=labels, output_attentions=True, return_dict=True,
+                    **reader._copy_kwargs(reader.source_ids(input_ids), B))
     finally:
         model.set_attn_implementation(previous)
     tgt = (labels != -100).float()  # [B, T]
@@ -168,7 +169,8 @@ def emdr_token_logprobs(reader, queries, passages, labels, opts):
     dev = labels.device
     with dropout_disabled(reader):
         hidden, fmask = reader.encode(ids.to(dev), mask.to(dev))
-        logp, _ = reader.token_logprobs(hidden, fmask, g.repeated_labels(g.K), temperature=opts.temperature_gold)
+        logp, _ = reader.token_logprobs(hidden, fmask, g.repeated_labels(g.K), temperature=opts.temperature_gold,
+                                        source_ids=reader.source_ids(ids.to(dev)))
     return logp.view(g.B, g.K, -1), labels != -100
 
 

@@ -23,7 +23,7 @@ from src.gold_scores import emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.options import retriever_frozen_at
-from src.rewards import grpo_reward, reward_options
+from src.rewards import grpo_reward, knowledge_recall, reward_options
 from src.tracking import timed
 
 
@@ -87,6 +87,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         if augments_candidates(opts, step, train):
             passages = retrieval.add_random(passages, opts.add_random_retrieval, rng, mode=opts.add_random_retrieval_mode)
         b["passages"], b["retrieval_scores"] = passages, scores
+    if train and getattr(retrieval, "knowledge", None) is not None:
+        b["knowledge"] = [retrieval.knowledge(a) for a in answers]  # the original targets' fact-like words
     if train and opts.grpo_train_retriever:
         return b  # joint GRPO builds one reader input per sampled story itself
     n_ctx = 1 if opts.closed_book else opts.n_context
@@ -255,7 +257,12 @@ class LapdogModel(nn.Module):
             loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
         else:
             target = torch.log_softmax(gold / o.temperature_gold, -1)
-            loss = grpo.lapdog_kl_loss(target, torch.log_softmax(score_logits, -1), o.retriever_kl_reduction)
+            score_logp = torch.log_softmax(score_logits, -1)
+            if "knowledge" in b:  # --retriever_signal knowledge: chit-chat targets fit nothing (KL 0, no gradient)
+                needs = torch.tensor([bool(k) for k in b.knowledge], device=target.device)[:, None]
+                target = torch.where(needs, target, score_logp.detach())
+                stats["retriever/knowledge_examples"] = needs.float().mean().item()
+            loss = grpo.lapdog_kl_loss(target, score_logp, o.retriever_kl_reduction)
         stats["gold_score/mean"] = gold.mean().item()
         return loss
 
@@ -271,13 +278,15 @@ class LapdogModel(nn.Module):
         o, dev = self.opts, self.device
         with dropout_disabled(self.reader):
             hidden, mask = self.reader.encode(b.input_ids, b.attention_mask)
+            source = self.reader.source_ids(b.input_ids)
             with timed(stats, "time/sampling", dev), torch.no_grad():
                 replies = self.reader.sample(hidden.detach(), mask, 1, o.generation_max_length,
-                                             temperature=1.0, min_length=o.generation_min_length)
+                                             temperature=1.0, min_length=o.generation_min_length, source_ids=source)
             with timed(stats, "time/reward", dev):
                 r = self._rewards(replies, b.answers, stats, sample_contexts(b.queries, b.passages, o.n_context))
             with timed(stats, "time/policy", dev):
-                logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length)
+                logp, tmask = self.reader.token_logprobs(hidden, mask, replies, min_length=o.generation_min_length,
+                                                         source_ids=source)
         loss, rstats = grpo.reinforce_loss(grpo.sequence_logprob(logp, tmask), r["reward"].to(dev))
         stats["loss/reader"] = loss.item()
         if lapdog_retriever_trained(o, step):
@@ -311,11 +320,12 @@ class LapdogModel(nn.Module):
         with dropout_disabled(reader):
             with timed(stats, "time/policy", dev):
                 hidden, mask = reader.encode(ids, mask_in)  # encoder once per prompt, with gradient
+                source = reader.source_ids(ids)
             if rollout is None:
                 with timed(stats, "time/sampling", dev), torch.no_grad():
                     replies = reader.sample(hidden.detach(), mask, G, o.generation_max_length,
                                             temperature=o.grpo_temperature, top_p=o.grpo_top_p,
-                                            min_length=o.generation_min_length)
+                                            min_length=o.generation_min_length, source_ids=source)
                 with timed(stats, "time/reward", dev):
                     r = self._rewards(replies, answers, stats, contexts)
                     rewards = r["reward"].to(dev).view(-1, G)
@@ -325,7 +335,7 @@ class LapdogModel(nn.Module):
                     with dropout_disabled(ref):
                         ref_hidden, ref_mask = ref.encode(ids, mask_in)
                         ref_logp, _ = ref.token_logprobs(ref_hidden, ref_mask, replies, temperature=o.grpo_temperature,
-                                                         min_length=o.generation_min_length)
+                                                         min_length=o.generation_min_length, source_ids=source)
                 rollout = {"replies": replies, "adv": adv.reshape(-1), "ref_logp": ref_logp, "old_logp": None,
                            "rewards": rewards, "zero_std": zero_std,
                            "n_tokens": reader.reply_mask(replies).sum().long()}
@@ -333,7 +343,7 @@ class LapdogModel(nn.Module):
                 return hidden.new_zeros(()), rollout
             with timed(stats, "time/policy", dev):
                 logp, tmask = reader.token_logprobs(hidden, mask, rollout["replies"], temperature=o.grpo_temperature,
-                                                    min_length=o.generation_min_length)
+                                                    min_length=o.generation_min_length, source_ids=source)
         if rollout["old_logp"] is None:
             # μ = 1 (or the first of μ updates): the sampling policy is the current one, so the
             # old log-probs are the detached current ones and the ratio is exactly 1.
@@ -434,5 +444,8 @@ class LapdogModel(nn.Module):
                 ids, mask = reader.tokenize_inputs(texts[start:start + 64], o.text_maxlength)
                 replies += reader.generate_text(ids.to(dev), mask.to(dev), max_length=o.generation_max_length,
                                                 min_length=o.generation_min_length)
-        r = grpo_reward(replies, refs, **reward_options(o))["reward"]
+        if "knowledge" in b:  # --retriever_signal knowledge: the share of the target's facts the reply gets
+            r = knowledge_recall(replies, [k for k, plist in zip(b.knowledge, b.passages) for _ in plist])
+        else:
+            r = grpo_reward(replies, refs, **reward_options(o))["reward"]
         return r.to(dev).view(len(b.passages), -1)

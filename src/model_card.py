@@ -7,6 +7,7 @@ executes it).
 """
 
 import argparse
+import json
 import os
 import random
 
@@ -61,7 +62,31 @@ def _metrics_table(metrics):
                               "`reward` is the GRPO reward of the greedy replies.")
 
 
-def reader_card(opts, step, metrics):
+def _snippet(example, opts, copies):
+    """Python that loads this folder and replies to ``example``: plain transformers, or this
+    repository's FiDReader for a reader with a copy head (its pointer is code transformers lacks)."""
+    if copies:
+        return f"""import sys
+sys.path.insert(0, "path/to/lapdog-grpo")  # this repository: the copy head (src/pointer.py) is its code
+from src.reader import FiDReader
+
+folder = "."  # this folder
+reader = FiDReader.from_pretrained(folder).eval()
+text = {example!r}
+ids, mask = reader.tokenize_inputs([[text]], max_length={opts.get('text_maxlength')})
+reply = reader.generate_text(ids, mask, max_length={opts.get('generation_max_length')})[0]"""
+    return f"""from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+folder = "."  # this folder
+tok = AutoTokenizer.from_pretrained(folder)
+model = T5ForConditionalGeneration.from_pretrained(folder).eval()
+text = {example!r}
+ids = tok(text, return_tensors="pt", truncation=True, max_length={opts.get('text_maxlength')})
+out = model.generate(**ids, max_length={opts.get('generation_max_length')}, num_beams=1, do_sample=False)
+reply = tok.decode(out[0], skip_special_tokens=True)"""
+
+
+def reader_card(opts, step, metrics, copies=False):
     query = reader_query(_EXAMPLE_QUESTION)
     closed = bool(opts.get("closed_book"))
     fmt = opts.get("encoder_format")
@@ -75,6 +100,8 @@ def reader_card(opts, step, metrics):
               "(the story is cut first). Fusion-in-decoder: the inputs are encoded separately and their "
               "encoder states concatenated along the sequence for the decoder; with one story this is "
               "plain T5, as in the code below.")
+    pointer = (" with a copy head, `src/pointer.py`: it can emit a word of its input by pointing"
+               if copies else "")
     return f"""---
 library_name: transformers
 pipeline_tag: text2text-generation
@@ -83,7 +110,7 @@ tags: [lapdog-grpo, t5, fusion-in-decoder, personalized-dialogue]
 
 # LAPDOG-GRPO reader (step {step})
 
-A T5 encoder-decoder (`T5ForConditionalGeneration`) that writes the next reply of R, the persona
+A T5 encoder-decoder (`T5ForConditionalGeneration`{pointer}) that writes the next reply of R, the persona
 owner of a ConvAI2-style dialogue, optionally reading stories a retriever found for the persona
 (LAPDOG, Huang et al., EMNLP 2023, extended with GRPO). Text is lowercased and space-tokenized.
 
@@ -95,15 +122,7 @@ the target is `<extra_id_0> {{reply}}`, so decode with `skip_special_tokens=True
 decodes {decoding} with max_length {opts.get('generation_max_length')} (counting the decoder start token).
 
 ```python
-from transformers import AutoTokenizer, T5ForConditionalGeneration
-
-folder = "."  # this folder
-tok = AutoTokenizer.from_pretrained(folder)
-model = T5ForConditionalGeneration.from_pretrained(folder).eval()
-text = {example!r}
-ids = tok(text, return_tensors="pt", truncation=True, max_length={opts.get('text_maxlength')})
-out = model.generate(**ids, max_length={opts.get('generation_max_length')}, num_beams=1, do_sample=False)
-reply = tok.decode(out[0], skip_special_tokens=True)
+{_snippet(example, opts, copies)}
 ```
 
 ## How it was made
@@ -188,5 +207,14 @@ def write_model_cards(folder, opts, step, metrics=None):
     for name, card in cards.items():
         sub = os.path.join(folder, name)
         if os.path.isdir(sub):
+            extra = {"copies": _has_copy_head(sub)} if name == "reader" else {}
             with open(os.path.join(sub, "README.md"), "w", encoding="utf-8") as f:
-                f.write(card(opts, step, metrics))
+                f.write(card(opts, step, metrics, **extra))
+
+
+def _has_copy_head(reader_dir):
+    try:
+        with open(os.path.join(reader_dir, "config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("pointer_generator"))
+    except (OSError, ValueError):
+        return False

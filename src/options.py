@@ -67,6 +67,10 @@ def _add_model_options(p):
     g = p.add_argument_group("model")
     g.add_argument("--reader_model_type", default="t5-base",
                    help="Hugging Face id (t5-base, google/t5-xl-lm-adapt) or a local reader folder")
+    g.add_argument("--pointer_generator", action="store_true",
+                   help="give a new reader (--reader_model_type) a copy head: it can emit a word of its input by "
+                        "pointing (src/pointer.py; for small from-scratch readers, which do not learn to copy facts "
+                        "otherwise). Readers loaded from --model_path or a resume keep what their config says")
     g.add_argument("--retriever_model_path", default="facebook/contriever",
                    help="Hugging Face id or a local folder of a BERT-style encoder")
     g.add_argument("--closed_book", action="store_true", help="no retrieval (stage 1, the paper's recipe)")
@@ -111,6 +115,13 @@ def _add_index_options(p):
                         "re-embed them with the current retriever and keep the best by fresh scores (default: off)")
     g.add_argument("--n_to_rerank_with_retrieve_with_rerank", type=int, default=128,
                    help="candidates re-embedded per query with --retrieve_with_rerank (default 128, Atlas's)")
+    g.add_argument("--retriever_signal", default="reply", choices=["reply", "knowledge"],
+                   help="what the retriever learns from. reply (the original's): joint GRPO scores each pool story by "
+                        "the generator's reward of the reply, LAPDOG fits its gold scores on every example. knowledge: "
+                        "only the target's fact-like words count (src/posterior.py:KnowledgeWords, no relevance labels): "
+                        "joint GRPO scores a story by the share of them its greedy reply contains, LAPDOG fits its gold "
+                        "scores only on examples whose target has one; chit-chat then gives the retriever no gradient "
+                        "instead of noise (default: reply)")
     g.add_argument("--query_side_retriever_training", action="store_true",
                    help="train only the query side of the retriever: the passage side is a frozen copy of the "
                         "retriever as the run started (saved as passage_retriever/ in checkpoints), so the index "
@@ -479,6 +490,18 @@ def validate(opts):
     if opts.grpo_train_retriever and opts.train_retriever:
         raise flag_error("--grpo_train_retriever", "and --train_retriever are two retriever objectives",
                          "pick one: GRPO (--grpo_train_retriever) or LAPDOG's KL to the gold scores (--train_retriever)")
+    if opts.retriever_signal == "knowledge":
+        if not retriever_trained(opts):
+            raise flag_error("--retriever_signal", "knowledge changes how the retriever learns, but no retriever is "
+                             "trained", "add --train_retriever (LAPDOG) or --grpo_train_retriever, or drop the flag")
+        if opts.train_retriever and opts.gold_score_mode in ("emdr", "emdr_seq"):
+            raise flag_error("--retriever_signal", f"knowledge leaves chit-chat examples out of LAPDOG's KL to the gold "
+                             f"scores; --gold_score_mode {opts.gold_score_mode} fits no KL",
+                             "use a KL gold-score mode such as ppmean, or --retriever_signal reply")
+        if opts.grpo_train_retriever and opts.grpo_retriever_estimator != "pool":
+            raise flag_error("--retriever_signal", f"knowledge scores stories by their greedy replies, which only the "
+                             f"pool estimator draws (got --grpo_retriever_estimator {opts.grpo_retriever_estimator})",
+                             "use --grpo_retriever_estimator pool")
     if opts.use_grpo and opts.grpo_group_size < 2:
         raise flag_error("--grpo_group_size", f"must be >= 2, got {opts.grpo_group_size} (a group of one has no spread)",
                          "pass 2 or more, e.g. 4")

@@ -55,6 +55,34 @@ def _replace_word(text, old, new):
     return " ".join(new if w == old else w for w in text.split(" "))
 
 
+class KnowledgeWords:
+    """The fact-like words of a reply: words rare in the story corpus and rare in the dialogues.
+
+    A word is fact-like when it is in at most ``max_story_df`` of the stories and at most
+    ``max_dialogue_df`` of the dialogue examples (``dialogues``: their question + answers texts).
+    The second test keeps chit-chat words that stories rarely use ("thanks", "always": in 5-9% of
+    the sample dialogues) out; the sample's facts (names, colours, cities) are in 0.4-2.1%. No
+    relevance label is used: only corpus and dialogue word counts. A reply without such a word
+    (chit-chat) needs no story.
+    """
+
+    def __init__(self, posterior: PosteriorStories, dialogues, max_story_df=0.05, max_dialogue_df=0.03):
+        counts = defaultdict(int)
+        for text in dialogues:
+            for w in _words(text):
+                counts[w] += 1
+        common = {w for w, c in counts.items() if c > max_dialogue_df * max(len(dialogues), 1)}
+        limit = math.log(1 / max_story_df)
+        self.words = {w for w, v in posterior.idf.items() if v >= limit and w.isalpha() and w not in common}
+
+    def __contains__(self, word):
+        return word in self.words
+
+    def __call__(self, reply):
+        """Sorted fact-like words of ``reply`` (empty for chit-chat)."""
+        return sorted(w for w in _words(reply) if w in self.words)
+
+
 class FactSwap:
     """Counterfactual augmentation that makes copying the only way to a fact.
 
@@ -68,18 +96,9 @@ class FactSwap:
     """
 
     def __init__(self, posterior: PosteriorStories, dialogues, max_story_df=0.05, max_dialogue_df=0.03):
-        """A word is fact-like when it is in at most ``max_story_df`` of the stories and at most
-        ``max_dialogue_df`` of the dialogue examples (``dialogues``: their question + answers texts).
-        The second test keeps chit-chat words that stories rarely use ("thanks", "always": in 5-9%
-        of the sample dialogues) from being swapped; the sample's facts are in 0.4-2.1%."""
+        """Fact-like words as ``KnowledgeWords`` defines them (same thresholds)."""
         self.posterior = posterior
-        counts = defaultdict(int)
-        for text in dialogues:
-            for w in _words(text):
-                counts[w] += 1
-        common = {w for w, c in counts.items() if c > max_dialogue_df * max(len(dialogues), 1)}
-        limit = math.log(1 / max_story_df)
-        self.facts = {w for w, v in posterior.idf.items() if v >= limit and w.isalpha() and w not in common}
+        self.facts = KnowledgeWords(posterior, dialogues, max_story_df, max_dialogue_df).words
         self.candidates = sorted(self.facts)
 
     def shared_fact(self, reply, story):

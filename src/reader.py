@@ -26,6 +26,7 @@ from src import sampling
 from src.data import clip_for_tokenizer
 from src.errors import flag_error
 from src.grpo import linear_token_logprobs, logprobs_without_token, token_logprobs
+from src.pointer import PointerT5
 
 
 @contextlib.contextmanager
@@ -77,16 +78,21 @@ class FiDReader(torch.nn.Module):
 
     # ------------------------------------------------------------------ construction / saving
     @classmethod
-    def from_pretrained(cls, name_or_path, dropout=None, gradient_checkpointing=False):
+    def from_pretrained(cls, name_or_path, dropout=None, gradient_checkpointing=False, pointer_generator=False):
         """Load a T5 + tokenizer from a HF id or local folder; ``dropout`` overrides
-        ``config.dropout_rate`` when given. Raises ``UsageError`` (``--reader_model_type``)."""
+        ``config.dropout_rate`` when given. A config with ``pointer_generator`` (or
+        ``pointer_generator=True``, which adds a freshly initialized head) loads a ``PointerT5``
+        (src/pointer.py). Raises ``UsageError`` (``--reader_model_type``)."""
         hf_logging.disable_progress_bar()
         name = str(name_or_path)
         try:
             config = AutoConfig.from_pretrained(name)
             if dropout is not None:
                 config.dropout_rate = float(dropout)
-            model = T5ForConditionalGeneration.from_pretrained(name, config=config)
+            if pointer_generator:
+                config.pointer_generator = True
+            model_class = PointerT5 if getattr(config, "pointer_generator", False) else T5ForConditionalGeneration
+            model = model_class.from_pretrained(name, config=config)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -129,6 +135,26 @@ class FiDReader(torch.nn.Module):
     @property
     def decoder_start_token_id(self):
         return self.model.config.decoder_start_token_id
+
+    @property
+    def copies(self):
+        """True for a pointer-generator reader: its passes need the encoder input ids."""
+        return isinstance(self.model, PointerT5)
+
+    @staticmethod
+    def source_ids(input_ids):
+        """[B, N, L] encoder input ids -> [B, N·L], aligned with ``encode``'s states."""
+        return input_ids.reshape(input_ids.shape[0], -1)
+
+    def _copy_kwargs(self, source_ids, rows):
+        """The extra model kwarg of a pointer reader (``{}`` for a plain T5), ids repeated to ``rows``."""
+        if not self.copies:
+            return {}
+        if source_ids is None:
+            raise ValueError("this reader has a pointer-generator head: pass source_ids=FiDReader.source_ids(input_ids)")
+        if source_ids.shape[0] != rows:
+            source_ids = source_ids.repeat_interleave(rows // source_ids.shape[0], dim=0)
+        return {"copy_source_ids": source_ids.to(self.device)}
 
     @property
     def device(self):
@@ -175,9 +201,10 @@ class FiDReader(torch.nn.Module):
         hidden = out.last_hidden_state
         return hidden.reshape(b, n * length, hidden.shape[-1]), attention_mask.reshape(b, n * length)
 
-    def _decoder_pass(self, hidden, mask, labels=None, decoder_input_ids=None):
+    def _decoder_pass(self, hidden, mask, labels=None, decoder_input_ids=None, source_ids=None):
         return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                          labels=labels, decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True)
+                          labels=labels, decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True,
+                          **self._copy_kwargs(source_ids, hidden.shape[0]))
 
     def forward(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> the mean token NLL over the
@@ -193,11 +220,11 @@ class FiDReader(torch.nn.Module):
     def _label_nll(self, input_ids, attention_mask, labels):
         """``(nll [B, T] float32, 0 at ignored positions; valid [B, T] bool)``."""
         hidden, mask = self.encode(input_ids, attention_mask)
-        logp = self._teacher_forced_logprobs(hidden, mask, labels)
+        logp = self._teacher_forced_logprobs(hidden, mask, labels, source_ids=self.source_ids(input_ids))
         valid = labels != -100
         return -torch.where(valid, logp, torch.zeros_like(logp)), valid
 
-    def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0, eos_blocked=0):
+    def _teacher_forced_logprobs(self, hidden, mask, targets, temperature=1.0, eos_blocked=0, source_ids=None):
         """[B, T] float32 log-probs of ``targets`` [B, T] (one per row of ``hidden`` [B, S, d]),
         teacher-forced, logits / ``temperature``; positions of -100 hold junk for the caller's
         mask. The first ``eos_blocked`` positions are scored with EOS removed from the
@@ -208,7 +235,8 @@ class FiDReader(torch.nn.Module):
         head = self.model.lm_head
         n = min(eos_blocked, targets.shape[1])
         eos = torch.full_like(targets[:, :n], self.eos_token_id)
-        if isinstance(head, torch.nn.Linear) and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks):
+        lean = isinstance(head, torch.nn.Linear) and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks)
+        if lean and not self.copies:  # a pointer's log-probs mix in the copy attention: the full logits path
             # The model's own forward (and its pre-head scaling) with the output projection
             # taken out, then projection + log-softmax + gather fused in row chunks: the
             # [B, T, V] logits never exist (see grpo.linear_token_logprobs). A hooked head
@@ -218,7 +246,7 @@ class FiDReader(torch.nn.Module):
             logp = linear_token_logprobs(states, head.weight, targets, temperature)
             eos_logp = linear_token_logprobs(states[:, :n], head.weight, eos, temperature) if n else None
         else:
-            logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids).logits
+            logits = self._decoder_pass(hidden, mask, decoder_input_ids=decoder_input_ids, source_ids=source_ids).logits
             logp = token_logprobs(logits, targets, temperature)
             eos_logp = token_logprobs(logits[:, :n], eos, temperature) if n else None
         if eos_logp is None:
@@ -241,14 +269,16 @@ class FiDReader(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def _generate(self, hidden, mask, **kwargs):
+    def _generate(self, hidden, mask, source_ids=None, **kwargs):
         # transformers expands encoder_outputs in place for num_return_sequences > 1, so a fresh
-        # BaseModelOutput is built on every call to keep the caller's tensors intact.
+        # BaseModelOutput is built on every call to keep the caller's tensors intact. It expands
+        # the pointer's copy_source_ids with them (as every tensor model kwarg).
         out = self.model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
             attention_mask=mask,
             generation_config=self._generation_config(**kwargs),
             cache=_fresh_cache(),
+            **self._copy_kwargs(source_ids, hidden.shape[0]),
         )
         # Drop the decoder start token; everything after the first EOS becomes pad.
         return self._pad_after_eos(out[:, 1:])
@@ -262,12 +292,14 @@ class FiDReader(torch.nn.Module):
         """[B, N, L] inputs -> [B, T] reply ids (no decoder start token, pad after EOS, T <
         ``max_length``): greedy when ``num_beams`` == 1 else beam search; length_penalty 1."""
         hidden, mask = self.encode(input_ids, attention_mask)
-        return self.generate_from_states(hidden, mask, max_length, min_length=min_length, num_beams=num_beams)
+        return self.generate_from_states(hidden, mask, max_length, min_length=min_length, num_beams=num_beams,
+                                         source_ids=self.source_ids(input_ids))
 
-    def generate_from_states(self, hidden, mask, max_length, min_length=0, num_beams=1):
-        """Like ``generate`` but from cached encoder states ``hidden`` [B, S, d], ``mask`` [B, S]."""
-        return self._generate(hidden, mask, max_length=max_length, min_length=min_length, num_beams=num_beams,
-                              do_sample=False, num_return_sequences=1)
+    def generate_from_states(self, hidden, mask, max_length, min_length=0, num_beams=1, source_ids=None):
+        """Like ``generate`` but from cached encoder states ``hidden`` [B, S, d], ``mask`` [B, S]
+        (``source_ids`` [B, S]: the encoder input ids, needed by a pointer reader only)."""
+        return self._generate(hidden, mask, source_ids=source_ids, max_length=max_length, min_length=min_length,
+                              num_beams=num_beams, do_sample=False, num_return_sequences=1)
 
     def generate_text(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1):
         """``decode(generate(...))``: B reply strings."""
@@ -276,7 +308,8 @@ class FiDReader(torch.nn.Module):
         return self.decode(ids)
 
     @torch.no_grad()
-    def sample(self, hidden, mask, num_samples, max_length, temperature=1.0, top_p=1.0, min_length=0):
+    def sample(self, hidden, mask, num_samples, max_length, temperature=1.0, top_p=1.0, min_length=0,
+               source_ids=None):
         """Sample ``num_samples`` replies per example from cached encoder states (``hidden``
         [B, S, d], ``mask`` [B, S]; the encoder is not re-run) -> [B·num_samples, T] ids,
         example-major (b0s0, b0s1, ..., b1s0, ...), no decoder start token, pad after the first
@@ -286,36 +319,45 @@ class FiDReader(torch.nn.Module):
         Our own decoding loop over the model's key/value cache rather than ``generate``: each
         step draws its tokens by inverse CDF (``src.sampling.categorical``), which on CPU is
         about twice as fast as generate's multinomial at a 30k vocabulary. The tokens' law is the
-        same: softmax(logits / temperature), EOS blocked before ``min_length``.
+        same: softmax(logits / temperature), EOS blocked before ``min_length``. ``source_ids`` [B, S]:
+        the encoder input ids, needed by a pointer reader only.
         """
         if temperature <= 0:
             raise ValueError(f"sampling temperature must be > 0, got {temperature}")
         if max_length < 2:
             raise ValueError(f"max_length counts the decoder start token and must be >= 2, got {max_length}")
-        hidden = hidden.detach().repeat_interleave(num_samples, dim=0)
-        mask = mask.repeat_interleave(num_samples, dim=0)
+
+        def draw(logits):
+            if temperature != 1.0:
+                logits = logits / temperature
+            return sampling.categorical(sampling.nucleus(torch.softmax(logits, dim=-1), top_p))
+
+        return self._decode(hidden.detach().repeat_interleave(num_samples, dim=0),
+                            mask.repeat_interleave(num_samples, dim=0), max_length, draw, min_length, source_ids)
+
+    def _decode(self, hidden, mask, max_length, choose, min_length=0, source_ids=None):
+        """Token-by-token decoding over the key/value cache: ``choose`` maps each step's [R, V]
+        float32 logits (EOS at -inf before ``min_length``) to [R] token ids. Rows stop at EOS."""
         encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
         cache = _fresh_cache()
         rows = hidden.shape[0]
+        copy = self._copy_kwargs(source_ids, rows)
         token = torch.full((rows, 1), self.decoder_start_token_id, dtype=torch.long, device=hidden.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
         out = []
         for step in range(max_length - 1):
             logits = self.model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=token,
-                                cache=cache, use_cache=True, return_dict=True).logits[:, -1].float()
-            if temperature != 1.0:
-                logits = logits / temperature
+                                cache=cache, use_cache=True, return_dict=True, **copy).logits[:, -1].float()
             if step + 1 < min_length:  # min_length counts the start token, as in transformers
                 logits[:, self.eos_token_id] = float("-inf")
-            probs = sampling.nucleus(torch.softmax(logits, dim=-1), top_p)
-            token = sampling.categorical(probs).masked_fill_(finished, self.pad_token_id).unsqueeze(1)
+            token = choose(logits).masked_fill_(finished, self.pad_token_id).unsqueeze(1)
             out.append(token)
             finished |= token.squeeze(1) == self.eos_token_id
             if finished.all():
                 break
         return self._pad_after_eos(torch.cat(out, dim=1))
 
-    def token_logprobs(self, hidden, mask, targets, temperature=1.0, min_length=0):
+    def token_logprobs(self, hidden, mask, targets, temperature=1.0, min_length=0, source_ids=None):
         """Teacher-forced log-probabilities of replies ``targets`` [R, T] (R a multiple of B,
         example-major as ``sample`` returns them) given ``hidden`` [B, S, d] / ``mask`` [B, S]
         -> ``(logp [R, T] float32, token_mask [R, T] float32)``. One decoder pass over all R
@@ -323,7 +365,8 @@ class FiDReader(torch.nn.Module):
         first EOS (and 0 at -100 label padding, so tokenized gold labels work too).
         ``min_length`` (counting the start token, as in ``sample``): the first min_length − 1
         positions are scored with EOS blocked, i.e. under the distribution ``sample`` drew
-        them from (their targets are never EOS). Differentiable w.r.t. the decoder and ``hidden``."""
+        them from (their targets are never EOS). Differentiable w.r.t. the decoder and ``hidden``.
+        ``source_ids`` [B, S]: the encoder input ids, needed by a pointer reader only."""
         b, r = hidden.shape[0], targets.shape[0]
         if r % b:
             raise ValueError(f"{r} replies is not a multiple of {b} examples")
@@ -331,7 +374,8 @@ class FiDReader(torch.nn.Module):
             hidden = hidden.repeat_interleave(r // b, dim=0)
             mask = mask.repeat_interleave(r // b, dim=0)
         targets = targets.to(hidden.device)
-        logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature, eos_blocked=max(min_length - 1, 0))
+        logp = self._teacher_forced_logprobs(hidden, mask, targets, temperature, eos_blocked=max(min_length - 1, 0),
+                                             source_ids=source_ids)
         return logp, self.reply_mask(targets)
 
     def reply_mask(self, targets):

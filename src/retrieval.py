@@ -16,7 +16,7 @@ from src.errors import flag_error
 from src.preflight import check_corpus
 from src.index import PassageIndex, RefreshSchedule, build_index
 from src.options import retriever_frozen_at, retriever_trained
-from src.posterior import FactSwap, PosteriorStories
+from src.posterior import FactSwap, KnowledgeWords, PosteriorStories
 
 
 class StoryRetrieval:
@@ -28,10 +28,12 @@ class StoryRetrieval:
         self.passage_encoder = None  # whatever embedded the index (--retrieve_with_rerank re-embeds with it)
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
         self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
-        self.fact_swap = None
+        self.fact_swap = self.knowledge = None
+        texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
         if opts.posterior_fact_swap > 0:
-            texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
             self.fact_swap = FactSwap(self.posterior, texts)
+        if getattr(opts, "retriever_signal", "reply") == "knowledge":
+            self.knowledge = KnowledgeWords(self.posterior or PosteriorStories(passages), texts)
         check_corpus(opts, passages)
 
     def build(self, retriever, allow_load=True):

@@ -176,3 +176,21 @@ def parse_metric_scale_factors(text: str | None) -> dict:
                              _SCALE_FIX)
         out[key] = float(v)
     return out
+
+
+def knowledge_recall(hyps: list[str], knowledge: list[list[str]]) -> torch.Tensor:
+    """[N] share of each target's fact-like words (``knowledge[i]``, src/posterior.py:KnowledgeWords)
+    that reply ``hyps[i]`` contains, as whitespace tokens; 0 where the target has none.
+
+    The retriever's story reward with ``--retriever_signal knowledge``: a story is worth what its
+    reply gets right of the facts the target needs. Chit-chat targets score 0 with every story, so
+    they give the retriever no gradient instead of the noise of replies that vary with the story
+    (measured on the sample data: 13 distinct greedy replies over a 16-story pool, reward std 0.30,
+    on targets that need no story)."""
+    if len(hyps) != len(knowledge):
+        raise ValueError(f"{len(hyps)} replies but {len(knowledge)} knowledge lists")
+    out = []
+    for hyp, words in zip(hyps, knowledge):
+        said = set(strip_speaker(hyp).split())
+        out.append(sum(w in said for w in words) / len(words) if words else 0.0)
+    return torch.tensor(out, dtype=torch.float32)

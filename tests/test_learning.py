@@ -113,3 +113,49 @@ def test_reader_trained_with_posterior_stories_uses_them(sample_vocab_reader_dir
     with_random = greedy_rewards(reader, queries, random_stories, answers, opts).mean().item()
     print(f"seed {seed}: reward with the relevant story {with_relevant:.3f}, with a random one {with_random:.3f}")
     assert with_relevant - with_random > 0.04
+
+
+def fact_swap_reader(reader_dir, seed, steps=200, lr=3e-3, pointer_generator=False):
+    """A fresh copy of the tiny reader (with or without the copy head) after ``steps`` SFT steps on
+    posterior stories with 90% fact swaps (the quickstart's stage-1 recipe, scaled down)."""
+    from src.posterior import FactSwap
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    train, _, stories = sample_data()
+    reader = FiDReader.from_pretrained(reader_dir, dropout=0.0, pointer_generator=pointer_generator)
+    opts = make_opts("--posterior_passages", "--posterior_fact_swap", "0.9", "--n_context", "1",
+                     "--text_maxlength", "192")
+    retrieval = PosteriorOnly(stories)
+    retrieval.fact_swap = FactSwap(retrieval.posterior, [" ".join([ex["question"], *ex["answers"]]) for ex in train])
+    optim = torch.optim.AdamW(reader.parameters(), lr=lr)
+    reader.train()
+    for _ in range(steps):
+        exs = rng.sample(train, 16)
+        b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, None, opts, rng, reader.device)
+        loss = reader(b.input_ids, b.attention_mask, b.labels)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return reader.eval()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reader_dir, seed):
+    """Same tiny reader, same 200 fact-swap steps, with and without the copy head (src/pointer.py):
+    on held-out valid examples whose relevant story has its fact replaced by a random rare word, the
+    share of greedy replies that contain that word. Only copying gets it.
+
+    Measured (copy head; the plain reader gave 0.000 every time), seeds 0 / 1 / 2, of 91 swapped
+    facts: 1 thread 0.165 / 0.154 / 0.110; 2 threads S0T2 / 0.187 / 0.132. The margin asserted
+    (0.05) is about half the smallest."""
+    from scripts.reading_probe import fact_copy_rate
+
+    train, _, stories = sample_data()
+    rows, relevant, _ = held_out_with_story()
+    rates = {}
+    for pointer in (True, False):
+        reader = fact_swap_reader(sample_vocab_reader_dir, seed, pointer_generator=pointer)
+        rates[pointer], n = fact_copy_rate(reader, rows, relevant, stories, train, random.Random(7))
+    print(f"seed {seed}: fact copy rate with the copy head {rates[True]:.3f}, without {rates[False]:.3f} (of {n})")
+    assert rates[True] - rates[False] > 0.05

@@ -68,3 +68,18 @@ def test_stage1_card_without_retriever_or_evaluation(tmp_path, tiny_models):
     assert "supervised fine-tuning" in text and "closed book, stage 1" in text and "No evaluation" in text
     assert "The input is the prompt alone" in text
     assert not (folder / "retriever").exists()
+
+
+def test_card_of_a_reader_with_a_copy_head_runs_through_this_repository(tmp_path, tiny_models):
+    from src.reader import FiDReader
+
+    folder, opts = checkpoint_like(tmp_path, tiny_models, JOINT, parts=())
+    FiDReader.from_pretrained(tiny_models["reader"], pointer_generator=True).save_pretrained(str(folder / "reader"))
+    write_model_cards(str(folder), opts, 7)
+    md = folder / "reader" / "README.md"
+    assert "copy head" in md.read_text() and "from src.reader import FiDReader" in md.read_text()
+    scope = card_code(md, folder / "reader")
+    reader = FiDReader.from_pretrained(str(folder / "reader")).eval()
+    assert reader.copies
+    ids, mask = reader.tokenize_inputs([[scope["text"]]], opts["text_maxlength"])
+    assert scope["reply"] == reader.generate_text(ids, mask, max_length=opts["generation_max_length"])[0]

@@ -59,6 +59,10 @@ def test_seed_metric_scale_factors_string():
     (BASE + ["--total_steps", "0"], "--total_steps"),
     (BASE + ["--shard_grads"], "--shard_grads"),
     (BASE + ["--grpo_top_p", "0"], "--grpo_top_p"),
+    (BASE + ["--retriever_signal", "knowledge"], "--retriever_signal"),
+    (GRPO + ["--grpo_train_retriever", "--retriever_signal", "knowledge", "--grpo_retriever_estimator", "rloo"],
+     "--retriever_signal"),
+    (BASE + ["--train_retriever", "--gold_score_mode", "emdr", "--retriever_signal", "knowledge"], "--retriever_signal"),
     (BASE + ["--precision", "fp64"], "command line"),
     (BASE + ["--no_such_flag"], "command line"),
 ])

@@ -89,3 +89,19 @@ def test_reading_probe_fact_copy_rate_is_one_for_a_copier_and_zero_for_a_constan
     assert reading_probe.probe(ckpt, sample, batch_size=64, max_examples=40)["fact_copy_rate"] == 1.0
     monkeypatch.setattr(FiDReader, "generate_text", lambda self, ids, mask, **kw: ["his name is max ."] * len(ids))
     assert reading_probe.probe(ckpt, sample, batch_size=64, max_examples=40)["fact_copy_rate"] == 0.0
+
+
+def test_knowledge_words_are_rare_in_stories_and_in_dialogues():
+    from src.posterior import FactSwap, KnowledgeWords
+
+    stories = STORIES + [{"id": str(i), "title": "", "text": f"filler story {i} thanks ."} for i in range(17)]
+    # 20 stories: "max"/"rex"/"honda"/"red" are in 1 (idf log 20 >= log 1/0.05), "dog" in 2 (not rare enough:
+    # df 0.1 > 0.05); "thanks" is in most stories. "always" is rare in stories but in 2 of 40 dialogues (> 3%),
+    # "max" in 1 of 40 (2.5%).
+    dialogues = ["hi , how are you ?"] * 38 + ["i always walk max", "i always drive"]
+    words = KnowledgeWords(PosteriorStories(stories), dialogues)
+    assert words("his name is max , he is a good dog") == ["max"]
+    assert words("i always drive a red honda") == ["honda", "red"]
+    assert words("thanks , i am good") == [] and "always" not in words
+    # FactSwap swaps exactly these words
+    assert FactSwap(PosteriorStories(stories), dialogues).facts == words.words

@@ -108,3 +108,15 @@ def test_parse_metric_scale_factors_rejects(bad):
         parse_metric_scale_factors(bad)
     msg = str(info.value)
     assert msg.startswith("--metric_scale_factors: ") and "\n" not in msg and " — " in msg
+
+
+def test_knowledge_recall_by_hand():
+    from src.rewards import knowledge_recall
+
+    r = knowledge_recall(["his name is max , a boxer", "his name is rex", "R: max", "i am fine"],
+                         [["boxer", "max"], ["max"], ["max"], []])
+    assert r.tolist() == [1.0, 0.0, 1.0, 0.0]  # both facts; the wrong name; speaker tag dropped; chit-chat: 0
+    r = knowledge_recall(["a boxer named buddy"], [["boxer", "max"]])
+    assert r.tolist() == [0.5]
+    with pytest.raises(ValueError, match="knowledge lists"):
+        knowledge_recall(["a"], [])
