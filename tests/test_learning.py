@@ -147,7 +147,7 @@ def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reade
     share of greedy replies that contain that word. Only copying gets it.
 
     Measured (copy head; the plain reader gave 0.000 every time), seeds 0 / 1 / 2, of 91 swapped
-    facts: 1 thread 0.165 / 0.154 / 0.110; 2 threads S0T2 / 0.187 / 0.132. The margin asserted
+    facts: 1 thread 0.165 / 0.154 / 0.110; 2 threads 0.198 / 0.187 / 0.132. The margin asserted
     (0.05) is about half the smallest."""
     from scripts.reading_probe import fact_copy_rate
 
