@@ -78,9 +78,10 @@ def load_models(opts, resume_path):
         origin = f"started from {opts.model_path}"
     else:
         reader_path, src_ret, origin = opts.reader_model_type, None, f"new run from {opts.reader_model_type}"
+    new_reader = not (resume_path or opts.model_path)  # a checkpoint's reader keeps its own config
     reader = FiDReader.from_pretrained(reader_path, dropout=opts.dropout,
                                        gradient_checkpointing=opts.use_gradient_checkpoint_reader,
-                                       pointer_generator=opts.pointer_generator and reader_path == opts.reader_model_type)
+                                       pointer_generator=opts.pointer_generator and new_reader)
     if not opts.closed_book:
         path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
         retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)

@@ -326,18 +326,8 @@ class FiDReader(torch.nn.Module):
             raise ValueError(f"sampling temperature must be > 0, got {temperature}")
         if max_length < 2:
             raise ValueError(f"max_length counts the decoder start token and must be >= 2, got {max_length}")
-
-        def draw(logits):
-            if temperature != 1.0:
-                logits = logits / temperature
-            return sampling.categorical(sampling.nucleus(torch.softmax(logits, dim=-1), top_p))
-
-        return self._decode(hidden.detach().repeat_interleave(num_samples, dim=0),
-                            mask.repeat_interleave(num_samples, dim=0), max_length, draw, min_length, source_ids)
-
-    def _decode(self, hidden, mask, max_length, choose, min_length=0, source_ids=None):
-        """Token-by-token decoding over the key/value cache: ``choose`` maps each step's [R, V]
-        float32 logits (EOS at -inf before ``min_length``) to [R] token ids. Rows stop at EOS."""
+        hidden = hidden.detach().repeat_interleave(num_samples, dim=0)
+        mask = mask.repeat_interleave(num_samples, dim=0)
         encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
         cache = _fresh_cache()
         rows = hidden.shape[0]
@@ -348,9 +338,12 @@ class FiDReader(torch.nn.Module):
         for step in range(max_length - 1):
             logits = self.model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=token,
                                 cache=cache, use_cache=True, return_dict=True, **copy).logits[:, -1].float()
+            if temperature != 1.0:
+                logits = logits / temperature
             if step + 1 < min_length:  # min_length counts the start token, as in transformers
                 logits[:, self.eos_token_id] = float("-inf")
-            token = choose(logits).masked_fill_(finished, self.pad_token_id).unsqueeze(1)
+            probs = sampling.nucleus(torch.softmax(logits, dim=-1), top_p)
+            token = sampling.categorical(probs).masked_fill_(finished, self.pad_token_id).unsqueeze(1)
             out.append(token)
             finished |= token.squeeze(1) == self.eos_token_id
             if finished.all():

@@ -29,10 +29,12 @@ class StoryRetrieval:
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
         self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
         self.fact_swap = self.knowledge = None
-        texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
+        knowledge = getattr(opts, "retriever_signal", "reply") == "knowledge"
+        if opts.posterior_fact_swap > 0 or knowledge:
+            texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
         if opts.posterior_fact_swap > 0:
             self.fact_swap = FactSwap(self.posterior, texts)
-        if getattr(opts, "retriever_signal", "reply") == "knowledge":
+        if knowledge:
             self.knowledge = KnowledgeWords(self.posterior or PosteriorStories(passages), texts)
         check_corpus(opts, passages)
 

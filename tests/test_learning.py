@@ -60,28 +60,40 @@ def greedy_rewards(reader, queries, stories, answers, opts, batch_size=64):
 _READERS = {}
 
 
+def posterior_sft(reader_dir, seed, steps, lr=3e-3, fact_swap=0.0, pointer_generator=False):
+    """A fresh copy of the tiny reader (with the copy head if asked) after ``steps`` SFT steps
+    (batch 16, AdamW) with each reply's posterior story fused (src/posterior.py: the story sharing
+    the most idf-weighted words with the reply; no relevance label), its fact swapped for a random
+    rare word in a ``fact_swap`` fraction of the examples."""
+    from src.posterior import FactSwap
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    train, _, stories = sample_data()
+    reader = FiDReader.from_pretrained(reader_dir, dropout=0.0, pointer_generator=pointer_generator)
+    opts = make_opts("--posterior_passages", "--posterior_fact_swap", str(fact_swap), "--n_context", "1",
+                     "--text_maxlength", "192")
+    retrieval = PosteriorOnly(stories)
+    if fact_swap > 0:
+        retrieval.fact_swap = FactSwap(retrieval.posterior, [" ".join([ex["question"], *ex["answers"]])
+                                                             for ex in train])
+    optim = torch.optim.AdamW(reader.parameters(), lr=lr)
+    reader.train()
+    for _ in range(steps):
+        exs = rng.sample(train, 16)
+        b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, None, opts, rng, reader.device)
+        loss = reader(b.input_ids, b.attention_mask, b.labels)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return reader.eval()
+
+
 def reading_reader(reader_dir, seed):
-    """The tiny reader after 150 SFT steps (batch 16, AdamW 3e-3) with each reply's posterior story
-    fused (src/posterior.py: the story sharing the most idf-weighted words with the reply; no
-    relevance label). Cached per seed: later tests start from it."""
+    """The tiny reader after 150 posterior-story SFT steps (AdamW 3e-3, no fact swaps). Cached per
+    seed: later tests start from it."""
     if seed not in _READERS:
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        train, _, stories = sample_data()
-        reader = FiDReader.from_pretrained(reader_dir, dropout=0.0)
-        opts = make_opts("--posterior_passages", "--n_context", "1", "--text_maxlength", "192")
-        retrieval = PosteriorOnly(stories)
-        optim = torch.optim.AdamW(reader.parameters(), lr=3e-3)
-        reader.train()
-        for _ in range(150):
-            exs = rng.sample(train, 16)
-            b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, None, opts, rng, reader.device)
-            loss = reader(b.input_ids, b.attention_mask, b.labels)
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-        reader.eval()
-        _READERS[seed] = reader.state_dict()
+        _READERS[seed] = posterior_sft(reader_dir, seed, 150).state_dict()
     reader = FiDReader.from_pretrained(reader_dir, dropout=0.0)
     reader.load_state_dict(_READERS[seed])
     return reader.eval()
@@ -115,31 +127,6 @@ def test_reader_trained_with_posterior_stories_uses_them(sample_vocab_reader_dir
     assert with_relevant - with_random > 0.04
 
 
-def fact_swap_reader(reader_dir, seed, steps=200, lr=3e-3, pointer_generator=False):
-    """A fresh copy of the tiny reader (with or without the copy head) after ``steps`` SFT steps on
-    posterior stories with 90% fact swaps (the quickstart's stage-1 recipe, scaled down)."""
-    from src.posterior import FactSwap
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    train, _, stories = sample_data()
-    reader = FiDReader.from_pretrained(reader_dir, dropout=0.0, pointer_generator=pointer_generator)
-    opts = make_opts("--posterior_passages", "--posterior_fact_swap", "0.9", "--n_context", "1",
-                     "--text_maxlength", "192")
-    retrieval = PosteriorOnly(stories)
-    retrieval.fact_swap = FactSwap(retrieval.posterior, [" ".join([ex["question"], *ex["answers"]]) for ex in train])
-    optim = torch.optim.AdamW(reader.parameters(), lr=lr)
-    reader.train()
-    for _ in range(steps):
-        exs = rng.sample(train, 16)
-        b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, None, opts, rng, reader.device)
-        loss = reader(b.input_ids, b.attention_mask, b.labels)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    return reader.eval()
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reader_dir, seed):
     """Same tiny reader, same 200 fact-swap steps, with and without the copy head (src/pointer.py):
@@ -155,7 +142,7 @@ def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reade
     rows, relevant, _ = held_out_with_story()
     rates = {}
     for pointer in (True, False):
-        reader = fact_swap_reader(sample_vocab_reader_dir, seed, pointer_generator=pointer)
+        reader = posterior_sft(sample_vocab_reader_dir, seed, 200, fact_swap=0.9, pointer_generator=pointer)
         rates[pointer], n = fact_copy_rate(reader, rows, relevant, stories, train, random.Random(7))
     print(f"seed {seed}: fact copy rate with the copy head {rates[True]:.3f}, without {rates[False]:.3f} (of {n})")
     assert rates[True] - rates[False] > 0.05

@@ -271,3 +271,22 @@ def test_joint_grpo_resume_mid_rollout_equals_uninterrupted(tmp_path, tiny_model
     first_b2 = next(r for r in log_b if r["step"] == 2 and "loss/reader" in r)
     for key in ("reward/f1", "reward/rouge", "reward/mean"):
         assert first_b2[key] == pytest.approx(by_step[1][key], rel=1e-6), key
+
+
+def test_pointer_generator_flag_gives_a_new_reader_a_copy_head_and_checkpoints_keep_theirs(tmp_path, tiny_models):
+    """--pointer_generator adds the copy head to the --reader_model_type reader of a new run; a
+    reader started from --model_path keeps what its saved config says, whatever the flag."""
+    import train
+    from src import options
+
+    base = ["--closed_book", "--reader_model_type", tiny_models["reader"]]
+    opts, _ = options.parse(base + ["--pointer_generator"])
+    reader, _, _ = train.load_models(options.validate(opts), None)
+    assert reader.copies
+    opts, _ = options.parse(base)
+    assert not train.load_models(options.validate(opts), None)[0].copies
+    reader.save_pretrained(str(tmp_path / "step-1" / "reader"))
+    shutil.copytree(tiny_models["reader"], tmp_path / "plain" / "reader")
+    for folder, copies in (("step-1", True), ("plain", False)):
+        opts, _ = options.parse(base + ["--pointer_generator", "--model_path", str(tmp_path / folder)])
+        assert train.load_models(options.validate(opts), None)[0].copies is copies
