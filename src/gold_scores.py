@@ -180,3 +180,32 @@ def gold_scores(mode, reader, queries, passages, labels, references, opts):
     g = GoldInputs(reader, queries, passages, labels, references, opts)
     with dropout_disabled(reader):
         return sum(COMPONENTS[c](g) for c in MODES[mode]).float()
+
+
+@torch.no_grad()
+def evidence_scores(reader, queries, passages, labels, fact_mask, opts, chunk=128):
+    """[B, K] the reader's evidence for each story: Σ over the target's fact tokens (``fact_mask``
+    [B, T], src/reader.py:word_mask) of log p(y_t | query, story k alone), dropout off.
+
+    Only the fact tokens count: how likely the rest of the reply is swings by several nats from
+    story to story with nothing to do with relevance (measured on the sample data's stage-1
+    reader: 24 nats between random stories for "i am good , thanks ."), while a story that holds
+    the fact lets the copy head give it most of its probability. Rows without a fact token score
+    0 for every story (no reader pass): a reply no story explains says nothing about the stories.
+    """
+    B, K = len(passages), len(passages[0])
+    scores = torch.zeros(B, K, device=labels.device)
+    rows = [i for i in range(B) if bool(fact_mask[i].any())]
+    if not rows:
+        return scores
+    texts = [encoder_inputs(queries[i], [p], 1, opts.encoder_format) for i in rows for p in passages[i]]
+    rep_labels = labels[rows].repeat_interleave(K, dim=0)
+    rep_mask = fact_mask[rows].to(labels.device).repeat_interleave(K, dim=0)
+    out = []
+    with dropout_disabled(reader):
+        for start in range(0, len(texts), chunk):
+            ids, mask = reader.tokenize_inputs(texts[start:start + chunk], opts.text_maxlength)
+            nll, _ = reader.label_nll(ids.to(labels.device), mask.to(labels.device), rep_labels[start:start + chunk])
+            out.append(-(nll * rep_mask[start:start + chunk]).sum(-1))
+    scores[rows] = torch.cat(out).view(len(rows), K).float()
+    return scores

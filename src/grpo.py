@@ -525,6 +525,49 @@ def pool_policy_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, clip_eps,
     return loss, stats
 
 
+def pool_posterior_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, beta, kl_coeff):
+    """The retriever's KL-regularized improvement step over its whole pool, fitted by cross-entropy.
+
+    The step that maximizes E_{j~π}[A_j] − β·KL(π ‖ π_old) has the closed form
+        t_j = π_old(j) · exp(A_j / β) / Z,   A_j = R_j − Σ_l π_old(l) R_l,
+    (the baseline cancels in Z); the retriever is moved toward it by the forward KL, i.e.
+        loss = −Σ_j t_j · log π_θ(j) + kl_coeff · KL(π_θ ‖ π_ref).
+    Its gradient on story j's score is (π_θ(j) − t_j)/τ: a good story the retriever ranks low still
+    gets a full-size push, where the expected-reward gradient π(j)·A_j (``pool_policy_loss``)
+    vanishes with π(j) — and drifts toward the stories already on top. β is in the rewards' units:
+    a reward gap of β multiplies a story's odds by e. Equal rewards give t = π_old: no update
+    (chit-chat, where no story helps). With R = log p(y | story) and β = 1, t is the Bayesian
+    posterior over the pool of the story given the reply; β > 1 tempers the reader's evidence
+    against the retriever's prior.
+
+    pool_logp: [B, M] log_softmax(score/τ) with grad; old_pool_logp: [B, M] detached (−inf marks
+    unusable entries); ref_pool_logp: [B, M] or None; rewards: [B, M]. Returns (loss, stats) with
+    ``kl``, ``moved`` (total-variation distance of t from π_old), ``target_entropy``, 0-d detached.
+    """
+    if not (pool_logp.shape == old_pool_logp.shape == rewards.shape):
+        raise ValueError(
+            f"pool_logp, old_pool_logp and rewards must share shape [B, M], got {tuple(pool_logp.shape)}, "
+            f"{tuple(old_pool_logp.shape)}, {tuple(rewards.shape)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    old = old_pool_logp.detach().to(pool_logp.dtype)
+    usable = old > float("-inf")
+    r = torch.where(usable, rewards.detach().to(pool_logp.dtype), torch.zeros_like(old))
+    # rewards shifted by their row max: exp never overflows, and the shift cancels in the softmax
+    r = r - torch.where(usable, r, torch.full_like(r, float("-inf"))).amax(dim=-1, keepdim=True).clamp(min=-1e30)
+    target = torch.softmax(torch.where(usable, old + r / beta, old), dim=-1)
+    safe_logp = torch.where(usable, pool_logp, torch.zeros_like(pool_logp))
+    loss = -(target * safe_logp).sum(dim=-1).mean()
+    kl_term, kl_stat = _pool_kl_term(pool_logp, ref_pool_logp, kl_coeff)
+    with torch.no_grad():
+        old_p = torch.where(usable, old.exp(), torch.zeros_like(old))
+        logt = torch.where(target > 0, target.log(), torch.zeros_like(target))
+        stats = {"kl": kl_stat, "moved": 0.5 * (target - old_p).abs().sum(-1).mean(),
+                 "target_entropy": -(target * logt).sum(-1).mean()}
+    return loss + kl_term, stats
+
+
 def retriever_policy_loss(
     pool_logp,
     old_sampled_logp,

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from src import grpo, safety
 from src.data import encoder_inputs, reader_query, reader_target, retriever_passage_text
-from src.gold_scores import emdr_token_logprobs, gold_scores
+from src.gold_scores import evidence_scores, emdr_token_logprobs, gold_scores
 from src.reader import dropout_disabled
 from src.retriever import retrieval_scores
 from src.options import retriever_frozen_at
@@ -89,6 +89,8 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         b["passages"], b["retrieval_scores"] = passages, scores
     if train and getattr(retrieval, "knowledge", None) is not None:
         b["knowledge"] = [retrieval.knowledge(a) for a in answers]  # the original targets' fact-like words
+        if opts.retriever_signal == "evidence":  # their tokens in the (original) labels
+            b["fact_mask"] = reader.word_mask([reader_target(a) for a in answers], b.knowledge, opts.target_maxlength)
     if train and opts.grpo_train_retriever:
         return b  # joint GRPO builds one reader input per sampled story itself
     n_ctx = 1 if opts.closed_book else opts.n_context
@@ -251,14 +253,21 @@ class LapdogModel(nn.Module):
             # logged gold score: each story's reply log-likelihood at τ_g (one reader pass, not two)
             stats["gold_score/mean"] = (token_logp * mask.unsqueeze(1)).sum(-1).mean().item()
             return loss
-        gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, gold_labels, b.answers, o)
+        if "fact_mask" in b:  # --retriever_signal evidence: the reader's log-likelihood of the target's facts
+            gold = evidence_scores(self.reader, b.queries, b.passages, gold_labels, b.fact_mask, o)
+        else:
+            gold = gold_scores(o.gold_score_mode, self.reader, b.queries, b.passages, gold_labels, b.answers, o)
         if o.gold_score_mode == "emdr_seq":
-            # Sequence-level variant: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), no τ_g.
-            loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + gold, dim=-1).mean()
+            # Sequence-level variant: −log Σ_k softmax(s/τ_s)_k · p(y | q, story k), no τ_g. With the
+            # evidence, the facts' likelihood tempered by τ_g: −log Σ_k π_k · p(facts | q, story k)^(1/τ_g),
+            # whose gradient fits π to the tempered posterior π_k·p^(1/τ_g) (grpo.pool_posterior_loss);
+            # chit-chat rows (evidence 0) give exactly 0 and no gradient.
+            evidence = gold / o.temperature_gold if "fact_mask" in b else gold
+            loss = -torch.logsumexp(torch.log_softmax(score_logits, -1) + evidence, dim=-1).mean()
         else:
             target = torch.log_softmax(gold / o.temperature_gold, -1)
             score_logp = torch.log_softmax(score_logits, -1)
-            if "knowledge" in b:  # --retriever_signal knowledge: chit-chat targets fit nothing (KL 0, no gradient)
+            if "knowledge" in b:  # --retriever_signal knowledge/evidence: chit-chat targets fit nothing (KL 0, no gradient)
                 needs = torch.tensor([bool(k) for k in b.knowledge], device=target.device)[:, None]
                 target = torch.where(needs, target, score_logp.detach())
                 stats["retriever/knowledge_examples"] = needs.float().mean().item()
@@ -390,9 +399,9 @@ class LapdogModel(nn.Module):
                        "old_pool_logp": pool_logp.detach(),
                        "contexts": sample_contexts([q for q in b.queries for _ in range(k)],
                                                    [[p] for plist in chosen for p in plist], 1)}
-            if o.grpo_retriever_estimator == "pool" and train_retriever:
+            if o.grpo_retriever_estimator in ("pool", "posterior") and train_retriever:
                 with timed(stats, "time/pool_reward", dev):
-                    rollout["pool_rewards"] = self._pool_greedy_rewards(b)
+                    rollout["pool_rewards"] = self._pool_rewards(b)
         answers = [a for a in b.answers for _ in range(k)]
         gen_loss, rollout["gen"] = self._generator_grpo(rollout["ids"], rollout["mask"], answers, stats, rollout["gen"],
                                                         rollout["contexts"])
@@ -405,15 +414,22 @@ class LapdogModel(nn.Module):
         else:  # the biased heuristic, kept for ablations: top-k draws scored as single draws
             ret_adv, ret_zero = grpo.group_advantages(story_reward)
         loss = gen_loss
-        if train_retriever and o.grpo_retriever_estimator == "pool":
+        if train_retriever and o.grpo_retriever_estimator in ("pool", "posterior"):
             pool_r = rollout["pool_rewards"]
-            ret_loss, rstats = grpo.pool_policy_loss(pool_logp, rollout["old_pool_logp"], rollout["ref_pool_logp"],
-                                                     pool_r, o.grpo_clip_epsilon, o.grpo_retriever_kl_coeff)
+            if o.grpo_retriever_estimator == "posterior":
+                ret_loss, rstats = grpo.pool_posterior_loss(pool_logp, rollout["old_pool_logp"], rollout["ref_pool_logp"],
+                                                            pool_r, o.grpo_retriever_target_temperature,
+                                                            o.grpo_retriever_kl_coeff)
+                stats.update({"grpo/retriever_moved": float(rstats["moved"]),
+                              "grpo/retriever_target_entropy": float(rstats["target_entropy"])})
+            else:
+                ret_loss, rstats = grpo.pool_policy_loss(pool_logp, rollout["old_pool_logp"], rollout["ref_pool_logp"],
+                                                         pool_r, o.grpo_clip_epsilon, o.grpo_retriever_kl_coeff)
+                stats.update({"grpo/retriever_clip_frac": float(rstats["clip_frac"]),
+                              "grpo/retriever_adv_abs": float(rstats["adv_abs"])})
             loss = loss + ret_loss
             ret_zero = pool_r.std(-1) < 1e-6
             stats.update({"loss/retriever": ret_loss.item(), "kl/retriever": float(rstats["kl"]),
-                          "grpo/retriever_clip_frac": float(rstats["clip_frac"]),
-                          "grpo/retriever_adv_abs": float(rstats["adv_abs"]),
                           "reward/pool_std": pool_r.std(-1).mean().item(),
                           "reward/pool_mean": pool_r.mean().item()})
             stats.update(_relevance_stats(b, rollout["idx"], pool_r))
@@ -431,11 +447,14 @@ class LapdogModel(nn.Module):
         return loss, rollout
 
     @torch.no_grad()
-    def _pool_greedy_rewards(self, b):
-        """[B, M] reward of the greedy reply from the query and each pool story alone (dropout off):
-        the quantity top-1 evaluation measures, deterministic, so the pool estimator's advantages
-        carry no reply-sampling noise."""
+    def _pool_rewards(self, b):
+        """[B, M] reward of each pool story for the pool estimators, deterministic (dropout off), so
+        their advantages carry no reply-sampling noise: the reward of the greedy reply from the
+        query and the story alone (the quantity top-1 evaluation measures), or with
+        --retriever_signal evidence the reader's log-likelihood of the target's facts given it."""
         o, dev, reader = self.opts, self.device, self.reader
+        if "fact_mask" in b:
+            return evidence_scores(reader, b.queries, b.passages, b.labels, b.fact_mask, o).to(dev)
         texts = [encoder_inputs(q, [p], 1, o.encoder_format) for q, plist in zip(b.queries, b.passages) for p in plist]
         refs = [a for a, plist in zip(b.answers, b.passages) for _ in plist]
         replies = []

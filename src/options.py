@@ -115,13 +115,16 @@ def _add_index_options(p):
                         "re-embed them with the current retriever and keep the best by fresh scores (default: off)")
     g.add_argument("--n_to_rerank_with_retrieve_with_rerank", type=int, default=128,
                    help="candidates re-embedded per query with --retrieve_with_rerank (default 128, Atlas's)")
-    g.add_argument("--retriever_signal", default="reply", choices=["reply", "knowledge"],
+    g.add_argument("--retriever_signal", default="reply", choices=["reply", "knowledge", "evidence"],
                    help="what the retriever learns from. reply (the original's): joint GRPO scores each pool story by "
                         "the generator's reward of the reply, LAPDOG fits its gold scores on every example. knowledge: "
                         "only the target's fact-like words count (src/posterior.py:KnowledgeWords, no relevance labels): "
                         "joint GRPO scores a story by the share of them its greedy reply contains, LAPDOG fits its gold "
                         "scores only on examples whose target has one; chit-chat then gives the retriever no gradient "
-                        "instead of noise (default: reply)")
+                        "instead of noise. evidence: a story scores the reader's log-likelihood of the target's "
+                        "fact-like words given it (src/gold_scores.py:evidence_scores), for the pool estimators and as "
+                        "LAPDOG's gold score, chit-chat again left out; the signal the quickstart's stage 2 learns from "
+                        "(default: reply)")
     g.add_argument("--query_side_retriever_training", action="store_true",
                    help="train only the query side of the retriever: the passage side is a frozen copy of the "
                         "retriever as the run started (saved as passage_retriever/ in checkpoints), so the index "
@@ -212,13 +215,20 @@ def _add_grpo_options(p):
     g.add_argument("--grpo_retriever_temperature", type=float, default=1.0, help="τ in softmax(score/τ)")
     g.add_argument("--grpo_retriever_kl_coeff", type=float, default=None,
                    help="β of the retriever's exact KL to its reference over the pool (default: --grpo_kl_coeff)")
-    g.add_argument("--grpo_retriever_estimator", default="pool", choices=["pool", "rloo", "topk_heuristic"],
+    g.add_argument("--grpo_retriever_estimator", default="pool", choices=["pool", "posterior", "rloo", "topk_heuristic"],
                    help="the retriever's objective is the expected reward of a story drawn from it. pool: every pool "
                         "story scored by the reward of the reader's greedy reply, PPO surrogate in exact expectation over "
-                        "the pool (no draw noise); rloo: k i.i.d. draws scored by their G replies' mean reward, "
+                        "the pool (no draw noise); posterior: the same pool rewards, but the retriever is fitted (cross-"
+                        "entropy) to the KL-regularized improvement step π_old·exp(A/β) (src/grpo.py:pool_posterior_loss, "
+                        "β = --grpo_retriever_target_temperature), whose push on a good story does not vanish when the "
+                        "retriever ranks it low; rloo: k i.i.d. draws scored by their G replies' mean reward, "
                         "leave-one-out baseline (unbiased); topk_heuristic: the earlier, biased estimator (Gumbel "
                         "top-k draws scored as single draws, std-normalized advantages), for ablations. The k draws "
                         "always give the generator its stories (default: pool)")
+    g.add_argument("--grpo_retriever_target_temperature", type=float, default=3.0,
+                   help="β of --grpo_retriever_estimator posterior, in reward units: a reward gap of β multiplies a "
+                        "story's odds by e (default 3: with --retriever_signal evidence, a fact the story holds is worth "
+                        "~10 nats, so the target still shifts clearly while the retriever's prior keeps other topics out)")
     g.add_argument("--grpo_temperature", type=float, default=1.0, help="sampling temperature of replies")
     g.add_argument("--grpo_top_p", type=float, default=1.0, help="nucleus sampling of replies (1: off)")
     g.add_argument("--grpo_num_iterations", type=int, default=1, help="μ: updates per batch of samples")
@@ -444,7 +454,8 @@ def validate(opts):
     if not 0.0 <= opts.add_random_retrieval <= 1.0:
         raise flag_error("--add_random_retrieval", f"must be a fraction in [0, 1], got {opts.add_random_retrieval}",
                          "pass e.g. 0.2")
-    for name in ["temperature_score", "temperature_gold", "grpo_temperature", "grpo_retriever_temperature"]:
+    for name in ["temperature_score", "temperature_gold", "grpo_temperature", "grpo_retriever_temperature",
+                 "grpo_retriever_target_temperature"]:
         if not getattr(opts, name) > 0:
             raise flag_error(f"--{name}", "must be > 0", "pass a positive temperature")
     if not 0 < opts.grpo_top_p <= 1:
@@ -490,18 +501,20 @@ def validate(opts):
     if opts.grpo_train_retriever and opts.train_retriever:
         raise flag_error("--grpo_train_retriever", "and --train_retriever are two retriever objectives",
                          "pick one: GRPO (--grpo_train_retriever) or LAPDOG's KL to the gold scores (--train_retriever)")
-    if opts.retriever_signal == "knowledge":
+    if opts.retriever_signal != "reply":
+        sig = opts.retriever_signal
         if not retriever_trained(opts):
-            raise flag_error("--retriever_signal", "knowledge changes how the retriever learns, but no retriever is "
+            raise flag_error("--retriever_signal", f"{sig} changes how the retriever learns, but no retriever is "
                              "trained", "add --train_retriever (LAPDOG) or --grpo_train_retriever, or drop the flag")
-        if opts.train_retriever and opts.gold_score_mode in ("emdr", "emdr_seq"):
-            raise flag_error("--retriever_signal", f"knowledge leaves chit-chat examples out of LAPDOG's KL to the gold "
+        token_level = ("emdr",) if sig == "evidence" else ("emdr", "emdr_seq")
+        if opts.train_retriever and opts.gold_score_mode in token_level:
+            raise flag_error("--retriever_signal", f"{sig} leaves chit-chat examples out of LAPDOG's KL to the gold "
                              f"scores; --gold_score_mode {opts.gold_score_mode} fits no KL",
                              "use a KL gold-score mode such as ppmean, or --retriever_signal reply")
-        if opts.grpo_train_retriever and opts.grpo_retriever_estimator != "pool":
-            raise flag_error("--retriever_signal", f"knowledge scores stories by their greedy replies, which only the "
-                             f"pool estimator draws (got --grpo_retriever_estimator {opts.grpo_retriever_estimator})",
-                             "use --grpo_retriever_estimator pool")
+        if opts.grpo_train_retriever and opts.grpo_retriever_estimator not in ("pool", "posterior"):
+            raise flag_error("--retriever_signal", f"{sig} scores every pool story, which only the pool estimators "
+                             f"use (got --grpo_retriever_estimator {opts.grpo_retriever_estimator})",
+                             "use --grpo_retriever_estimator pool or posterior")
     if opts.use_grpo and opts.grpo_group_size < 2:
         raise flag_error("--grpo_group_size", f"must be >= 2, got {opts.grpo_group_size} (a group of one has no spread)",
                          "pass 2 or more, e.g. 4")

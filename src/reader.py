@@ -184,6 +184,33 @@ class FiDReader(torch.nn.Module):
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return labels.to(self.device)
 
+    def word_mask(self, targets, words, max_length):
+        """[B, T] bool over ``tokenize_targets(targets, max_length)``: True at the tokens of the
+        space-separated words of ``targets[i]`` that are in ``words[i]`` (a word's pieces all
+        count). The fact tokens whose likelihood is the retriever's evidence signal."""
+        if len(targets) != len(words):
+            raise ValueError(f"{len(targets)} targets but {len(words)} word lists")
+        if not self.tokenizer.is_fast:
+            raise ValueError("word_mask needs a fast tokenizer (character offsets of each token)")
+        texts = clip_for_tokenizer(list(targets), max_length)
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding="longest",
+                             return_offsets_mapping=True)
+        mask = torch.zeros(len(texts), len(enc["input_ids"][0]), dtype=torch.bool)
+        for i, (text, offsets, wanted) in enumerate(zip(texts, enc["offset_mapping"], words)):
+            wanted = set(wanted)
+            if not wanted:
+                continue
+            for t, (start, end) in enumerate(offsets):
+                if end > start:
+                    left = text.rfind(" ", 0, start) + 1
+                    right = text.find(" ", start)
+                    mask[i, t] = text[left:len(text) if right < 0 else right] in wanted
+        return mask.to(self.device)
+
+    def label_nll(self, input_ids, attention_mask, labels):
+        """``(nll [B, T] float32, 0 at ignored positions; valid [B, T] bool)`` of ``labels``."""
+        return self._label_nll(input_ids, attention_mask, labels)
+
     def decode(self, ids):
         """[B, T] ids (or list of lists) -> B strings; special tokens skipped, spaces untouched."""
         if torch.is_tensor(ids):

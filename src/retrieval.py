@@ -29,7 +29,7 @@ class StoryRetrieval:
         self.schedule = RefreshSchedule.parse(opts.refresh_index)
         self.posterior = PosteriorStories(passages) if opts.posterior_passages else None
         self.fact_swap = self.knowledge = None
-        knowledge = getattr(opts, "retriever_signal", "reply") == "knowledge"
+        knowledge = getattr(opts, "retriever_signal", "reply") in ("knowledge", "evidence")
         if opts.posterior_fact_swap > 0 or knowledge:
             texts = [" ".join([ex["question"], *ex["answers"]]) for ex in dialogues]
         if opts.posterior_fact_swap > 0:

@@ -77,6 +77,6 @@ def test_joint_pool_rewards_are_knowledge_recall_of_the_greedy_replies(tiny_mode
     # the fact example's 3 stories: one reply with every fact, one with none, one with the first
     replies = ["i am good , thanks"] * 3 + [" ".join(facts), "no idea", facts[0]]
     monkeypatch.setattr(type(reader), "generate_text", lambda self, ids, mask, **kw: replies[:ids.shape[0]])
-    r = model._pool_greedy_rewards(b)
+    r = model._pool_rewards(b)
     expected = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0 / len(facts)]])
     torch.testing.assert_close(r, expected)

@@ -63,6 +63,12 @@ def test_seed_metric_scale_factors_string():
     (GRPO + ["--grpo_train_retriever", "--retriever_signal", "knowledge", "--grpo_retriever_estimator", "rloo"],
      "--retriever_signal"),
     (BASE + ["--train_retriever", "--gold_score_mode", "emdr", "--retriever_signal", "knowledge"], "--retriever_signal"),
+    (BASE + ["--retriever_signal", "evidence"], "--retriever_signal"),
+    (GRPO + ["--grpo_train_retriever", "--retriever_signal", "evidence", "--grpo_retriever_estimator", "rloo"],
+     "--retriever_signal"),
+    (BASE + ["--train_retriever", "--gold_score_mode", "emdr", "--retriever_signal", "evidence"], "--retriever_signal"),
+    (GRPO + ["--grpo_train_retriever", "--grpo_retriever_estimator", "posterior",
+             "--grpo_retriever_target_temperature", "0"], "--grpo_retriever_target_temperature"),
     (BASE + ["--precision", "fp64"], "command line"),
     (BASE + ["--no_such_flag"], "command line"),
 ])

@@ -42,7 +42,7 @@ def test_only_the_query_side_moves(tiny_models, monkeypatch, kind, flags):
     model.train()
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5]))
     # the pool estimator scores every pool story by its greedy reply: distinct rewards, so it has a signal
-    monkeypatch.setattr(LapdogModel, "_pool_greedy_rewards",
+    monkeypatch.setattr(LapdogModel, "_pool_rewards",
                         lambda self, b: torch.arange(float(len(b.passages) * len(b.passages[0]))).view(len(b.passages), -1))
     _, _, stories = sample_data()
     examples = examples_with_story("train", 2)
