@@ -554,8 +554,6 @@ def pool_posterior_loss(pool_logp, old_pool_logp, ref_pool_logp, rewards, beta, 
     old = old_pool_logp.detach().to(pool_logp.dtype)
     usable = old > float("-inf")
     r = torch.where(usable, rewards.detach().to(pool_logp.dtype), torch.zeros_like(old))
-    # rewards shifted by their row max: exp never overflows, and the shift cancels in the softmax
-    r = r - torch.where(usable, r, torch.full_like(r, float("-inf"))).amax(dim=-1, keepdim=True).clamp(min=-1e30)
     target = torch.softmax(torch.where(usable, old + r / beta, old), dim=-1)
     safe_logp = torch.where(usable, pool_logp, torch.zeros_like(pool_logp))
     loss = -(target * safe_logp).sum(dim=-1).mean()

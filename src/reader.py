@@ -207,10 +207,6 @@ class FiDReader(torch.nn.Module):
                     mask[i, t] = text[left:len(text) if right < 0 else right] in wanted
         return mask.to(self.device)
 
-    def label_nll(self, input_ids, attention_mask, labels):
-        """``(nll [B, T] float32, 0 at ignored positions; valid [B, T] bool)`` of ``labels``."""
-        return self._label_nll(input_ids, attention_mask, labels)
-
     def decode(self, ids):
         """[B, T] ids (or list of lists) -> B strings; special tokens skipped, spaces untouched."""
         if torch.is_tensor(ids):
@@ -236,15 +232,15 @@ class FiDReader(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels (-100 = ignore) -> the mean token NLL over the
         non-ignored label tokens (a 0-d tensor; transformers' CE loss, without the logits)."""
-        nll, valid = self._label_nll(input_ids, attention_mask, labels)
+        nll, valid = self.label_nll(input_ids, attention_mask, labels)
         return nll.sum() / valid.sum()
 
     def loss_per_example(self, input_ids, attention_mask, labels):
         """[B, N, L] inputs, [B, T] labels -> [B] mean token NLL of each example's labels."""
-        nll, valid = self._label_nll(input_ids, attention_mask, labels)
+        nll, valid = self.label_nll(input_ids, attention_mask, labels)
         return nll.sum(1) / valid.sum(1).clamp(min=1)
 
-    def _label_nll(self, input_ids, attention_mask, labels):
+    def label_nll(self, input_ids, attention_mask, labels):
         """``(nll [B, T] float32, 0 at ignored positions; valid [B, T] bool)``."""
         hidden, mask = self.encode(input_ids, attention_mask)
         logp = self._teacher_forced_logprobs(hidden, mask, labels, source_ids=self.source_ids(input_ids))
