@@ -407,12 +407,6 @@ class LapdogModel(nn.Module):
                                                         rollout["contexts"])
         # A story's reward is the mean of its G replies' rewards; advantages across the k stories.
         story_reward = rollout["gen"]["rewards"].view(-1, k, o.grpo_group_size).mean(-1)
-        if o.grpo_retriever_estimator == "rloo":
-            # Unbiased for ∇E_{j~π}[R(j)] (README, "Joint GRPO"): i.i.d. draws, leave-one-out baseline.
-            ret_adv = grpo.leave_one_out_advantages(story_reward)
-            ret_zero = story_reward.std(-1) < 1e-6
-        else:  # the biased heuristic, kept for ablations: top-k draws scored as single draws
-            ret_adv, ret_zero = grpo.group_advantages(story_reward)
         loss = gen_loss
         if train_retriever and o.grpo_retriever_estimator in ("pool", "posterior"):
             pool_r = rollout["pool_rewards"]
@@ -433,14 +427,21 @@ class LapdogModel(nn.Module):
                           "reward/pool_std": pool_r.std(-1).mean().item(),
                           "reward/pool_mean": pool_r.mean().item()})
             stats.update(_relevance_stats(b, rollout["idx"], pool_r))
-        elif train_retriever:
+        elif train_retriever:  # the drawn stories' rewards, compared with each other (k >= 2)
+            if o.grpo_retriever_estimator == "rloo":
+                # Unbiased for ∇E_{j~π}[R(j)] (README, "Joint GRPO"): i.i.d. draws, leave-one-out baseline.
+                ret_adv = grpo.leave_one_out_advantages(story_reward)
+                ret_zero = story_reward.std(-1) < 1e-6
+            else:  # the biased heuristic, kept for ablations: top-k draws scored as single draws
+                ret_adv, ret_zero = grpo.group_advantages(story_reward)
             ret_loss, rstats = grpo.retriever_policy_loss(pool_logp, rollout["old_sampled_logp"], rollout["ref_pool_logp"],
                                                           rollout["idx"], ret_adv, o.grpo_clip_epsilon,
                                                           o.grpo_retriever_kl_coeff)
             loss = loss + ret_loss
             stats.update({"loss/retriever": ret_loss.item(), "kl/retriever": float(rstats["kl"]),
                           "grpo/retriever_clip_frac": float(rstats["clip_frac"])})
-        stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
+        if train_retriever:
+            stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
         stats["reward/story_std"] = story_reward.std(-1).mean().item() if k > 1 else 0.0
         if "retrieval/relevant_drawn" not in stats:
             stats.update(_relevance_stats(b, rollout["idx"]))

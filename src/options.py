@@ -520,8 +520,12 @@ def validate(opts):
                          "pass 2 or more, e.g. 4")
     if opts.grpo_train_retriever:
         k, m = opts.grpo_retriever_group_size, opts.grpo_retriever_pool_size
-        if k < 2:
-            raise flag_error("--grpo_retriever_group_size", f"must be >= 2, got {k}", "pass 2 or more, e.g. 4")
+        # The pool estimators learn from every pool story's reward, so one drawn story (the reader's
+        # input) is enough; rloo and topk_heuristic compare the drawn stories with each other.
+        if k < 1 or (k < 2 and opts.grpo_retriever_estimator in ("rloo", "topk_heuristic")):
+            raise flag_error("--grpo_retriever_group_size", f"must be >= 2 for --grpo_retriever_estimator "
+                             f"{opts.grpo_retriever_estimator} (its stories are compared with each other), and >= 1 "
+                             f"for pool and posterior; got {k}", "pass 2 or more, e.g. 4")
         if k > m:
             raise flag_error("--grpo_retriever_group_size", f"k={k} is larger than --grpo_retriever_pool_size M={m}",
                              "sample at most M stories: raise the pool size or lower k")

@@ -133,10 +133,11 @@ def _evidence_batch(reader, retriever, opts):
     return make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, retriever, opts, random.Random(0), "cpu")
 
 
-def test_joint_posterior_estimator_learns_from_the_evidence(tiny_models, monkeypatch):
+@pytest.mark.parametrize("k", [1, 2])  # k = 1: one drawn story is the reader's input, the pool is the retriever's
+def test_joint_posterior_estimator_learns_from_the_evidence(tiny_models, monkeypatch, k):
     reader, retriever = load_models(tiny_models)
     opts = make_opts("--reader_rl_learning", "--use_grpo", "--grpo_train_retriever", "--grpo_retriever_pool_size", "3",
-                     "--grpo_retriever_group_size", "2", "--retriever_signal", "evidence",
+                     "--grpo_retriever_group_size", str(k), "--retriever_signal", "evidence",
                      "--grpo_retriever_estimator", "posterior", "--grpo_retriever_kl_coeff", "0")
     model = LapdogModel(reader, retriever, opts, ref_reader=load_models(tiny_models)[0],
                         ref_retriever=load_models(tiny_models)[1])
@@ -150,6 +151,8 @@ def test_joint_posterior_estimator_learns_from_the_evidence(tiny_models, monkeyp
     loss.backward()
     assert "grpo/retriever_moved" in stats and stats["grpo/retriever_moved"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in retriever.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in reader.parameters())  # the generator's GRPO
+    assert stats["reward/story_std"] >= 0 and len(model.samples) == k * len(b.queries) * opts.grpo_group_size
 
 
 def test_lapdog_with_evidence_fits_the_evidence_only_where_the_target_has_facts(tiny_models, monkeypatch):

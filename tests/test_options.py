@@ -45,7 +45,10 @@ def test_seed_metric_scale_factors_string():
 
 @pytest.mark.parametrize("argv, flag", [
     (GRPO + ["--grpo_group_size", "1"], "--grpo_group_size"),
-    (GRPO + ["--grpo_train_retriever", "--grpo_retriever_group_size", "1"], "--grpo_retriever_group_size"),
+    (GRPO + ["--grpo_train_retriever", "--grpo_retriever_group_size", "1", "--grpo_retriever_estimator", "rloo"],
+     "--grpo_retriever_group_size"),
+    (GRPO + ["--grpo_train_retriever", "--grpo_retriever_group_size", "0", "--grpo_retriever_estimator", "posterior"],
+     "--grpo_retriever_group_size"),
     (GRPO + ["--grpo_train_retriever", "--grpo_retriever_group_size", "8", "--grpo_retriever_pool_size", "4"],
      "--grpo_retriever_group_size"),
     (BASE + ["--use_grpo"], "--use_grpo"),
