@@ -12,7 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
 PY="$root/.venv/bin/python"
-: "${SEED:=0}" "${S1_STEPS:=600}" "${S2_STEPS:=100}" "${S1_BS:=16}" "${S2_BS:=16}" "${NPROC:=1}"
+: "${SEED:=0}" "${S1_STEPS:=600}" "${S2_STEPS:=100}" "${S1_BS:=16}" "${S2_BS:=32}" "${NPROC:=1}"
 : "${OUT:=runs/quickstart-seed$SEED}" "${EVAL_N:=198}" "${TEXT_MAXLEN:=192}"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
 DATA=data/sample
@@ -57,7 +57,7 @@ launch train.py "${STAGE2[@]}" "${READS[@]}" --name=quickstart_lapdog --checkpoi
 echo "== (c) joint GRPO ($S2_STEPS steps)"
 launch train.py "${STAGE2[@]}" --name=quickstart_joint_grpo --checkpoint_dir="$OUT/joint_grpo" --lr=1e-4 \
   --reader_rl_learning --use_grpo --grpo_group_size=4 --grpo_temperature=0.7 --grpo_kl_coeff=0.02 \
-  --grpo_train_retriever "${RETRIEVER[@]}" --grpo_retriever_pool_size=32 --grpo_retriever_group_size=2 \
+  --grpo_train_retriever "${RETRIEVER[@]}" --grpo_retriever_pool_size=32 --grpo_retriever_group_size=1 \
   --grpo_retriever_temperature=0.05 --grpo_retriever_estimator=posterior --grpo_retriever_target_temperature=3 \
   --grpo_retriever_kl_coeff=0.001
 

@@ -1,15 +1,19 @@
 """The quickstart's table and its last stdout line, from the evaluation logs in OUT.
 
     python scripts/quickstart_summary.py OUT [--seconds N]
+    python scripts/quickstart_summary.py --across runs/quickstart-seed*   # several seeds' OUTs
 
 Reads OUT/eval_{before,control,lapdog,joint_grpo}.log (evaluate.py's stdout; its last line is one
-JSON object keyed by eval set) and prints a table, then one JSON object
-{"before": {...}, "control": {...}, "lapdog": {...}, "joint_grpo": {...}} as the last line.
+JSON object keyed by eval set) and prints a table, whether the project's bar is met (``acceptance``),
+then one JSON object {"before": {...}, "control": {...}, "lapdog": {...}, "joint_grpo": {...}} as
+the last line. ``--across`` prints, for several output folders, the mean ± std table and one row per
+folder (Markdown, as in the README's Results) with the bar checked on each.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 ARMS = ["before", "control", "lapdog", "joint_grpo"]
@@ -37,16 +41,64 @@ def table(rows):
     return "\n".join(lines)
 
 
+def acceptance(rows):
+    """The criteria of the project's bar (issue "Stage 2 learns") that ``rows`` misses; [] when met."""
+    j, c, lap, b = rows["joint_grpo"], rows["control"], rows["lapdog"], rows["before"]
+    checks = [(j["recall@1"] >= 20, f"joint_grpo recall@1 {j['recall@1']} < 20"),
+              (j["recall@5"] >= 45, f"joint_grpo recall@5 {j['recall@5']} < 45"),
+              (j["f1"] >= c["f1"] + 1.0, f"joint_grpo f1 {j['f1']} < control's {c['f1']} + 1"),
+              (j["reward"] >= c["reward"], f"joint_grpo reward {j['reward']} < control's {c['reward']}"),
+              (j["dist1"] >= c["dist1"] / 2, f"joint_grpo dist1 {j['dist1']} < half the control's {c['dist1']}"),
+              (lap["recall@1"] >= b["recall@1"] + 5, f"lapdog recall@1 {lap['recall@1']} < before's {b['recall@1']} + 5")]
+    return [why for ok, why in checks if not ok]
+
+
+NAMES = {"recall@1": "recall@1 (%)", "recall@5": "recall@5 (%)", "f1": "F1", "bleu": "BLEU", "rougeL": "ROUGE-L",
+         "reward": "reward", "dist1": "Distinct-1"}
+
+
+def across(outs):
+    """Markdown: mean ± std over the folders, then one row per folder with the bar checked."""
+    runs = [summary(out) for out in outs]
+    digits = {"reward": 3}
+    lines = ["| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
+    for k in KEYS:
+        d = digits.get(k, 2)
+        cells = []
+        for arm in ARMS:
+            vals = [r[arm][k] for r in runs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.{d}f} ± {sd:.{d}f}")
+        lines.append(f"| {NAMES[k]} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | " + " | ".join(ARMS) + " | bar |", "|---|" + "---|" * (len(ARMS) + 1)]
+    short = ["recall@1", "recall@5", "f1", "reward", "dist1"]
+    for out, r in zip(outs, runs):
+        cells = [" / ".join(f"{r[arm][k]:.3f}" if k == "reward" else f"{r[arm][k]:.1f}" for k in short) for arm in ARMS]
+        missed = acceptance(r)
+        lines.append(f"| {os.path.basename(os.path.normpath(out))} | " + " | ".join(cells) + " | "
+                     + ("met" if not missed else "missed: " + "; ".join(missed)) + " |")
+    lines.append(f"\n(per run: {' / '.join(short)}; bar met on {sum(not acceptance(r) for r in runs)} of {len(runs)})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="the quickstart's output folder")
+    p.add_argument("out", nargs="?", help="the quickstart's output folder")
     p.add_argument("--seconds", type=int, default=None, help="wall time to report (default: not reported)")
+    p.add_argument("--across", nargs="+", metavar="OUT", help="several output folders (e.g. seeds): tables over them")
     a = p.parse_args(argv)
+    if a.across:
+        print(across(a.across))
+        return 0
+    if a.out is None:
+        p.error("give the quickstart's output folder, or --across OUT [OUT ...]")
     rows = summary(a.out)
     print("\n== quickstart summary (data/sample/valid.jsonl; recall over examples with a relevant story)")
     print(table(rows))
     if a.seconds is not None:
         print(f"wall time {a.seconds // 60} min {a.seconds % 60} s; curves: {os.path.join(a.out, 'curves.png')}")
+    missed = acceptance(rows)
+    print("project bar (README, Results): " + ("met" if not missed else "missed: " + "; ".join(missed)))
     print(json.dumps(rows))
     return 0
 

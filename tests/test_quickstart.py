@@ -11,7 +11,7 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_quickstart_tiny_budget(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "qs"), S1_STEPS="4", S2_STEPS="2", EVAL_N="8", TEXT_MAXLEN="96",
+    env = dict(os.environ, OUT=str(tmp_path / "qs"), S1_STEPS="4", S2_STEPS="2", S2_BS="8", EVAL_N="8", TEXT_MAXLEN="96",
                WANDB_MODE="offline", OMP_NUM_THREADS="1")
     p = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
