@@ -5,7 +5,9 @@
 
 RUN_DIR is a ``--checkpoint_dir`` of train.py (or a ``metrics.jsonl`` path). Without ``--keys``
 the figure has one panel per key group that at least one run logged: reader / retriever loss,
-mean reward, reward spread (``reward/std``, ``reward/story_std``), KL to the references, GRPO clip
+mean reward, reward spread (``reward/std``, ``reward/story_std``), the story rewards' spread over the
+pool and the relevant story's gap above its mean, how often the relevant story is in the pool and
+drawn, KL to the references, GRPO clip
 and zero-std fractions, gradient norms, and per eval set F1, BLEU, ROUGE-L, Distinct-1/2,
 greedy reward, eval loss and recall@k. ``--keys`` takes metric names or shell patterns
 (``'eval/*/f1'``, ``'*'`` for everything) and gives each matching key its own panel.
@@ -41,6 +43,10 @@ TRAIN_PANELS = [
     ("retriever loss", ["loss/retriever"], "loss", False),
     ("reward (mean over samples)", ["reward/mean"], "reward", False),
     ("reward spread", ["reward/std", "reward/story_std"], "std", False),
+    # Joint GRPO's pool: the spread of the story rewards (nats with --retriever_signal evidence) and
+    # how far the relevant story stands above the pool mean; then how often it is in the pool and drawn.
+    ("story reward over the pool", ["reward/pool_std", "retrieval/relevant_reward_gap"], "reward", False),
+    ("relevant story in training", ["retrieval/relevant_in_pool", "retrieval/relevant_drawn"], "share", False),
     ("KL to the frozen references", ["kl/reader", "kl/retriever"], "KL (k3 / exact)", False),
     ("GRPO fractions", ["grpo/clip_frac", "grpo/frac_zero_std"], "fraction", False),
     ("gradient norm (before clipping)", ["grad_norm/reader", "grad_norm/retriever"], "L2 norm", True),

@@ -442,7 +442,8 @@ class LapdogModel(nn.Module):
                           "grpo/retriever_clip_frac": float(rstats["clip_frac"])})
         if train_retriever:
             stats["grpo/retriever_frac_zero_std"] = ret_zero.float().mean().item()
-        stats["reward/story_std"] = story_reward.std(-1).mean().item() if k > 1 else 0.0
+        if k > 1:  # one draw per query has no spread to report
+            stats["reward/story_std"] = story_reward.std(-1).mean().item()
         if "retrieval/relevant_drawn" not in stats:
             stats.update(_relevance_stats(b, rollout["idx"]))
         return loss, rollout

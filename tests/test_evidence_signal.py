@@ -152,7 +152,7 @@ def test_joint_posterior_estimator_learns_from_the_evidence(tiny_models, monkeyp
     assert "grpo/retriever_moved" in stats and stats["grpo/retriever_moved"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in retriever.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in reader.parameters())  # the generator's GRPO
-    assert stats["reward/story_std"] >= 0 and len(model.samples) == k * len(b.queries) * opts.grpo_group_size
+    assert ("reward/story_std" in stats) == (k > 1) and len(model.samples) == k * len(b.queries) * opts.grpo_group_size
 
 
 def test_lapdog_with_evidence_fits_the_evidence_only_where_the_target_has_facts(tiny_models, monkeypatch):

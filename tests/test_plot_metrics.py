@@ -40,11 +40,13 @@ def test_moving_average_by_hand():
 
 
 def test_select_panels_defaults_drop_missing_groups_and_find_eval_sets():
-    keys = {"loss/reader", "reward/mean", "reward/story_std", "kl/retriever", "lr/reader",
+    keys = {"loss/reader", "reward/mean", "reward/story_std", "kl/retriever", "lr/reader", "reward/pool_std",
             "eval/valid/f1", "eval/valid/recall@1", "eval/valid/recall@5", "eval/test/dist1"}
     panels = {t: k for t, k, _, _ in pm.select_panels(keys)}
     assert panels["reader loss (CE, or the GRPO surrogate)"] == ["loss/reader"]
     assert panels["reward spread"] == ["reward/story_std"]
+    assert panels["story reward over the pool"] == ["reward/pool_std"]
+    assert "relevant story in training" not in panels  # no key of that group was logged
     assert panels["KL to the frozen references"] == ["kl/retriever"]
     assert panels["eval valid: recall of the relevant story"] == ["eval/valid/recall@1", "eval/valid/recall@5"]
     assert panels["eval test: Distinct-1/2"] == ["eval/test/dist1"]
