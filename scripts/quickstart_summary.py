@@ -72,12 +72,14 @@ def across(outs):
         lines.append(f"| {NAMES[k]} | " + " | ".join(cells) + " |")
     lines += ["", "| run | " + " | ".join(ARMS) + " | bar |", "|---|" + "---|" * (len(ARMS) + 1)]
     short = ["recall@1", "recall@5", "f1", "reward", "dist1"]
+    met = 0
     for out, r in zip(outs, runs):
         cells = [" / ".join(f"{r[arm][k]:.3f}" if k == "reward" else f"{r[arm][k]:.1f}" for k in short) for arm in ARMS]
         missed = acceptance(r)
+        met += not missed
         lines.append(f"| {os.path.basename(os.path.normpath(out))} | " + " | ".join(cells) + " | "
                      + ("met" if not missed else "missed: " + "; ".join(missed)) + " |")
-    lines.append(f"\n(per run: {' / '.join(short)}; bar met on {sum(not acceptance(r) for r in runs)} of {len(runs)})")
+    lines.append(f"\n(per run: {' / '.join(short)}; bar met on {met} of {len(runs)})")
     return "\n".join(lines)
 
 

@@ -266,7 +266,6 @@ def top1_story_reward(reader, retriever, passages):
                           [ex["answers"][0] for ex in valid], make_opts("--text_maxlength", "192")).mean().item()
 
 
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_lapdog_stage2_raises_held_out_recall_and_reward(sample_vocab_reader_dir, minilm_path, seed):
     """LAPDOG stage 2 end to end as train.py runs it (the quickstart's (b) flags, reader fixed):
@@ -278,18 +277,21 @@ def test_lapdog_stage2_raises_held_out_recall_and_reward(sample_vocab_reader_dir
 
     Measured, seeds 0 / 1 / 2, from 0.029 / 0.212 (recall@1 / @5), after; reward control -> trained:
     1 thread 0.453 / 0.737, 0.439 -> 0.546; 0.438 / 0.803, 0.457 -> 0.544; 0.511 / 0.766, 0.422 -> 0.527;
-    2 threads 0.423 / 0.745, 0.473 -> 0.589; 0.577 / 0.796, 0.459 -> 0.583; 0.401 / 0.737, 0.393 -> 0.527.
-    Asserted: the mean of the two recalls up by > 0.2 (the smallest gain was 0.448), recall@1 by > 0.15
-    (smallest 0.372), the reward by > 0.04 (smallest 0.087). With 16 queries per step, seed 2 at
-    2 threads did not move (0.029 / 0.190 after)."""
+    2 threads 0.438 / 0.796, 0.473 -> 0.568; 0.423 / 0.628, 0.459 -> 0.518; 0.540 / 0.825, 0.393 -> 0.537.
+    Asserted: the mean of the two recalls up by > 0.2 (the smallest gain was 0.405), recall@1 by > 0.15
+    (smallest 0.394), the reward by > 0.04 (smallest 0.059). With 16 queries per step, seed 2 at
+    2 threads did not move (0.029 / 0.190 after). The 1-thread runs followed the evidence test in
+    the same process, the 2-thread ones ran alone; seed 1 at 2 threads after the evidence test gave
+    0.496 / 0.635, 0.459 -> 0.552 (repeat runs of either order reproduce themselves; what state
+    carries over is not identified, the margins hold on both)."""
     from src.distributed import DistInfo
     from src.retrieval import StoryRetrieval
     from src.retriever import Retriever
     from test_objectives import frozen_copy
 
+    reader = copying_reader(sample_vocab_reader_dir, seed)  # before seeding: cached or not, the same RNG state after
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    reader = copying_reader(sample_vocab_reader_dir, seed)
     train, valid, stories = sample_data()
     opts = make_opts("--train_retriever", "--fix_reader", "--query_side_retriever_training", "--retriever_signal",
                      "evidence", "--gold_score_mode", "emdr_seq", "--temperature_gold", "3", "--temperature_score",
