@@ -7,7 +7,7 @@ Dist-1/2, length ratio, n) and the commonly reported implementations (rouge-scor
 with and without Porter stemming; nltk corpus BLEU-1/2/4, smoothing method1, whitespace
 tokens). With --json the last line of stdout is both blocks as one line of JSON (LAPDOG keys
 unprefixed, the others prefixed ``rs_`` / ``nltk_``).
-Definitions: src/metrics.py. Bad input: ``error: PATH:LINE: ...`` and exit 2.
+Definitions: src/evaluation/metrics.py. Bad input: ``error: PATH:LINE: ...`` and exit 2.
 """
 
 import argparse
@@ -18,55 +18,8 @@ import sys
 # Runnable from any directory: the package lives next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from src.errors import UsageError, data_error  # noqa: E402
-from src.metrics import compute_metrics, compute_standard_metrics  # noqa: E402
-
-_LINE_FIX = ('each line must be one JSON object like '
-             '{"generation": "...", "answers": ["..."]} (evaluate.py --write_results writes this)')
-
-
-def _reference(record, path, lineno):
-    if "answers" in record:
-        answers = record["answers"]
-        if not isinstance(answers, list) or not answers or not isinstance(answers[0], str):
-            raise data_error(path, lineno, "'answers' is not a non-empty list of strings", _LINE_FIX)
-        return answers[0]
-    if "answer" in record:
-        if not isinstance(record["answer"], str):
-            raise data_error(path, lineno, "'answer' is not a string", _LINE_FIX)
-        return record["answer"]
-    raise data_error(path, lineno, "no 'answers' (or 'answer') field", _LINE_FIX)
-
-
-def read_results(path: str) -> tuple[list[str], list[str]]:
-    """(generations, references) from a results jsonl; blank lines are skipped."""
-    if not os.path.exists(path):
-        raise data_error(path, None, "file not found", "check the path of the results file")
-    if os.path.isdir(path):
-        raise data_error(path, None, "is a directory", "pass the results .jsonl file inside it")
-    generations, references = [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise data_error(path, lineno, f"invalid JSON ({exc.msg})", _LINE_FIX) from None
-                if not isinstance(record, dict):
-                    raise data_error(path, lineno, "line is not a JSON object", _LINE_FIX)
-                if not isinstance(record.get("generation"), str):
-                    raise data_error(path, lineno, "missing or non-string 'generation'", _LINE_FIX)
-                generations.append(record["generation"])
-                references.append(_reference(record, path, lineno))
-    except UnicodeDecodeError:
-        raise data_error(path, None, "not UTF-8 text", "pass the .jsonl written by evaluate.py") from None
-    except OSError as exc:
-        raise data_error(path, None, f"cannot read ({exc.strerror})", "check the file's permissions") from None
-    if not generations:
-        raise data_error(path, None, "no results in the file", "run evaluate.py with --write_results first")
-    return generations, references
+from src.evaluation.results import read_results, results_metrics  # noqa: E402
+from src.infra.errors import UsageError  # noqa: E402
 
 
 def format_table(m: dict) -> str:
@@ -94,12 +47,6 @@ def format_standard_table(m: dict) -> str:
     lines.append("(RS = rouge-score 0.1.2, F x100, averaged per example; nltk = corpus_bleu, "
                  "whitespace tokens, SmoothingFunction().method1)")
     return "\n".join(lines)
-
-
-def results_metrics(generations: list[str], references: list[str]) -> dict:
-    """Both blocks in one dict (the --json object); the key sets do not overlap."""
-    return {**compute_metrics(generations, references),
-            **compute_standard_metrics(generations, references)}
 
 
 def main(argv=None) -> int:

@@ -15,17 +15,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from src.infra import interrupt  # noqa: E402
 
-from src import checkpoint, distributed, options  # noqa: E402
-from src import exits, preflight, safety  # noqa: E402
-from src.data import load_dialogues, load_passages  # noqa: E402
-from src.errors import flag_error  # noqa: E402
-from src.evaluation import evaluate, output_paths  # noqa: E402
-from src.lapdog import LapdogModel  # noqa: E402
-from src.metrics import format_metrics  # noqa: E402
-from src.reader import FiDReader  # noqa: E402
-from src.retrieval import StoryRetrieval  # noqa: E402
-from src.retriever import Retriever  # noqa: E402
+if __name__ == "__main__":
+    interrupt.quiet_start()  # Ctrl-C while torch loads: one line, not a traceback from an import
+
+from src.cli import options, preflight  # noqa: E402
+from src.data.dialogues import load_dialogues, load_passages  # noqa: E402
+from src.evaluation.generation import evaluate, unused_output_paths  # noqa: E402
+from src.evaluation.metrics import format_metrics  # noqa: E402
+from src.infra import distributed, exits, safety  # noqa: E402
+from src.infra.errors import flag_error  # noqa: E402
+from src.infra.tracking import EarlyLines  # noqa: E402
+from src.model.lapdog import LapdogModel  # noqa: E402
+from src.model.reader import FiDReader  # noqa: E402
+from src.model.retriever import Retriever  # noqa: E402
+from src.retrieval.stories import StoryRetrieval  # noqa: E402
+from src.run import checkpoint  # noqa: E402
 
 
 def layered_options(argv):
@@ -37,10 +43,7 @@ def layered_options(argv):
     model_path = os.path.realpath(cli.model_path)
     checkpoint.check_model_path(model_path)
     saved = checkpoint.load_options(model_path)
-    merged = vars(cli)
-    for key, value in saved.items():
-        if key in merged and key not in explicit and key not in options.NOT_INHERITED:
-            merged[key] = value
+    options.layer_checkpoint_options(cli, explicit, saved)
     if "passages" in explicit and "closed_book" not in explicit:
         # Evaluating a closed-book (stage-1) reader with retrieval: the stories given here win.
         cli.closed_book = False
@@ -48,6 +51,7 @@ def layered_options(argv):
     preflight.check_options(opts)
     opts.model_path = model_path
     opts.trained_with_retrieval = saved.get("closed_book") is False
+    opts.trained_query_side = bool(saved.get("query_side_retriever_training")) and opts.trained_with_retrieval
     return opts, explicit
 
 
@@ -59,7 +63,36 @@ def output_dir(opts, explicit):
     return os.path.dirname(opts.model_path)
 
 
+def passage_side(opts, has_retriever):
+    """The folder of the encoder that embeds the stories, or None for the retriever itself.
+
+    A query-side-trained checkpoint (--query_side_retriever_training) embeds them with its frozen
+    passage_retriever/: its trained retriever/ is only the query side, and embedding stories with
+    it scores them against the wrong encoder (silently worse retrieval)."""
+    if opts.passage_retriever_path:
+        return opts.passage_retriever_path
+    untied = os.path.join(opts.model_path, "passage_retriever")
+    if has_retriever and os.path.isdir(untied):
+        return untied
+    if has_retriever and opts.trained_query_side and not opts.closed_book:
+        raise flag_error("--model_path", f"'{opts.model_path}' was trained query-side "
+                         "(--query_side_retriever_training) but has no passage_retriever/ folder: its retriever/ "
+                         "is the query side only", "restore passage_retriever/ (a copy of the retriever the run "
+                         f"started from: {opts.retriever_model_path}), or pass --passage_retriever_path DIR")
+    return None
+
+
 def main(argv=None):
+    interrupt.stop_by_exception()  # Ctrl-C / SIGTERM: one line
+    warnings = EarlyLines().install()  # the data and evaluation warnings, on stderr
+    try:
+        return evaluate_main(argv)
+    finally:
+        warnings.uninstall()
+        interrupt.restore()
+
+
+def evaluate_main(argv):
     opts, explicit = layered_options(argv)
     if not opts.eval_data:
         raise flag_error("--eval_data", "is required", "pass one or more dialogue jsonl files")
@@ -71,6 +104,7 @@ def main(argv=None):
             and "retriever_model_path" not in explicit:
         raise flag_error("--model_path", f"'{opts.model_path}' was trained with retrieval but has no retriever/ "
                          "folder", "restore it, or pass --retriever_model_path to evaluate with another retriever")
+    passage_path = passage_side(opts, has_retriever)
     info = distributed.init_distributed(opts.local_rank, opts.dist_timeout)
     options.validate_for_device(opts, info.device.type)
     names = preflight.eval_names(opts.eval_data)
@@ -91,18 +125,28 @@ def main(argv=None):
             retriever = Retriever.from_pretrained(path)
             if not has_retriever and info.is_main:
                 print(f"retriever: {path} (the checkpoint has no retriever/)")
-    safety.check_loaded_weights({"reader": reader, "retriever": retriever}, opts.model_path)
+    passages_encoder = None
+    if passages is not None and passage_path:
+        with checkpoint.reading_models(passage_path):
+            passages_encoder = Retriever.from_pretrained(passage_path)
+        if info.is_main and opts.passage_retriever_path:
+            print(f"stories embedded by {passage_path} (--passage_retriever_path)")
+    safety.check_loaded_weights({"reader": reader, "retriever": retriever, "passage_retriever": passages_encoder},
+                                opts.model_path)
     model = LapdogModel(reader, retriever, opts).to(info.device).eval()
     retrieval = None
     if passages is not None:
         retrieval = StoryRetrieval(passages, opts, info)
         # A query-side-trained checkpoint embeds stories with its frozen passage side.
-        untied = os.path.join(opts.model_path, "passage_retriever")
-        retrieval.build(Retriever.from_pretrained(untied) if has_retriever and os.path.isdir(untied) else retriever)
+        with checkpoint.reading_index(opts.load_index_path):
+            retrieval.build(passages_encoder or retriever)
     all_metrics = {}
     sources = {os.path.splitext(os.path.basename(p))[0]: p for p in opts.eval_data}
     for name, exs in evals.items():
-        path, metrics_path = output_paths(output_dir(opts, explicit), step, name)
+        # tagged `evaluate`, numbered past any existing one: never over train.py's in-loop files or
+        # an earlier evaluation (rank 0 decides; every rank uses its choice)
+        path, metrics_path = distributed.broadcast_object(
+            unused_output_paths(output_dir(opts, explicit), step, name) if info.is_main else None)
         path = path if opts.write_results else None
         metrics = evaluate(model, retrieval, exs, opts, info, results_path=path, desc=f"eval {name}",
                            metrics_path=metrics_path,

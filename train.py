@@ -10,49 +10,39 @@ A step is one optimizer update everywhere (--total_steps, --warmup_steps, --eval
 """
 
 import contextlib
-import copy
-import dataclasses
-import math
 import os
 import random
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from src.infra import interrupt  # noqa: E402
+
+if __name__ == "__main__":
+    interrupt.quiet_start()  # Ctrl-C while torch loads: one line, not a traceback from an import
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from src import checkpoint, distributed, grpo, options, provenance  # noqa: E402
-from src import exits, interrupt, preflight, reference, resume, safety  # noqa: E402
-from src.data import ShardedSampler, load_dialogues, load_passages, pick_answer  # noqa: E402
-from src.errors import flag_error  # noqa: E402
-from src.evaluation import evaluate, output_paths  # noqa: E402
-from src.lapdog import Batch, LapdogModel, make_batch, rollout_reply_tokens, training_kind  # noqa: E402
-from src.model_card import write_model_cards  # noqa: E402
-from src.reader import FiDReader  # noqa: E402
-from src.retrieval import StoryRetrieval  # noqa: E402
-from src.retriever import Retriever  # noqa: E402
-from src.tracking import StatWindow, Tracker, peak_memory_mb  # noqa: E402
-
-
-def lr_multiplier(step, warmup, total, kind):
-    """Learning-rate factor for the update that follows `step` completed updates.
-
-    Warmup is linear from 1/warmup to 1 (the first update already moves); with warmup >= total
-    the rate simply stays in warmup. Then linear decay to 0 at `total`, cosine, or constant.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "fixed":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    progress = min(max(progress, 0.0), 1.0)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+from src.cli import options, preflight  # noqa: E402
+from src.data.dialogues import load_dialogues, load_passages  # noqa: E402
+from src.data.sampler import ShardedSampler  # noqa: E402
+from src.evaluation.generation import evaluate, output_paths  # noqa: E402
+from src.infra import distributed, exits, provenance, safety  # noqa: E402
+from src.infra.errors import UsageError, flag_error  # noqa: E402
+from src.infra.lock import RunLock  # noqa: E402
+from src.infra.tracking import EarlyLines, StatWindow, Tracker, peak_memory_mb  # noqa: E402
+from src.model.lapdog import LapdogModel  # noqa: E402
+from src.objectives.schedule import retriever_trained  # noqa: E402
+from src.retrieval.stories import StoryRetrieval  # noqa: E402
+from src.run import checkpoint, resume  # noqa: E402
+from src.run.early_stopping import EarlyStopping  # noqa: E402
+from src.run.model_card import write_model_cards  # noqa: E402
+from src.run.models import load_models, passage_encoder, reference_models  # noqa: E402
+from src.run.optim import make_optimizers, optimizer_state  # noqa: E402
+from src.run.step import StepRun, draw_batch, resumed_batch, train_step  # noqa: E402
 
 
 def load_data(opts, info):
@@ -63,110 +53,6 @@ def load_data(opts, info):
         evals[name] = exs[: opts.max_eval_examples]
     passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
     return train, evals, passages
-
-
-def load_models(opts, resume_path):
-    """(reader, retriever, where from). `latest` in --checkpoint_dir wins over --model_path."""
-    retriever = None
-    if resume_path:
-        reader_path, src_ret = os.path.join(resume_path, "reader"), os.path.join(resume_path, "retriever")
-        origin = f"resumed from {resume_path}"
-    elif opts.model_path:
-        checkpoint.check_model_path(opts.model_path)
-        reader_path = os.path.join(opts.model_path, "reader")
-        src_ret = None if opts.load_reader_weights_only else os.path.join(opts.model_path, "retriever")
-        origin = f"started from {opts.model_path}"
-    else:
-        reader_path, src_ret, origin = opts.reader_model_type, None, f"new run from {opts.reader_model_type}"
-    new_reader = not (resume_path or opts.model_path)  # a checkpoint's reader keeps its own config
-    reader = FiDReader.from_pretrained(reader_path, dropout=opts.dropout,
-                                       gradient_checkpointing=opts.use_gradient_checkpoint_reader,
-                                       pointer_generator=opts.pointer_generator and new_reader)
-    if not opts.closed_book:
-        path = src_ret if src_ret and os.path.isdir(src_ret) else opts.retriever_model_path
-        retriever = Retriever.from_pretrained(path, gradient_checkpointing=opts.use_gradient_checkpoint_retriever)
-    return reader, retriever, origin
-
-
-def reference_models(opts, reader, retriever, info, resumed=False, taken_from="", log=print):
-    """Frozen copies taken when stage 2 starts; saved once under {checkpoint_dir}/reference/
-    with what they were taken from (src/reference.py)."""
-    if not opts.use_grpo:
-        return None, None
-    ref_dir = os.path.join(opts.checkpoint_dir, "reference")
-    need_ret = opts.grpo_train_retriever
-    current = None if resumed else reference.fingerprints(reader, retriever if need_ret else None)
-    reuse, note = reference.decide(ref_dir, taken_from, current, resumed)
-    if note:
-        log(note)
-    if reuse:
-        ref_reader = FiDReader.from_pretrained(os.path.join(ref_dir, "reader"))
-        ref_ret = Retriever.from_pretrained(os.path.join(ref_dir, "retriever")) if need_ret else None
-    else:
-        ref_reader = copy.deepcopy(reader)
-        ref_ret = copy.deepcopy(retriever) if need_ret else None
-        distributed.barrier()  # every rank has decided before rank 0 replaces the folder
-        if info.is_main:
-            reference.clear(ref_dir)
-            ref_reader.save_pretrained(os.path.join(ref_dir, "reader"))
-            if ref_ret is not None:
-                ref_ret.save_pretrained(os.path.join(ref_dir, "retriever"))
-            checkpoint.make_readable(ref_dir)
-            reference.mark_complete(ref_dir, taken_from, current)
-        distributed.barrier()
-    for m in (ref_reader, ref_ret):
-        if m is not None:
-            m.to(info.device).eval().requires_grad_(False)
-    return ref_reader, ref_ret
-
-
-def passage_encoder(opts, resume_path, retriever, info):
-    """--query_side_retriever_training: the frozen passage side of the untied retriever, or None.
-
-    It is the retriever as this run started: on resume, and when --model_path is a checkpoint
-    that was itself trained query-side, the saved passage_retriever/; else a copy of the retriever
-    before any update. Saved in every step-N (evaluate.py embeds the corpus with it).
-    """
-    if retriever is None or not opts.query_side_retriever_training:
-        return None
-    source = resume_path or (None if opts.load_reader_weights_only else opts.model_path)
-    saved = os.path.join(source, "passage_retriever") if source else None
-    frozen = Retriever.from_pretrained(saved) if saved and os.path.isdir(saved) else copy.deepcopy(retriever)
-    return frozen.to(info.device).eval().requires_grad_(False)
-
-
-def make_optimizer(params, lr, opts):
-    params = [p for p in params if p.requires_grad]
-    # fused: one kernel per parameter on CPU and CUDA (4x faster than foreach on CPU here);
-    # foreach (multi-tensor, still no Python loop) on other devices.
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    kwargs = dict(lr=lr, weight_decay=opts.weight_decay, betas=(0.9, opts.beta2), eps=opts.epsilon,
-                  **({"fused": True} if fused else {"foreach": True}))
-    if opts.shard_optim and distributed.is_distributed():
-        from fairscale.optim.oss import OSS
-        opt = OSS(params, optim=torch.optim.AdamW, **kwargs)
-    else:
-        opt = torch.optim.AdamW(params, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_multiplier(s, opts.warmup_steps, opts.scheduler_steps or opts.total_steps, opts.scheduler))
-    return opt, sched
-
-
-def optimizer_state(opt):
-    if hasattr(opt, "consolidate_state_dict"):  # fairscale OSS: every rank takes part
-        opt.consolidate_state_dict(recipient_rank=0)
-        return opt.state_dict() if distributed.is_distributed() and torch.distributed.get_rank() == 0 else {}
-    return opt.state_dict()
-
-
-def clip_and_norm(opt, params, max_norm):
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    limit = max_norm if max_norm > 0 else float("inf")
-    if hasattr(opt, "clip_grad_norm"):
-        return float(opt.clip_grad_norm(limit))
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, rollout_state=None):
@@ -190,180 +76,13 @@ def save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, ro
                  "optimizers": states, "schedulers": {n: s.state_dict() for n, s in scheds.items()},
                  "world": info.world, "rollout_iteration": rollout_state["iteration"] if rollout_state else 0}
         checkpoint.write_main(tmp, models, options.to_json_dict(opts), state)
-        write_model_cards(tmp, options.to_json_dict(opts), step, tracker.eval_at(step))
+        with checkpoint.writing(tmp):
+            write_model_cards(tmp, options.to_json_dict(opts), step, tracker.eval_at(step))
         path = checkpoint.commit_save(opts.checkpoint_dir, step)
         tracker.info(f"saved {path}")
         for old in checkpoint.prune(opts.checkpoint_dir, opts.keep_checkpoints):
             tracker.info(f"removed {old} (--keep_checkpoints {opts.keep_checkpoints})")
     distributed.barrier()
-
-
-def uses_dapo(opts, kind):
-    """dapo's loss on a GRPO objective: rollouts drawn before any loss, TRL's token divisor."""
-    return kind in ("grpo", "grpo_joint") and opts.grpo_loss_type == "dapo"
-
-
-@torch.no_grad()
-def sample_rollouts(model, kind, micro, autocast, step):
-    """dapo: draw every micro-batch's rollout before any loss, so the step's token count is known
-    first (TRL counts the whole generation batch). The unwrapped model, no gradient: nothing for
-    DDP to reduce. Returns (rollouts, their statistics averaged over the micro-batches)."""
-    rollouts, stats_sum = [], {}
-    model.sampling_pass = True
-    try:
-        for b in micro:
-            with autocast:
-                _, stats, rollout = model(kind, b, None, step=step)
-            rollouts.append(rollout)
-            samples = stats.pop("_samples", None)
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro)
-            if samples:
-                stats_sum["_samples"] = samples
-    finally:
-        model.sampling_pass = False
-    return rollouts, stats_sum
-
-
-def dapo_normalizer(rollouts, info):
-    """TRL's dapo divisor: the reply tokens of the whole accumulated batch over all processes
-    (one all-reduce per batch of rollouts), spread over micro-batches and processes."""
-    local = sum(rollout_reply_tokens(r) for r in rollouts).to(info.device, torch.float64)
-    return grpo.dapo_normalizer(distributed.all_reduce_sum(local).item(), len(rollouts), info.world)
-
-
-@dataclasses.dataclass
-class StepBatch:
-    """The micro-batches of --grpo_num_iterations (μ) updates: drawn for the first, then reused,
-    with the GRPO rollouts the first update drew (or dapo's sampling pass before it)."""
-    kind: str                   # the objective (training_kind at the step it was drawn for)
-    micro: list                 # accumulation_steps Batch
-    rollouts: list              # one per micro-batch, None until drawn
-    done: int = 0               # updates tried with it; a skipped (non-finite) one counts
-    sampled: dict = dataclasses.field(default_factory=dict)  # dapo sampling pass: stats of its first update
-    t_retrieval: float = 0.0    # seconds spent drawing it, logged with its first applied update
-    normalizer: float | None = None  # dapo's token divisor, computed before its first update
-
-    def reuse_state(self, mu):
-        """What a checkpoint saved now needs to finish this batch's updates on resume (the
-        micro-batches, rollouts and updates done), or None when they are all done."""
-        return {"micro": self.micro, "rollouts": self.rollouts, "iteration": self.done} if self.done < mu else None
-
-
-def draw_batch(run, step, train, sampler, data_rng, retrieval):
-    """A new StepBatch for update `step`: accumulation_steps micro-batches (their retrieval
-    included) and, with dapo, every micro-batch's rollout."""
-    opts, model = run.opts, run.model
-    kind = training_kind(opts, step)
-    t_retrieval = time.perf_counter()
-    micro = []
-    for _ in range(opts.accumulation_steps):
-        exs = [train[i] for i in sampler.next_batch()]
-        answers = [pick_answer(ex, data_rng) for ex in exs]
-        micro.append(make_batch(exs, answers, model.reader, retrieval, model.retriever, opts, data_rng,
-                                run.info.device, step=step))
-    batch = StepBatch(kind, micro, [None] * len(micro), t_retrieval=time.perf_counter() - t_retrieval)
-    if uses_dapo(opts, kind):
-        batch.rollouts, batch.sampled = sample_rollouts(model, kind, micro, run.autocast, step)
-    return batch
-
-
-def resumed_batch(opts, resume_path, state, info, tracker):
-    """The StepBatch a checkpoint was saved part-way through (μ > 1), to finish its reuse
-    updates first; None when it was saved between batches."""
-    done = int(state.get("rollout_iteration", 0))
-    if not done:
-        return None
-    if state.get("world") != info.world:  # the same test on every rank: all start a new batch
-        tracker.info(f"the checkpoint was saved after {done} of a batch's --grpo_num_iterations updates by "
-                     f"{state.get('world')} process(es); with {info.world} this run draws a new batch instead")
-        return None
-    saved = checkpoint.to_device(checkpoint.load_rank_rollout(resume_path, info.rank), info.device)
-    return StepBatch(training_kind(opts, int(state["step"])), [Batch(b) for b in saved["micro"]],
-                     saved["rollouts"], done=int(saved["iteration"]))
-
-
-@dataclasses.dataclass
-class StepRun:
-    """What train_step needs: the model (and its DDP wrapper), optimizers, schedulers, precision,
-    the non-finite guard, the Ctrl-C flag and the tracker."""
-    opts: object
-    info: object
-    model: LapdogModel
-    wrapped: torch.nn.Module
-    optims: dict
-    scheds: dict
-    autocast: object
-    scaler: object
-    guard: safety.StepGuard
-    stopper: interrupt.StopOnInterrupt
-    tracker: Tracker
-
-
-@dataclasses.dataclass
-class StepResult:
-    stats: dict                 # the update's statistics (averaged over micro-batches)
-    samples: list               # sample rows of its last micro-batch (or of dapo's sampling pass)
-    applied: bool               # False: skipped as non-finite (weights, optimizers, step unchanged)
-    stop: bool                  # some rank was asked to stop (Ctrl-C)
-
-
-def train_step(run, batch, step):
-    """One optimizer update, the one after `step` completed updates, with `batch`'s micro-batches:
-    gradient accumulation (DDP syncs on the last), the rollouts drawn or reused, gradient
-    clipping, the non-finite guard, then the optimizer and scheduler steps."""
-    opts, info, model, optims, scaler = run.opts, run.info, run.model, run.optims, run.scaler
-    if uses_dapo(opts, batch.kind):
-        if batch.normalizer is None:
-            batch.normalizer = dapo_normalizer(batch.rollouts, info)
-        model.token_normalizer = batch.normalizer
-    batch.done += 1
-    for o in optims.values():
-        o.zero_grad(set_to_none=True)
-    stats, n = {}, len(batch.micro)
-    for i, b in enumerate(batch.micro):
-        last = i == n - 1
-        sync = contextlib.nullcontext() if last or not info.distributed else run.wrapped.no_sync()
-        with sync:
-            with run.autocast:
-                loss, micro_stats, batch.rollouts[i] = run.wrapped(batch.kind, b, batch.rollouts[i], step=step)
-            loss = loss / n
-            (scaler.scale(loss) if scaler else loss).backward()
-        samples = model.samples
-        for k, v in micro_stats.items():
-            stats[k] = stats.get(k, 0.0) + v / n
-    # dapo's sampling pass: its reward and sampling statistics belong to this (first) update
-    samples = batch.sampled.pop("_samples", samples)
-    for k, v in batch.sampled.items():
-        stats[k] = stats.get(k, 0.0) + v if k.startswith("time/") else stats.get(k, v)
-    batch.sampled = {}
-    if scaler:
-        for o in optims.values():
-            scaler.unscale_(o)
-    for name in ("reader", "retriever"):
-        if name in optims:
-            stats[f"grad_norm/{name}"] = clip_and_norm(optims[name], getattr(model, name).parameters(), opts.clip)
-    # fp16: GradScaler skips steps with inf gradients by design; only the loss is checked.
-    applied, stop = run.guard.check(step, stats, run.stopper.requested, info.device, check_grads=not scaler)
-    if not applied:
-        g = run.guard
-        run.tracker.warning(f"step {step + 1}: {g.last}, update skipped ({g.consecutive} in a row, {g.skipped} in this run)")
-        for o in optims.values():
-            o.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.update()
-        return StepResult(stats, samples, False, stop)
-    stats.update(run.guard.log_values())
-    for name, o in optims.items():
-        if name == "retriever" and options.retriever_frozen_at(opts, step):
-            continue
-        scaler.step(o) if scaler else o.step()
-    if scaler:
-        scaler.update()
-    for s in run.scheds.values():
-        s.step()
-    stats["time/retrieval"], batch.t_retrieval = batch.t_retrieval, 0.0
-    return StepResult(stats, samples, True, stop)
 
 
 def log_window(window, step, samples, scheds, sampler, info, tracker):
@@ -391,16 +110,6 @@ def run_evaluations(opts, info, model, retrieval, evals, step, tracker):
             tracker.info(f"wrote {path}")
     tracker.log(step, results)
     return results
-
-
-def make_optimizers(opts, reader, retriever, train_retriever):
-    """({name: optimizer}, {name: scheduler}) of the trained parts, reader first."""
-    optims, scheds = {}, {}
-    if not opts.fix_reader:
-        optims["reader"], scheds["reader"] = make_optimizer(reader.parameters(), opts.lr, opts)
-    if train_retriever:
-        optims["retriever"], scheds["retriever"] = make_optimizer(retriever.parameters(), opts.lr_retriever, opts)
-    return optims, scheds
 
 
 def restore(opts, info, resume_path, optims, scheds, sampler, data_rng, tracker):
@@ -432,16 +141,31 @@ def precision(opts, info):
     return autocast, torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
 
 
-def stop_interrupted(tracker, message):
+def stop_interrupted(tracker, signal_name, message):
     tracker.close(exit_code=interrupt.EXIT_INTERRUPTED)
-    raise interrupt.Interrupted(f"Ctrl-C: {message}; the same command resumes")
+    raise interrupt.Interrupted(f"{signal_name}: {message}; the same command resumes")
 
 
 def main(argv=None):
+    interrupt.stop_by_exception()  # Ctrl-C / SIGTERM before the loop: one line, the lock given back
+    exits.note_log(None)
+    early_lines = EarlyLines().install()  # warnings from before run.log exists (the data) go into it later
+    try:
+        return _main(argv, early_lines)
+    finally:
+        early_lines.uninstall()
+        exits.note_log(None)
+        interrupt.restore()
+
+
+def _main(argv, early_lines):
     opts, _ = options.parse(argv)
     options.validate(opts)
     if opts.retrieve_only:
         raise flag_error("--retrieve_only", "is an evaluation mode", "run evaluate.py --retrieve_only --model_path ...")
+    if opts.passage_retriever_path:
+        raise flag_error("--passage_retriever_path", "is an evaluation option",
+                         "drop it (training takes the frozen passage side from the run or --model_path)")
     preflight.check_options(opts)
     opts.run_info = provenance.run_info(sys.argv[1:] if argv is None else argv)  # into options.json
     if not opts.train_data:
@@ -454,30 +178,71 @@ def main(argv=None):
     exits.note_output(opts.checkpoint_dir)
     train, evals, passages = load_data(opts, info)  # validated before anything is trained
     preflight.check_corpus(opts, passages)
+    # the contents of the data files, so that a resume can tell other data from the same
+    opts.run_info["data"] = distributed.broadcast_object(resume.data_fingerprints(opts) if info.is_main else None)
 
-    # Every check that needs no model runs before the first file is written.
-    resume_path, notes = checkpoint.resolve_resume(opts.checkpoint_dir, clean=info.is_main)
+    # One writer per folder: rank 0 takes the lock before anything is written there.
+    lock = RunLock(opts.checkpoint_dir) if info.is_main else None
+    failure, lock_notes = None, []
+    try:
+        lock_notes = lock.acquire() if lock else []
+    except Exception as exc:  # refused, or the folder cannot be created: every rank stops
+        failure = exc
+    refused = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if refused:
+        raise UsageError(f"--checkpoint_dir: rank 0 could not take {opts.checkpoint_dir}'s lock ({refused}) — "
+                         "see rank 0's line")
+    try:
+        return train_run(opts, info, train, evals, passages, lock_notes, early_lines)
+    except BaseException as exc:
+        exits.log_failure(exc)  # the line that ends the run, in its run.log too
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_run(opts, info, train, evals, passages, notes, early_lines):
+    # Every check that needs no model runs before the first file is written (the lock aside,
+    # which is given back with the folder it created when a check fails).
+    resume_path, resume_notes = checkpoint.resolve_resume(opts.checkpoint_dir, clean=info.is_main)
+    notes = notes + resume_notes
     if resume_path:
         notes += resume.compare(checkpoint.load_options(resume_path), opts, resume_path, info.world,
                                 opts.allow_option_changes)
-        if info.is_main and resume.drop_rows_after(opts.checkpoint_dir, int(os.path.basename(resume_path)[5:])):
-            notes.append(f"dropped metrics/samples rows logged after {os.path.basename(resume_path)} by the earlier run")
     elif opts.model_path:
         checkpoint.check_model_path(opts.model_path)
-    os.makedirs(opts.checkpoint_dir, exist_ok=True)
-    tracker = Tracker(opts.checkpoint_dir, opts.name, options.to_json_dict(opts), rank=info.rank,
-                      use_wandb=opts.use_wandb, wandb_project=opts.wandb_project,
-                      wandb_entity=opts.wandb_entity, wandb_run_name=opts.wandb_run_name or opts.name)
-    random.seed(opts.seed + info.rank)
+    random.seed(opts.seed + info.rank)  # before the models: a new copy head is initialized from torch's RNG
     np.random.seed(opts.seed + info.rank)
     torch.manual_seed(opts.seed + info.rank)
-
-    for note in notes:
-        tracker.info(note)
     weights_from = resume_path or opts.model_path or opts.reader_model_type
     with checkpoint.reading_models(weights_from):
         reader, retriever, origin = load_models(opts, resume_path)
     safety.check_loaded_weights({"reader": reader, "retriever": retriever}, weights_from)
+    if resume_path and info.is_main and resume.drop_rows_after(opts.checkpoint_dir,
+                                                                int(os.path.basename(resume_path)[5:])):
+        notes.append(f"dropped metrics/samples rows logged after {os.path.basename(resume_path)} by the earlier run")
+    os.makedirs(opts.checkpoint_dir, exist_ok=True)
+    seeded = checkpoint.rng_state()  # whatever W&B draws while it starts, training draws the same numbers
+    tracker = Tracker(opts.checkpoint_dir, opts.name, options.to_json_dict(opts), rank=info.rank,
+                      use_wandb=opts.use_wandb, wandb_project=opts.wandb_project,
+                      wandb_entity=opts.wandb_entity, wandb_run_name=opts.wandb_run_name or opts.name,
+                      earlier=early_lines.take())
+    checkpoint.set_rng_state(seeded)
+    try:
+        return train_loop(opts, info, train, evals, passages, notes, tracker, resume_path, reader, retriever,
+                          origin, weights_from)
+    except BaseException as exc:
+        tracker.close(exit_code=exits.describe(exc)[1] if exits.describe(exc) else 1)
+        raise
+
+
+def train_loop(opts, info, train, evals, passages, notes, tracker, resume_path, reader, retriever, origin,
+               weights_from):
+    for note in notes:
+        tracker.info(note)
     tracker.info(f"{origin}; {info.world} process(es) on {info.device}; {len(train)} training examples"
                  + ("" if passages is None else f", {len(passages)} stories"))
     for line in options.warnings(opts):
@@ -486,7 +251,7 @@ def main(argv=None):
                                                  taken_from=weights_from, log=tracker.info)
     frozen_passages = passage_encoder(opts, resume_path, retriever, info)
     model = LapdogModel(reader, retriever, opts, ref_reader, ref_retriever, frozen_passages).to(info.device)
-    train_retriever = options.retriever_trained(opts)
+    train_retriever = retriever_trained(opts)
     if retriever is not None and not train_retriever:
         retriever.requires_grad_(False)
     if opts.fix_reader:
@@ -502,7 +267,8 @@ def main(argv=None):
     retrieval = None
     if passages is not None:
         retrieval = StoryRetrieval(passages, opts, info, dialogues=train)
-        seconds = retrieval.build(retriever if frozen_passages is None else frozen_passages)
+        with checkpoint.reading_index(opts.load_index_path):
+            seconds = retrieval.build(retriever if frozen_passages is None else frozen_passages)
         tracker.info(f"index over {len(passages)} stories built in {seconds:.1f}s")
     autocast, scaler = precision(opts, info)
     if step >= opts.total_steps:
@@ -511,17 +277,24 @@ def main(argv=None):
     mu = opts.grpo_num_iterations if opts.use_grpo else 1
     run = StepRun(opts, info, model, wrapped, optims, scheds, autocast, scaler,
                   safety.StepGuard(opts.max_nonfinite_steps), interrupt.StopOnInterrupt().install(), tracker)
+    first_eval = next(iter(preflight.eval_names(opts.eval_data)), None)
+    early = EarlyStopping(opts.early_stopping_metric, opts.early_stopping_patience, first_eval)
+    early.replay(distributed.broadcast_object(tracker.eval_history() if info.is_main else None))
+    if early.should_stop():
+        tracker.info(f"stopped early before: {early.describe()}")
     tracker.start_progress(step, opts.total_steps)
     model.train()
 
-    while step < opts.total_steps:
+    while step < opts.total_steps and not early.should_stop():
         if batch is None or batch.done >= mu:  # a batch serves μ updates (GRPO rollout reuse)
             batch = draw_batch(run, step, train, sampler, data_rng, retrieval)
         result = train_step(run, batch, step)
+        batch = batch.after(result)
         if not result.applied:
             if result.stop:
                 save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker)
-                stop_interrupted(tracker, f"stopped at step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
+                stop_interrupted(tracker, run.stopper.signal,
+                                 f"stopped at step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
             continue
         step += 1
         tracker.advance(step)
@@ -530,14 +303,23 @@ def main(argv=None):
             log_window(window, step, result.samples, scheds, sampler, info, tracker)
         if retrieval is not None and retrieval.should_refresh(step):
             tracker.log(step, {"time/index_refresh": retrieval.build(retriever, allow_load=False)})
+        improved = False
         if opts.eval_freq and step % opts.eval_freq == 0 and evals:
             model.eval()
-            run_evaluations(opts, info, model, retrieval, evals, step, tracker)
+            with tracker.not_training(), window.paused():  # s/step, ETA and examples/s count training only
+                improved, _ = early.update(step, run_evaluations(opts, info, model, retrieval, evals, step, tracker))
             model.train()
-        if (opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or result.stop:
+        if ((opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or result.stop
+                or (opts.early_stopping_patience and (improved or early.should_stop()))):
             save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, batch.reuse_state(mu))
+        if improved and opts.early_stopping_patience and info.is_main:
+            checkpoint.mark_best(opts.checkpoint_dir, step)
+        if early.should_stop():
+            tracker.info(f"stopping early at step {step}: {early.describe()}; best: "
+                         f"{checkpoint.checkpoint_root(opts.checkpoint_dir)}/best -> step-{early.best_step}")
         if result.stop:
-            stop_interrupted(tracker, f"stopped after step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
+            stop_interrupted(tracker, run.stopper.signal,
+                             f"stopped after step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
     run.stopper.uninstall()
     tracker.finish(step, opts.total_steps)
     tracker.close()
@@ -545,9 +327,5 @@ def main(argv=None):
     return 0
 
 
-def entry(main_fn, argv=None):
-    return exits.run(main_fn, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry(main))
+    sys.exit(exits.run(main))

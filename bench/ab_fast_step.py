@@ -23,13 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from src.errors import entry, flag_error  # noqa: E402
+from src.infra import exits  # noqa: E402
+from src.infra.errors import flag_error  # noqa: E402
 
 # Run inside the checkout being timed, so its own src/ and bench/ are imported.
 CHILD = """
-import json, sys, tempfile, torch
+import json, sys, tempfile, torch  # noqa: E402
 sys.path.insert(0, '.')
-from bench import grpo_step as g
+from bench import grpo_step as g  # noqa: E402
 steps, warmup, shape = int(sys.argv[1]), int(sys.argv[2]), [int(x) for x in sys.argv[3:8]]
 with tempfile.TemporaryDirectory() as tmp:
     models = g.resolve_models(sys.argv[8] if len(sys.argv) > 8 else None, tmp)
@@ -104,4 +105,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(entry(main))
+    sys.exit(exits.run(main))

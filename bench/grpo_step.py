@@ -1,4 +1,4 @@
-"""Joint GRPO step benchmark: the batched step of src/lapdog.py against a naive per-sample loop.
+"""Joint GRPO step benchmark: the batched step of src/model/lapdog.py against a naive per-sample loop.
 
 Fast side: exactly what train.py runs for ``--use_grpo --grpo_train_retriever`` —
 ``LapdogModel.forward("grpo_joint", batch)`` + backward + gradient clipping + one AdamW step for
@@ -17,9 +17,9 @@ then for every reply separately a full encoder + decoder forward with gradient (
 and one without (reference log-probs). The per-reply losses are summed into one graph and
 backpropagated once; the optimizer part is the same as on the fast side.
 
-Both compute the same objective (src/grpo.py's policy_loss with loss type "grpo" +
+Both compute the same objective (src/objectives/grpo.py's policy_loss with loss type "grpo" +
 retriever_policy_loss); the naive side writes the formulas out per sample instead of calling
-src/grpo.py. ``agreement`` proves it: it runs the fast forward once, feeds that rollout's samples
+src/objectives/grpo.py. ``agreement`` proves it: it runs the fast forward once, feeds that rollout's samples
 (sampled stories, replies) to the naive loss, and compares loss values, the KL terms, the mean
 reward and the gradients.
 
@@ -50,16 +50,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from src import grpo, options  # noqa: E402
-from src.data import (encoder_inputs, load_dialogues, load_passages, pick_answer,  # noqa: E402
-                      retriever_passage_text)
-from src.errors import entry, flag_error  # noqa: E402
-from src.tracking import timed  # noqa: E402
-from src.lapdog import LapdogModel, make_batch  # noqa: E402
-from src.reader import FiDReader, dropout_disabled  # noqa: E402
-from src.retrieval import StoryRetrieval  # noqa: E402
-from src.retriever import Retriever  # noqa: E402
-from src.rewards import grpo_reward, reward_options  # noqa: E402
+from src.cli import options  # noqa: E402
+from src.data.dialogues import load_dialogues, load_passages  # noqa: E402
+from src.data.prompts import encoder_inputs, pick_answer, retriever_passage_text  # noqa: E402
+from src.infra import exits  # noqa: E402
+from src.infra.errors import flag_error  # noqa: E402
+from src.infra.tracking import timed  # noqa: E402
+from src.model.build import build_all  # noqa: E402
+from src.model.lapdog import LapdogModel  # noqa: E402
+from src.model.reader import FiDReader, dropout_disabled  # noqa: E402
+from src.model.retriever import Retriever  # noqa: E402
+from src.objectives import retriever_losses  # noqa: E402
+from src.objectives.rewards import grpo_reward, reward_options  # noqa: E402
+from src.retrieval.stories import StoryRetrieval  # noqa: E402
+from src.run.batch import make_batch  # noqa: E402
+from src.run.optim import make_optimizer  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 PARTS = ("retriever", "sampling", "reward", "reference", "policy")
@@ -96,7 +101,6 @@ def load_lapdog(models, opts, device):
 
 def make_optimizers(model, opts):
     """AdamW for the reader (--lr) and the retriever (--lr_retriever): train.py's own make_optimizer."""
-    from train import make_optimizer
     return {"reader": make_optimizer(model.reader.parameters(), opts.lr, opts)[0],
             "retriever": make_optimizer(model.retriever.parameters(), opts.lr_retriever, opts)[0]}
 
@@ -203,7 +207,7 @@ def naive_grpo_joint(model, batch, stats, samples=None):
                     ref_pool_logp = _pool_logprobs(model, ref_retriever, batch.retrieval_queries[i],
                                                    batch.passages[i], tau)
                     if samples is None:
-                        chosen = grpo.sample_without_replacement(pool_logp.detach().unsqueeze(0), k)[0].tolist()
+                        chosen = retriever_losses.sample_without_replacement(pool_logp.detach().unsqueeze(0), k)[0].tolist()
                     else:
                         chosen = samples["idx"][i].tolist()
             story_rewards = []
@@ -265,7 +269,7 @@ def agreement(model, batch):
     zeroed. Returns a dict: loss_fast, loss_naive, |Δ|, the KL terms and mean reward of both, and
     grad_rel_diff = max|g_fast − g_naive| / max|g_fast| over all trained parameters."""
     model.zero_grad(set_to_none=True)
-    loss_fast, fstats, rollout = model("grpo_joint", batch)
+    loss_fast, fstats, rollout, _ = model("grpo_joint", batch)
     loss_fast.backward()
     g_fast = _grads(model)
     model.zero_grad(set_to_none=True)
@@ -294,7 +298,7 @@ def train_step(model, optims, batch, naive, device, step=0):
             if naive:
                 loss = naive_grpo_joint(model, batch, stats)
             else:
-                loss, fstats, _ = model("grpo_joint", batch, step=step)
+                loss, fstats, _, _ = model("grpo_joint", batch, step=step)
                 stats.update({k: v for k, v in fstats.items() if k.startswith(("time/", "kl/", "reward/mean"))})
         with timed(stats, "time/backward_optim", device):
             loss.backward()
@@ -390,7 +394,7 @@ def table(fast, naive, mem_fast, mem_naive, mem_kind):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Joint GRPO step: batched (src/lapdog.py) vs a naive per-sample loop")
+    p = argparse.ArgumentParser(description="Joint GRPO step: batched (src/model/lapdog.py) vs a naive per-sample loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=None,
                    help="folder with reader/ and retriever/ (scripts/build_small_models.py); default: build into a temp dir")
@@ -410,7 +414,6 @@ def build_parser():
 
 def resolve_models(path, tmp):
     if path is None:
-        from scripts.build_small_models import build_all
         return build_all(tmp)
     models = {"reader": os.path.join(path, "reader"), "retriever": os.path.join(path, "retriever")}
     for name, d in models.items():
@@ -468,4 +471,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(entry(main))
+    sys.exit(exits.run(main))

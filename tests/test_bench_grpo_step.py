@@ -1,5 +1,5 @@
 """bench/grpo_step.py: the naive per-sample joint GRPO loss computes the objective of the batched
-step (src/lapdog.py "grpo_joint") on one shared rollout, with tiny models."""
+step (src/model/lapdog.py "grpo_joint") on one shared rollout, with tiny models."""
 
 import importlib.util
 import json
@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-
-from conftest import ROOT
+from helpers import ROOT
 
 
 def _bench():
@@ -33,7 +32,7 @@ SHORT = ["--text_maxlength", "96", "--retriever_maxlength", "48"]
 def test_naive_loss_agrees_with_fast_step(tiny_models, monkeypatch):
     bench = _bench()
     monkeypatch.setattr(bench, "grpo_reward", fake_reward)
-    monkeypatch.setattr("src.lapdog.grpo_reward", fake_reward)
+    monkeypatch.setattr("src.model.lapdog.grpo_reward", fake_reward)
     # A large learning rate so that one update moves the policies well away from the references:
     # the KL terms (the only non-zero part of the loss value at ratio 1) are then far from 0.
     opts = bench.bench_options(tiny_models, **SIZES, extra=[*SHORT, "--lr", "0.02", "--lr_retriever", "0.02"])
@@ -86,7 +85,7 @@ def test_cli_json_last_line(tiny_models, capsys):
 
 def test_bad_models_folder_is_a_usage_error(tmp_path):
     bench = _bench()
-    from src.errors import UsageError
+    from src.infra.errors import UsageError
     with pytest.raises(UsageError, match="--models"):
         bench.main(["--models", str(tmp_path), "--device", "cpu"])
 
@@ -110,6 +109,6 @@ def test_ab_fast_step_times_two_checkouts(tiny_models, capsys):
 
 
 def test_ab_fast_step_refuses_a_folder_that_is_not_a_checkout(tmp_path):
-    from src.errors import UsageError
+    from src.infra.errors import UsageError
     with pytest.raises(UsageError, match="no bench/grpo_step.py"):
         _ab().main([ROOT, str(tmp_path)])

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, SAMPLE, run_script
 
-from scripts.build_small_models import build_reader, build_reader_tokenizer, main, tokenizer_stats
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from src.model.build import build_reader, build_reader_tokenizer, tokenizer_stats
 
 CONVAI2_STYLE = [
     "i am good , i just got off work and tired , i have two jobs .",
@@ -86,15 +85,13 @@ def test_build_end_to_end_from_other_cwd(tmp_path):
     assert h.shape[-1] == 384
 
 
-def test_bad_size_flag_is_usage_error(tmp_path):
-    from src.errors import UsageError
-
-    with pytest.raises(UsageError, match="--d_model"):
-        main(["--out", str(tmp_path), "--d_model", "0"])
+def test_bad_size_flag_is_one_error_line(tmp_path):
+    rc, _, err = run_script("scripts/build_small_models.py", "--out", tmp_path, "--d_model", "0")
+    assert rc == 2 and err.strip().startswith("error: --d_model: must be a positive integer")
 
 
 def test_seed_makes_build_deterministic(tok):
-    from scripts.build_small_models import build_reader
+    from src.model.build import build_reader
 
     a = build_reader(tok, seed=5, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
     b = build_reader(tok, seed=5, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8)
@@ -103,7 +100,7 @@ def test_seed_makes_build_deterministic(tok):
 
 
 def test_vocab_from_training_texts_keeps_their_tokenization(tok, tmp_path):
-    from scripts.build_small_models import jsonl_texts
+    from src.model.build import jsonl_texts
 
     sample = os.path.join(ROOT, "data", "sample")
     texts = jsonl_texts([os.path.join(sample, f) for f in ("train.jsonl", "valid.jsonl", "stories.jsonl")])
@@ -117,17 +114,23 @@ def test_vocab_from_training_texts_keeps_their_tokenization(tok, tmp_path):
     ids = small("zebra quokka", add_special_tokens=False)["input_ids"]
     assert small.unk_token_id not in ids and small.decode(ids) == "zebra quokka"
     assert small.convert_ids_to_tokens(small("<extra_id_0> hi")["input_ids"])[0] == "<extra_id_0>"
-def test_num_decoder_layers_defaults_to_num_layers():
-    from scripts.build_small_models import parse_args
+def test_num_decoder_layers_defaults_to_num_layers(tmp_path):
+    import json
 
-    assert parse_args(["--out", "x", "--num_layers", "2"]).num_decoder_layers == 2
-    assert parse_args(["--out", "x", "--num_layers", "2", "--num_decoder_layers", "3"]).num_decoder_layers == 3
+    for extra, decoder in (([], 2), (["--num_decoder_layers", "3"], 3)):
+        out = tmp_path / str(decoder)
+        rc, _, err = run_script("scripts/build_small_models.py", "--out", out, "--vocab_from",
+                                os.path.join(SAMPLE, "valid.jsonl"), "--d_model", "16", "--d_ff", "32", "--num_layers",
+                                "2", "--num_heads", "2", "--d_kv", "8", *extra)
+        assert rc == 0, err
+        config = json.loads((out / "reader" / "config.json").read_text())
+        assert (config["num_layers"], config["num_decoder_layers"]) == (2, decoder)
 
 
 def test_unequal_stacks_generate_and_sample(tok):
     """A reader with more decoder than encoder layers (transformers sizes a config-built cache by
     the encoder) greedy-decodes, beam-searches and samples like any other."""
-    from src.reader import FiDReader
+    from src.model.reader import FiDReader
 
     model = build_reader(tok, seed=1, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2, d_kv=8)
     reader = FiDReader(model.eval(), tok)

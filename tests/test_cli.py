@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-from conftest import ROOT
-from src import options, provenance
-from src.errors import UsageError
+from src.cli import options
+from src.infra import provenance
+from src.infra.errors import UsageError
 
 BASE = ["--train_data", "t.jsonl", "--passages", "p.jsonl"]
 
@@ -105,15 +106,23 @@ def test_config_yaml_and_json_command_line_wins(tmp_path):
     ("bad.yaml", "a: [1\n", "invalid YAML"),
     ("bad.json", "{'a': 1}", "invalid JSON"),
     ("bad.toml", "a = 1", "unknown config type"),
+    # a value of the wrong type or choice names the file and the key, not "command line"
+    ("bad.yaml", "text_maxlength: abc\n", "'text_maxlength' must be an integer, got 'abc'"),
+    ("bad.yaml", "lr: true\n", "'lr' must be a number, got True"),
+    ("bad.yaml", "eval_data: [a.jsonl, 3]\n", None),  # a list of names: fine (3 is a file name)
+    ("bad.json", '{"index_mode": "annoy"}', "'index_mode' must be one of flat, faiss, got 'annoy'"),
 ])
 def test_config_errors_are_one_line(tmp_path, name, text, message):
     path = write(tmp_path / name, text)
+    if message is None:
+        options.parse(["--config", path])
+        return
     with pytest.raises(UsageError) as exc:
         options.parse(["--config", path])
     msg = str(exc.value)
     assert msg.startswith(f"{path}: ") and message in msg and " — " in msg and "\n" not in msg
     with pytest.raises(UsageError, match="^command line: argument --index_mode: invalid choice"):
-        options.parse(["--config", write(tmp_path / "c.json", '{"index_mode": "annoy"}')])
+        options.parse(["--index_mode", "annoy"])  # typed: the command line is to blame
     with pytest.raises(UsageError, match="config file not found"):
         options.parse(["--config", str(tmp_path / "missing.yaml")])
 

@@ -5,15 +5,11 @@ import time
 import pytest
 import torch
 
-from src.data import (
+from src.data.dialogues import load_dialogues, load_passages
+from src.data.prompts import (
     DEFAULT_ENCODER_FORMAT,
     DEFAULT_RETRIEVER_FORMAT,
-    ShardedSampler,
     encoder_inputs,
-    eval_shard,
-    interleave_results,
-    load_dialogues,
-    load_passages,
     pick_answer,
     reader_query,
     reader_target,
@@ -22,7 +18,8 @@ from src.data import (
     retriever_passage_text,
     split_persona_context,
 )
-from src.errors import UsageError
+from src.data.sampler import ShardedSampler, eval_shard, interleave_results
+from src.infra.errors import UsageError
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            os.pardir, "shared", "data")
@@ -316,7 +313,7 @@ def test_real_files_load_fast():
 
 
 def test_batch_attribute_access_and_missing_attribute():
-    from src.lapdog import Batch
+    from src.run.batch import Batch
     b = Batch(queries=["q"], passages=None)
     assert b.queries == ["q"] and b.passages is None
     with pytest.raises(AttributeError, match="'labels'"):
@@ -326,8 +323,8 @@ def test_batch_attribute_access_and_missing_attribute():
 
 def test_index_and_objectives_embed_the_same_passage_text():
     """build_index formats stories through retriever_passage_text, like the objectives do."""
-    from src.data import retriever_passage_text
-    from src.index import build_index
+    from src.data.prompts import retriever_passage_text
+    from src.retrieval.index import build_index
 
     class Recorder:
         hidden_size = 2

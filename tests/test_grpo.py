@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from src import grpo
+from src.model import logprobs
+from src.objectives import grpo, retriever_losses
 
 LN2 = math.log(2.0)
 
@@ -82,10 +83,10 @@ def test_token_logprobs_hand_values():
     targets = torch.tensor([[2, 0]])
     # T=1: target 2 -> 3 − log(e + e² + e³) = 3 − log(30.192875) = 3 − 3.407606 = −0.407606
     # target 0 -> 1 − 3.407606 = −2.407606
-    close(grpo.token_logprobs(logits, targets), [[-0.407606, -2.407606]])
+    close(logprobs.token_logprobs(logits, targets), [[-0.407606, -2.407606]])
     # T=2: logits/2 = [0.5, 1, 1.5]; Σexp = 1.648721 + 2.718282 + 4.481689 = 8.848692,
     # log = 2.180269; target 2 -> 1.5 − 2.180269 = −0.680269, target 0 -> 0.5 − 2.180269
-    close(grpo.token_logprobs(logits, targets, 2.0), [[-0.680269, -1.680269]])
+    close(logprobs.token_logprobs(logits, targets, 2.0), [[-0.680269, -1.680269]])
 
 
 def test_token_logprobs_matches_log_softmax_and_tolerates_pad_ids():
@@ -93,35 +94,35 @@ def test_token_logprobs_matches_log_softmax_and_tolerates_pad_ids():
     logits = torch.randn(3, 4, 7, requires_grad=True)
     targets = torch.randint(0, 7, (3, 4))
     expected = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    out = grpo.token_logprobs(logits, targets, temperature=0.7)
+    out = logprobs.token_logprobs(logits, targets, temperature=0.7)
     close(out, expected.detach())
     out.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     padded = targets.clone()
     padded[:, -1] = -100  # HF's ignore id on masked positions must not crash the gather
-    out_pad = grpo.token_logprobs(logits.detach(), padded)
+    out_pad = logprobs.token_logprobs(logits.detach(), padded)
     assert torch.isfinite(out_pad).all()
     with pytest.raises(ValueError):
-        grpo.token_logprobs(logits, targets, temperature=0.0)
+        logprobs.token_logprobs(logits, targets, temperature=0.0)
 
 
 def test_token_logprobs_gradient_by_hand_and_against_autograd():
     # d logp / d logits = (onehot(target) − softmax) / T; softmax([1, 2, 3]) = [0.090031, 0.244728, 0.665241]
     logits = torch.tensor([[[1.0, 2.0, 3.0]]], requires_grad=True)
-    grpo.token_logprobs(logits, torch.tensor([[2]])).sum().backward()
+    logprobs.token_logprobs(logits, torch.tensor([[2]])).sum().backward()
     close(logits.grad[0], [[-0.090031, -0.244728, 0.334759]])
     # with T = 2 and an upstream gradient of 3: softmax([0.5, 1, 1.5]) = [0.186324, 0.307196, 0.506480]
     logits.grad = None
-    (3 * grpo.token_logprobs(logits, torch.tensor([[0]]), 2.0)).sum().backward()
+    (3 * logprobs.token_logprobs(logits, torch.tensor([[0]]), 2.0)).sum().backward()
     close(logits.grad[0], [[3 * (1 - 0.186324) / 2, -3 * 0.307196 / 2, -3 * 0.506480 / 2]])
     # random shapes, repeated targets, several temperatures: same values and gradients as autograd
     torch.manual_seed(3)
     for temp in (1.0, 0.7):
         x = torch.randn(4, 5, 11, dtype=torch.float64, requires_grad=True)
         t = torch.randint(0, 3, (4, 5))
-        assert torch.autograd.gradcheck(lambda z: grpo._TargetLogProb.apply(z, t, temp), (x,))  # float64 inside
+        assert torch.autograd.gradcheck(lambda z: logprobs._TargetLogProb.apply(z, t, temp), (x,))  # float64 inside
         g = torch.randn(4, 5)
-        ours = torch.autograd.grad((grpo.token_logprobs(x.float(), t, temp) * g).sum(), x)[0]
+        ours = torch.autograd.grad((logprobs.token_logprobs(x.float(), t, temp) * g).sum(), x)[0]
         ref = torch.autograd.grad((torch.log_softmax(x.float() / temp, -1).gather(-1, t[..., None])[..., 0] * g).sum(), x)[0]
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
 
@@ -135,7 +136,7 @@ def test_linear_token_logprobs_equals_full_logits(chunk, temp):
     t = torch.randint(0, 13, (2, 7))
     t[1, -1] = -100  # ignore ids are read as 0, like token_logprobs
     g = torch.randn(2, 7, dtype=torch.float64)
-    ours = grpo.linear_token_logprobs(h, w, t, temp, chunk_rows=chunk)
+    ours = logprobs.linear_token_logprobs(h, w, t, temp, chunk_rows=chunk)
     gh, gw = torch.autograd.grad((ours * g).sum(), (h, w))
     ref = torch.log_softmax((h @ w.t()) / temp, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
     rh, rw = torch.autograd.grad((ref * g).sum(), (h, w))
@@ -149,7 +150,7 @@ def test_linear_token_logprobs_by_hand_and_validation():
     # h = [1, 0], W rows [1, 0], [2, 0], [3, 0] -> logits [1, 2, 3]: target 2 -> −0.407606
     h = torch.tensor([[1.0, 0.0]], requires_grad=True)
     w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], requires_grad=True)
-    out = grpo.linear_token_logprobs(h, w, torch.tensor([2]))
+    out = logprobs.linear_token_logprobs(h, w, torch.tensor([2]))
     close(out, [-0.407606])
     out.sum().backward()
     # d/dh = W[2] − Σ softmax·W = 3 − (0.090031 + 2·0.244728 + 3·0.665241) = 0.424790 (first coordinate)
@@ -157,11 +158,11 @@ def test_linear_token_logprobs_by_hand_and_validation():
     # d/dW_j = (onehot − softmax)_j · h
     close(w.grad, [[-0.090031, 0.0], [-0.244728, 0.0], [0.334759, 0.0]])
     with pytest.raises(ValueError, match="temperature"):
-        grpo.linear_token_logprobs(h, w, torch.tensor([2]), 0.0)
+        logprobs.linear_token_logprobs(h, w, torch.tensor([2]), 0.0)
     with pytest.raises(ValueError, match="does not match"):
-        grpo.linear_token_logprobs(h, w, torch.tensor([[2]]))
+        logprobs.linear_token_logprobs(h, w, torch.tensor([[2]]))
     hb, wb = h.detach().bfloat16().requires_grad_(True), w.detach().bfloat16().requires_grad_(True)
-    out = grpo.linear_token_logprobs(hb, wb, torch.tensor([2]))
+    out = logprobs.linear_token_logprobs(hb, wb, torch.tensor([2]))
     out.sum().backward()
     assert out.dtype == torch.float32 and hb.grad.dtype == wb.grad.dtype == torch.bfloat16
 
@@ -173,11 +174,11 @@ def test_linear_token_logprobs_under_bf16_autocast():
     x = torch.randn(12, 16)
     w = (torch.randn(50, 16) * 0.3).requires_grad_(True)
     t = torch.randint(0, 50, (12,))
-    ref = grpo.linear_token_logprobs(x, w, t, 0.8, chunk_rows=5)
+    ref = logprobs.linear_token_logprobs(x, w, t, 0.8, chunk_rows=5)
     (ref_gw,) = torch.autograd.grad(ref.sum(), (w,))
     h = x.bfloat16().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = grpo.linear_token_logprobs(h, w, t, 0.8, chunk_rows=5)
+        out = logprobs.linear_token_logprobs(h, w, t, 0.8, chunk_rows=5)
     gh, gw = torch.autograd.grad(out.sum(), (h, w))
     assert out.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
     torch.testing.assert_close(out, ref.detach(), atol=0.1, rtol=0.02)
@@ -186,7 +187,7 @@ def test_linear_token_logprobs_under_bf16_autocast():
 
 def test_token_logprobs_bf16_logits_give_float32():
     logits = torch.randn(2, 3, 5).to(torch.bfloat16)
-    out = grpo.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))
+    out = logprobs.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))
     assert out.dtype == torch.float32
 
 
@@ -216,22 +217,22 @@ def test_kl_k3_nonnegative():
 
 def test_categorical_kl_hand_value_and_properties():
     # 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.346574 − 0.202733 = 0.143841
-    close(grpo.categorical_kl(logs(0.5, 0.5), logs(0.25, 0.75)), 0.143841)
-    close(grpo.categorical_kl(logs(0.2, 0.8), logs(0.2, 0.8)), 0.0)
+    close(retriever_losses.categorical_kl(logs(0.5, 0.5), logs(0.25, 0.75)), 0.143841)
+    close(retriever_losses.categorical_kl(logs(0.2, 0.8), logs(0.2, 0.8)), 0.0)
     torch.manual_seed(3)
     p = torch.log_softmax(torch.randn(6, 5), -1)
     q = torch.log_softmax(torch.randn(6, 5), -1)
-    kl = grpo.categorical_kl(p, q)
+    kl = retriever_losses.categorical_kl(p, q)
     assert kl.shape == (6,) and (kl > 0).all()
     # along dim 0: same values as transposing
-    close(grpo.categorical_kl(p.T, q.T, dim=0), kl)
+    close(retriever_losses.categorical_kl(p.T, q.T, dim=0), kl)
 
 
 def test_categorical_kl_ignores_zero_probability_entries_without_nan_grad():
     # π = [0.5, 0.5, 0] vs [0.25, 0.5, 0.25]: 0.5 ln 2 + 0.5 ln 1 + 0 = 0.346574
     logits = torch.tensor([0.0, 0.0, float("-inf")], requires_grad=True)
     logp = torch.log_softmax(logits, -1)
-    kl = grpo.categorical_kl(logp, logs(0.25, 0.5, 0.25))
+    kl = retriever_losses.categorical_kl(logp, logs(0.25, 0.5, 0.25))
     close(kl, 0.5 * LN2)
     kl.backward()
     assert torch.isfinite(logits.grad).all()
@@ -420,7 +421,7 @@ def test_sample_without_replacement_first_and_second_draw_frequencies():
     probs = torch.tensor([0.5, 0.3, 0.2])
     logits = torch.log(probs).expand(n, 3)
     gen = torch.Generator().manual_seed(5)
-    idx = grpo.sample_without_replacement(logits, 2, generator=gen)
+    idx = retriever_losses.sample_without_replacement(logits, 2, generator=gen)
     assert idx.shape == (n, 2) and idx.dtype == torch.long
     assert (idx[:, 0] != idx[:, 1]).all()
     first = torch.bincount(idx[:, 0], minlength=3).float() / n
@@ -435,19 +436,19 @@ def test_sample_without_replacement_first_and_second_draw_frequencies():
 def test_sample_without_replacement_distinct_reproducible_and_validated():
     torch.manual_seed(6)
     logits = torch.randn(50, 6)
-    a = grpo.sample_without_replacement(logits, 6, torch.Generator().manual_seed(7))
-    b = grpo.sample_without_replacement(logits, 6, torch.Generator().manual_seed(7))
+    a = retriever_losses.sample_without_replacement(logits, 6, torch.Generator().manual_seed(7))
+    b = retriever_losses.sample_without_replacement(logits, 6, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert torch.equal(a.sort(-1).values, torch.arange(6).expand(50, 6))
     masked = torch.tensor([[0.0, float("-inf"), 0.0, 0.0]]).expand(200, 4)
-    idx = grpo.sample_without_replacement(masked, 3, torch.Generator().manual_seed(8))
+    idx = retriever_losses.sample_without_replacement(masked, 3, torch.Generator().manual_seed(8))
     assert not (idx == 1).any()
     with pytest.raises(ValueError):
-        grpo.sample_without_replacement(logits, 7)
+        retriever_losses.sample_without_replacement(logits, 7)
     with pytest.raises(ValueError):
-        grpo.sample_without_replacement(masked, 4)
+        retriever_losses.sample_without_replacement(masked, 4)
     with pytest.raises(ValueError):
-        grpo.sample_without_replacement(logits[0], 2)
+        retriever_losses.sample_without_replacement(logits[0], 2)
 
 
 # ----------------------------------------------------------------------------- retriever
@@ -459,7 +460,7 @@ def test_retriever_policy_loss_hand_value():
     old = logs(0.25, 0.2).reshape(1, 2)  # ratios 0.5/0.25 = 2, 0.2/0.2 = 1
     ref = logs(1 / 3, 1 / 3, 1 / 3).reshape(1, 3)
     adv = torch.tensor([[1.0, -1.0]])
-    loss, stats = grpo.retriever_policy_loss(pool_logp, old, ref, sampled_idx, adv, 0.2, 0.1)
+    loss, stats = retriever_losses.retriever_policy_loss(pool_logp, old, ref, sampled_idx, adv, 0.2, 0.1)
     # surrogate: r=2,A=1 -> −min(2, 1.2) = −1.2 (clipped); r=1,A=−1 -> +1; mean −0.1
     # KL = Σ p ln(3p) = 0.5 ln1.5 + 0.3 ln0.9 + 0.2 ln0.6
     #    = 0.2027326 − 0.0316082 − 0.1021651 = 0.0689593
@@ -468,11 +469,11 @@ def test_retriever_policy_loss_hand_value():
     close(stats["kl"], 0.0689593)
     close(stats["clip_frac"], 0.5)
     close(stats["ratio_mean"], 1.5)
-    no_ref, stats = grpo.retriever_policy_loss(pool_logp, old, None, sampled_idx, adv, 0.2, 0.1)
+    no_ref, stats = retriever_losses.retriever_policy_loss(pool_logp, old, None, sampled_idx, adv, 0.2, 0.1)
     close(no_ref, -0.1)
     assert stats["kl"].item() == 0.0
     with pytest.raises(ValueError):
-        grpo.retriever_policy_loss(pool_logp, old, ref, sampled_idx[:, :1], adv, 0.2, 0.1)
+        retriever_losses.retriever_policy_loss(pool_logp, old, ref, sampled_idx[:, :1], adv, 0.2, 0.1)
 
 
 def test_retriever_policy_loss_gradient_sign():
@@ -483,7 +484,7 @@ def test_retriever_policy_loss_gradient_sign():
     before = pool_logp.detach().clone()
     old = before.gather(-1, sampled)  # same pool, same temperature -> ratio 1
     ref = before.clone()
-    loss, stats = grpo.retriever_policy_loss(
+    loss, stats = retriever_losses.retriever_policy_loss(
         pool_logp, old, ref, sampled, torch.tensor([[1.0, -1.0]]), 0.2, 0.1
     )
     close(stats["ratio_mean"], 1.0)
@@ -529,10 +530,10 @@ def test_reinforce_end_to_end_with_token_logprobs():
     logits = torch.zeros(1, 3, 4).expand(2, 3, 4).clone().requires_grad_()
     targets = torch.tensor([[1, 1, 0], [2, 2, 0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
-    seq = grpo.sequence_logprob(grpo.token_logprobs(logits, targets), mask)
+    seq = grpo.sequence_logprob(logprobs.token_logprobs(logits, targets), mask)
     loss, _ = grpo.reinforce_loss(seq, torch.tensor([1.0, 0.0]))
     loss.backward()
-    new = grpo.sequence_logprob(grpo.token_logprobs(logits - logits.grad, targets), mask)
+    new = grpo.sequence_logprob(logprobs.token_logprobs(logits - logits.grad, targets), mask)
     assert new[0] > seq[0] and new[1] < seq[1]
     assert torch.equal(logits.grad[:, 2], torch.zeros(2, 4))  # pad position untouched
 
@@ -543,15 +544,15 @@ def test_everything_follows_the_cuda_device():
     logits = torch.randn(2, 3, 5, device=dev, requires_grad=True)
     targets = torch.randint(0, 5, (2, 3), device=dev)
     mask = torch.ones(2, 3, device=dev)
-    logp = grpo.token_logprobs(logits, targets)
+    logp = logprobs.token_logprobs(logits, targets)
     adv, _ = grpo.group_advantages(torch.rand(1, 2, device=dev))
     loss, stats = grpo.policy_loss(logp, logp.detach(), logp.detach() - 0.1, adv[0], mask, 0.2, 0.1)
     loss.backward()
     assert all(v.device.type == "cuda" for v in stats.values())
     gen = torch.Generator(device=dev).manual_seed(0)
     pool = torch.log_softmax(torch.randn(2, 6, device=dev, requires_grad=True), -1)
-    idx = grpo.sample_without_replacement(pool.detach(), 3, gen)
-    rl, rs = grpo.retriever_policy_loss(
+    idx = retriever_losses.sample_without_replacement(pool.detach(), 3, gen)
+    rl, rs = retriever_losses.retriever_policy_loss(
         pool, pool.detach().gather(-1, idx), pool.detach(), idx, torch.randn(2, 3, device=dev),
         0.2, 0.1,
     )
@@ -590,8 +591,8 @@ def _expected_update(logits, rewards, k, estimator):
         pool_logp = torch.log_softmax(lg, -1).unsqueeze(0)
         idx = torch.tensor([seq])
         r = rewards[idx]
-        adv = grpo.leave_one_out_advantages(r) if estimator == "rloo" else grpo.group_advantages(r)[0]
-        loss, _ = grpo.retriever_policy_loss(pool_logp, pool_logp.detach().gather(1, idx), None, idx, adv, 0.2, 0.0)
+        adv = retriever_losses.leave_one_out_advantages(r) if estimator == "rloo" else grpo.group_advantages(r)[0]
+        loss, _ = retriever_losses.retriever_policy_loss(pool_logp, pool_logp.detach().gather(1, idx), None, idx, adv, 0.2, 0.0)
         loss.backward()
         total += w * lg.grad
     return total, mass
@@ -635,15 +636,15 @@ def test_topk_heuristic_is_biased_where_rloo_is_not():
 def test_leave_one_out_advantages_hand_values_and_validation():
     r = torch.tensor([[1.0, 2.0, 6.0], [0.5, 0.5, 0.5]])
     # draw 0: 1 − (2 + 6)/2 = −3; draw 1: 2 − 3.5 = −1.5; draw 2: 6 − 1.5 = 4.5
-    torch.testing.assert_close(grpo.leave_one_out_advantages(r), torch.tensor([[-3.0, -1.5, 4.5], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(retriever_losses.leave_one_out_advantages(r), torch.tensor([[-3.0, -1.5, 4.5], [0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="at least 2"):
-        grpo.leave_one_out_advantages(torch.tensor([[1.0]]))
+        retriever_losses.leave_one_out_advantages(torch.tensor([[1.0]]))
 
 
 def test_sample_with_replacement_frequencies_and_repeats():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     g = torch.Generator().manual_seed(0)
-    draws = grpo.sample_with_replacement(logits.expand(20000, 3), 2, generator=g)
+    draws = retriever_losses.sample_with_replacement(logits.expand(20000, 3), 2, generator=g)
     assert draws.shape == (20000, 2)
     for col in range(2):  # every column is a draw from π itself
         freq = torch.bincount(draws[:, col], minlength=3).float() / 20000
@@ -651,4 +652,4 @@ def test_sample_with_replacement_frequencies_and_repeats():
     repeats = (draws[:, 0] == draws[:, 1]).float().mean()
     assert repeats == pytest.approx(0.49 + 0.04 + 0.01, abs=0.015)
     with pytest.raises(ValueError):
-        grpo.sample_with_replacement(logits, 0)
+        retriever_losses.sample_with_replacement(logits, 0)

@@ -6,28 +6,29 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import batch_one, eos_bias, tiny_t5
 
-from src import grpo
-from src.lapdog import LapdogModel, max_reply_tokens
-from src.reader import FiDReader
-from test_reader import batch_one, eos_bias, tiny_t5
+from src.model import logprobs
+from src.model.lapdog import LapdogModel
+from src.model.reader import FiDReader
+from src.objectives.schedule import max_reply_tokens
 
 
 def test_log1mexp_hand_values_and_finite_gradients():
     a = torch.tensor([math.log(0.5), math.log(0.9), math.log(1e-6), -50.0], requires_grad=True)
-    out = grpo.log1mexp(a)
+    out = logprobs.log1mexp(a)
     # log(1 − 0.5), log(0.1), log(1 − 1e-6) ≈ −1e-6, log(1 − e^−50) ≈ −e^−50
     torch.testing.assert_close(out.detach(), torch.tensor([math.log(0.5), math.log(0.1), -1e-6, 0.0]),
                                atol=1e-7, rtol=1e-5)
     out.sum().backward()
     # d/da log(1 − e^a) = −e^a / (1 − e^a): −1, −9, ≈ −1e-6, ≈ 0
     torch.testing.assert_close(a.grad, torch.tensor([-1.0, -9.0, -1e-6, 0.0]), atol=1e-6, rtol=1e-4)
-    assert grpo.log1mexp(torch.tensor([0.0])).item() == float("-inf")
+    assert logprobs.log1mexp(torch.tensor([0.0])).item() == float("-inf")
 
 
 def test_logprobs_without_token_hand_values():
     # p = (0.5 y, 0.3 other, 0.2 EOS): without EOS, p(y) = 0.5 / 0.8 = 0.625
-    got = grpo.logprobs_without_token(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.2])))
+    got = logprobs.logprobs_without_token(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.2])))
     torch.testing.assert_close(got, torch.log(torch.tensor([0.625])))
 
 
@@ -44,7 +45,7 @@ def blocked_reference(reader, hidden, fmask, targets, temperature, min_length):
 @pytest.mark.parametrize("fused", [True, False])
 def test_token_logprobs_block_eos_like_the_sampler(tokenizer, fused):
     """Values and gradients equal log softmax over the EOS-blocked logits, on both projection
-    paths. EOS is made likely, p(EOS) up to about 0.98 (the issue's 3.84-nat gap), so the blocked
+    paths. EOS is made likely, p(EOS) up to about 0.98 (a 3.84-nat gap), so the blocked
     mass is large; float32 keeps 1e-4 while 1 − p(EOS) ≫ 1e-7 · |logits|."""
     reader = FiDReader(tiny_t5(tokenizer, seed=4), tokenizer)
     ids, mask, _ = batch_one(reader, n=2)
@@ -52,7 +53,7 @@ def test_token_logprobs_block_eos_like_the_sampler(tokenizer, fused):
     hidden = hidden.detach()
     min_length, temp = 4, 0.8
     if fused:  # no hook on the fused path: point EOS's projection row along the mean decoder state
-        from src.reader import _output_projection_removed
+        from src.model.reader import _output_projection_removed
         start = torch.full((hidden.shape[0], min_length), reader.decoder_start_token_id)
         with torch.no_grad():
             with _output_projection_removed(reader.model):
@@ -87,15 +88,14 @@ def test_token_logprobs_block_eos_like_the_sampler(tokenizer, fused):
 def test_dr_grpo_divides_by_the_most_reply_tokens(tiny_models, monkeypatch):
     """μ = 1, β = 0: the per-token loss is −A, so dr_grpo's loss is −Σ_r A_r·len_r / (R·(max_length − 1)):
     --generation_max_length counts the decoder start token, which is never a reply token."""
-    from test_grpo_model import closed_book_batch, fixed_rewards, grpo_model
-    from test_objectives import examples_with_story
+    from helpers import closed_book_batch, examples_with_story, fixed_rewards, grpo_model
 
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 0.0, 1.0]))
     model = grpo_model(tiny_models, "--grpo_loss_type", "dr_grpo", "--grpo_kl_coeff", "0")
     assert max_reply_tokens(model.opts) == model.opts.generation_max_length - 1
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    loss, _, rollout = model("grpo", batch)
+    loss, _, rollout, _ = model("grpo", batch)
     replies = rollout["replies"]
     assert replies.shape[1] <= max_reply_tokens(model.opts)
     lengths = model.reader.reply_mask(replies).sum(-1)
@@ -105,5 +105,5 @@ def test_dr_grpo_divides_by_the_most_reply_tokens(tiny_models, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from scripts.build_small_models import build_reader_tokenizer
+    from src.model.build import build_reader_tokenizer
     return build_reader_tokenizer()

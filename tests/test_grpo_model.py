@@ -5,33 +5,24 @@ import random
 
 import pytest
 import torch
+from helpers import (
+    BruteForceRetrieval,
+    G,
+    closed_book_batch,
+    examples_with_story,
+    fixed_rewards,
+    frozen_copy,
+    grpo_model,
+    load_models,
+    make_opts,
+    sample_data,
+)
 
-from src.lapdog import LapdogModel, make_batch, training_kind
-from src.reader import dropout_disabled
-from src.rewards import grpo_reward, scale_tuple
-from test_objectives import (BruteForceRetrieval, closed_book_batch, examples_with_story, frozen_copy, load_models,
-                             make_opts, sample_data)
-
-G = 4
-
-
-def grpo_model(tiny_models, *flags, dropout=0.1):
-    torch.manual_seed(0)
-    reader, retriever = load_models(tiny_models, dropout=dropout)
-    opts = make_opts("--reader_rl_learning", "--use_grpo", "--closed_book", "--grpo_group_size", str(G), *flags)
-    model = LapdogModel(reader, retriever, opts, ref_reader=frozen_copy(reader), ref_retriever=frozen_copy(retriever))
-    model.train()
-    return model
-
-
-def fixed_rewards(values):
-    """A _rewards replacement giving reply i the reward values[i % len(values)]."""
-    def rewards(self, replies, answers, stats, contexts, per_reply_answers=None):
-        n = replies.shape[0]
-        r = torch.tensor([float(values[i % len(values)]) for i in range(n)])
-        stats["reward/mean"] = r.mean().item()
-        return {"reward": r}
-    return rewards
+from src.model.lapdog import LapdogModel
+from src.model.reader import dropout_disabled
+from src.objectives.rewards import grpo_reward, scale_tuple
+from src.objectives.schedule import training_kind
+from src.run.batch import make_batch
 
 
 def replies_logprob(model, batch, replies):
@@ -56,7 +47,7 @@ def test_generator_step_raises_best_and_lowers_worst(tiny_models, monkeypatch):
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([3.0, 1.0, 0.5, 0.0]))
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(3)
-    loss, stats, rollout = model("grpo", batch)
+    loss, stats, rollout, _ = model("grpo", batch)
     replies = rollout["replies"]
     assert replies.shape[0] == 2 * G
     assert model.reader.training  # dropout flags restored after the RL forward
@@ -74,13 +65,13 @@ def test_kl_zero_at_reference_then_positive(tiny_models, monkeypatch):
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 0.0, 2.0]))
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    loss, stats, _ = model("grpo", batch)
+    loss, stats, _, _ = model("grpo", batch)
     assert stats["kl/reader"] == pytest.approx(0.0, abs=1e-6)
     sgd_step(model, loss, lr=0.5)
     for _ in range(2):
-        loss, stats, _ = model("grpo", batch)
+        loss, stats, _, _ = model("grpo", batch)
         sgd_step(model, loss, lr=0.5)
-    loss, stats, _ = model("grpo", batch)
+    loss, stats, _, _ = model("grpo", batch)
     assert stats["kl/reader"] > 1e-6
     assert math.isfinite(loss.item())
 
@@ -90,16 +81,16 @@ def test_ratio_is_one_with_one_iteration_and_moves_when_samples_are_reused(tiny_
     model = grpo_model(tiny_models, "--grpo_num_iterations", "1")
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    loss, stats, _ = model("grpo", batch)
+    loss, stats, _, _ = model("grpo", batch)
     assert stats["grpo/ratio_mean"] == 1.0
     assert stats["grpo/clip_frac"] == 0.0
 
     model = grpo_model(tiny_models, "--grpo_num_iterations", "2")
     torch.manual_seed(0)
-    loss, stats, rollout = model("grpo", batch)
+    loss, stats, rollout, _ = model("grpo", batch)
     old = rollout["old_logp"].clone()
     sgd_step(model, loss, lr=0.5)
-    loss2, stats2, rollout2 = model("grpo", batch, rollout)
+    loss2, stats2, rollout2, _ = model("grpo", batch, rollout)
     assert torch.equal(rollout2["replies"], rollout["replies"])  # the samples are reused
     assert torch.equal(rollout2["old_logp"], old)  # ... with the log-probs recorded when sampling
     assert stats2["grpo/ratio_mean"] != pytest.approx(1.0, abs=1e-5)
@@ -111,7 +102,7 @@ def test_zero_std_groups_give_zero_advantage(tiny_models, monkeypatch):
     model = grpo_model(tiny_models, "--grpo_kl_coeff", "0")
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    loss, stats, rollout = model("grpo", batch)
+    loss, stats, rollout, _ = model("grpo", batch)
     assert torch.equal(rollout["adv"], torch.zeros(2 * G))
     assert stats["grpo/frac_zero_std"] == 1.0
     assert torch.isfinite(loss) and loss.item() == 0.0
@@ -125,13 +116,13 @@ def test_real_reward_statistics(tiny_models):
     model = grpo_model(tiny_models)
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    loss, stats, rollout = model("grpo", batch)
-    assert "_samples" not in stats  # the sample rows come back through model.samples, not the stats
-    texts = [row["reply"] for row in model.samples]
-    assert [row["reward"] for row in model.samples] == pytest.approx(rollout["rewards"].reshape(-1).tolist())
+    loss, stats, rollout, samples = model("grpo", batch)
+    assert "_samples" not in stats  # the sample rows come back as the forward's fourth value, not in the stats
+    texts = [row["reply"] for row in samples]
+    assert [row["reward"] for row in samples] == pytest.approx(rollout["rewards"].reshape(-1).tolist())
     # each row names what it was generated from: G consecutive rows per prompt
-    assert [row["prompt"] for row in model.samples] == [q for q in batch.queries for _ in range(G)]
-    assert all(row["story"] == "" for row in model.samples)  # closed book
+    assert [row["prompt"] for row in samples] == [q for q in batch.queries for _ in range(G)]
+    assert all(row["story"] == "" for row in samples)  # closed book
     expected = grpo_reward(texts, [a for a in batch.answers for _ in range(G)])["reward"]
     assert torch.allclose(rollout["rewards"].reshape(-1), expected)
     for key in ("reward/mean", "reward/f1", "reward/bleu", "reward/rouge", "reward/std", "reply_length",
@@ -170,7 +161,7 @@ def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypa
                    {k: v.clone() for k, v in ref_retriever.state_dict().items()})
     ret_before = {k: v.clone() for k, v in retriever.state_dict().items()}
     torch.manual_seed(0)
-    loss, stats, rollout = model("grpo_joint", batch)
+    loss, stats, rollout, _ = model("grpo_joint", batch)
     assert torch.isfinite(loss)
     for key in ("loss/retriever", "kl/retriever", "loss/reader", "kl/reader", "grpo/retriever_frac_zero_std"):
         assert math.isfinite(stats[key]), key
@@ -191,7 +182,7 @@ def test_joint_step_trains_retriever_and_leaves_references(tiny_models, monkeypa
         after = module.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
     # a second forward reusing the rollout sees the updated retriever: KL to the reference > 0
-    loss2, stats2, _ = model("grpo_joint", batch, rollout)
+    loss2, stats2, _, _ = model("grpo_joint", batch, rollout)
     assert stats2["kl/retriever"] > 0
     assert math.isfinite(loss2.item())
 
@@ -205,7 +196,7 @@ def test_the_step_given_to_forward_decides_the_retriever_freeze(tiny_models, mon
     assert not hasattr(model, "step")
     for step, trained in ((1, False), (2, True)):
         torch.manual_seed(0)
-        _, stats, _ = model("grpo_joint", batch, step=step)
+        _, stats, _, _ = model("grpo_joint", batch, step=step)
         assert ("loss/retriever" in stats) is trained, step
 
 
@@ -213,14 +204,14 @@ def test_dapo_sampling_pass_is_for_the_step_it_samples(tiny_models, monkeypatch)
     """dapo draws a batch's rollouts before its first update, for that update's step: at the first
     step the retriever trains, the pool estimator's rewards are in the rollout the update needs."""
     import contextlib
-    import train
+
+    from src.run.step import sample_rollouts
     model, batch = joint_model_and_batch(tiny_models, "--freeze_retriever_steps", "2", "--grpo_loss_type", "dapo")
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5]))
     torch.manual_seed(0)
-    rollouts, _ = train.sample_rollouts(model, "grpo_joint", [batch], contextlib.nullcontext(), step=2)
+    rollouts, _, _ = sample_rollouts(model, "grpo_joint", [batch], contextlib.nullcontext(), step=2)
     assert "pool_rewards" in rollouts[0]
-    model.token_normalizer = 1.0
-    _, stats, _ = model("grpo_joint", batch, rollouts[0], step=2)
+    _, stats, _, _ = model("grpo_joint", batch, rollouts[0], step=2, token_normalizer=1.0)
     assert math.isfinite(stats["loss/retriever"])
 
 
@@ -235,6 +226,7 @@ def greedy_reward(model, batch):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_grpo_raises_mean_reward(tiny_models):
     """Closed book: 40 SFT steps (AdamW 3e-3, batch 16) so the tiny reader writes reply-like text, then
     GRPO (G=4, β=0.05, sampling temperature 0.7, AdamW 3e-4, batch 8/16); the mean reward of greedy replies on 16 fixed training
@@ -246,7 +238,7 @@ def test_grpo_raises_mean_reward(tiny_models):
     opt = torch.optim.AdamW(model.reader.parameters(), lr=3e-3)
     for _ in range(40):
         b = closed_book_batch(model, rng.sample(train, 16))
-        loss, _, _ = model("sft", b)
+        loss, _, _, _ = model("sft", b)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,7 +248,7 @@ def test_grpo_raises_mean_reward(tiny_models):
     torch.manual_seed(0)
     for step in range(40):
         b = closed_book_batch(model, train[:16] if step % 2 else rng.sample(train, 8))
-        loss, stats, _ = model("grpo", b)
+        loss, stats, _, _ = model("grpo", b)
         opt.zero_grad()
         loss.backward()
         opt.step()

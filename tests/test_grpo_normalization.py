@@ -8,8 +8,8 @@ P = 2) with different reply-token counts.
 import pytest
 import torch
 
-from src import grpo
-from src.distributed import DistInfo
+from src.infra.distributed import DistInfo
+from src.objectives import grpo
 
 # (rank, micro-batch) -> per-token losses [1, 3] and mask; token sums and counts in the comments
 MICRO = {
@@ -67,34 +67,48 @@ def test_dapo_without_a_normalizer_is_the_local_token_mean_and_rejects_bad_ones(
 
 
 def test_trainer_counts_the_reply_tokens_of_every_rollout():
-    """train.dapo_normalizer sums generator and joint rollouts' tokens (one process: no all-reduce)."""
-    import train
+    """dapo_normalizer sums generator and joint rollouts' tokens (one process: no all-reduce)."""
+    from src.run.step import dapo_normalizer
     rollouts = [{"n_tokens": torch.tensor(3)}, {"gen": {"n_tokens": torch.tensor(5)}, "idx": torch.zeros(1)}]
     info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    assert train.dapo_normalizer(rollouts, info) == pytest.approx(8 / 2)
+    assert dapo_normalizer(rollouts, info) == pytest.approx(8 / 2)
 
 
 def test_dapo_step_samples_first_then_divides_by_the_step_token_count(tiny_models, monkeypatch):
     """A sampling pass draws the rollout (zero loss, no policy log-probs); the loss pass then
     divides the token sum by the trainer's normalizer: with μ = 1, β = 0 and A = ±1 replies the
     per-token loss is −A, so the loss is −Σ_r A_r·len_r / normalizer."""
-    from src.lapdog import LapdogModel, rollout_reply_tokens
-    from test_grpo_model import closed_book_batch, fixed_rewards, grpo_model
-    from test_objectives import examples_with_story
+    from helpers import closed_book_batch, examples_with_story, fixed_rewards, grpo_model
+
+    from src.model.lapdog import LapdogModel, rollout_reply_tokens
 
     monkeypatch.setattr(LapdogModel, "_rewards", fixed_rewards([1.0, 0.0, 0.0, 1.0]))
     model = grpo_model(tiny_models, "--grpo_loss_type", "dapo", "--grpo_kl_coeff", "0")
     batch = closed_book_batch(model, examples_with_story("train", 2))
     torch.manual_seed(0)
-    model.sampling_pass = True
     with torch.no_grad():
-        loss, stats, rollout = model("grpo", batch)
-    model.sampling_pass = False
+        loss, stats, rollout, _ = model("grpo", batch, sampling_only=True)
     assert loss.item() == 0.0 and rollout["old_logp"] is None and "loss/reader" not in stats
     lengths = model.reader.reply_mask(rollout["replies"]).sum(-1)
     assert rollout_reply_tokens(rollout).item() == lengths.sum().item()
-    model.token_normalizer = 7.0
-    loss, stats, _ = model("grpo", batch, rollout)
+    loss, stats, _, _ = model("grpo", batch, rollout, token_normalizer=7.0)
     expected = -(rollout["adv"] * lengths).sum() / 7.0
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
     assert stats["grpo/ratio_mean"] == 1.0
+
+
+def test_dapo_training_logs_its_sampled_replies(tmp_path, tiny_models):
+    """With --grpo_loss_type dapo the replies are drawn in a sampling pass before the loss pass;
+    the rows of samples.jsonl are that pass's (a run used to log none: the loss pass, which
+    reuses the rollout, samples nothing)."""
+    import json
+
+    from helpers import grpo_stage2, run, stage1
+
+    s1 = tmp_path / "s1"
+    run(stage1(s1, tiny_models, steps=2))
+    ck = tmp_path / "dapo"
+    run(grpo_stage2(ck, tiny_models, s1 / "checkpoint" / "latest", steps=2, extra=["--grpo_loss_type=dapo"]))
+    rows = [json.loads(line) for line in open(ck / "samples.jsonl")]
+    assert {r["step"] for r in rows} == {1, 2}
+    assert all(r["reply"] is not None and r["reference"] and "reward" in r for r in rows)

@@ -1,16 +1,16 @@
-"""The pool estimator of the retriever (grpo.pool_policy_loss): exact gradient, clipping, masks."""
+"""The pool estimator of the retriever (retriever_losses.pool_policy_loss): exact gradient, clipping, masks."""
 
 import pytest
 import torch
 
-from src import grpo
+from src.objectives import retriever_losses
 
 
 def _update(logits, rewards, old_logits=None, clip=0.2, ref=None, beta=0.0):
     lg = logits.clone().requires_grad_(True)
     logp = torch.log_softmax(lg, -1)
     old = torch.log_softmax(logits if old_logits is None else old_logits, -1)
-    loss, stats = grpo.pool_policy_loss(logp, old, ref, rewards, clip, beta)
+    loss, stats = retriever_losses.pool_policy_loss(logp, old, ref, rewards, clip, beta)
     loss.backward()
     return loss, lg.grad, stats
 
@@ -39,11 +39,11 @@ def test_pool_hand_values_with_a_moved_policy_and_clipping():
     old = torch.log(torch.tensor([[0.5, 0.5]]))
     new = torch.log(torch.tensor([[0.8, 0.2]]))
     r = torch.tensor([[1.0, 0.0]])
-    loss, _ = grpo.pool_policy_loss(new, old, None, r, 0.2, 0.0)
+    loss, _ = retriever_losses.pool_policy_loss(new, old, None, r, 0.2, 0.0)
     # story 0: −min(1.6·0.5, 1.2·0.5) = −0.6; story 1: −min(0.4·(−0.5), 0.8·(−0.5)) = 0.4
     assert float(loss) == pytest.approx(0.5 * -0.6 + 0.5 * 0.4)
     lg = new.clone().requires_grad_(True)
-    loss, stats = grpo.pool_policy_loss(torch.log_softmax(lg, -1), old, None, r, 0.2, 0.0)
+    loss, stats = retriever_losses.pool_policy_loss(torch.log_softmax(lg, -1), old, None, r, 0.2, 0.0)
     loss.backward()
     assert lg.grad.abs().max() == 0  # both terms clipped: the policy moved far enough
     assert float(stats["clip_frac"]) == pytest.approx(1.0)
@@ -60,4 +60,4 @@ def test_pool_ignores_unusable_entries_and_adds_the_kl():
     loss_kl, _, stats = _update(logits, r, ref=ref, beta=0.5)
     assert float(loss_kl - loss) == pytest.approx(0.5 * float(stats["kl"])) and float(stats["kl"]) > 0
     with pytest.raises(ValueError, match="share shape"):
-        grpo.pool_policy_loss(torch.zeros(1, 3), torch.zeros(1, 2), None, torch.zeros(1, 3), 0.2, 0.0)
+        retriever_losses.pool_policy_loss(torch.zeros(1, 3), torch.zeros(1, 2), None, torch.zeros(1, 3), 0.2, 0.0)

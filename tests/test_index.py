@@ -1,6 +1,8 @@
 import json
+import logging
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -8,9 +10,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from src.errors import UsageError
-from src.index import (PassageIndex, RefreshSchedule, build_index, default_nlist, recall_at_k,
-                       shard_bounds)
+from src.infra.errors import UsageError
+from src.retrieval import index as index_module
+from src.retrieval.index import (
+    PassageIndex,
+    RefreshSchedule,
+    build_index,
+    default_nlist,
+    faiss_placement,
+    import_faiss,
+    recall_at_k,
+    shard_bounds,
+)
 
 DIM, K = 16, 7
 # Per-rank query counts for successive collective searches: unequal, zero on one rank, all zero.
@@ -86,11 +97,22 @@ def _dist_worker(rank, world, init_file, out_dir):
                 for j, split in enumerate(QUERY_SPLITS):
                     mine = queries[sum(split[:rank]):sum(split[:rank + 1])]
                     results[f"{mode}/{name}/{j}"] = idx.search(mine, k)
+                for j, rows in enumerate(LOOKUPS[rank]):  # collective: every rank, unequal sizes
+                    results[f"lookup/{mode}/{name}/{j}"] = idx.lookup(rows % len(data))
+                try:  # a row out of range on one rank: every rank raises, none hangs
+                    idx.lookup(torch.tensor([len(data)]) if rank == 0 else torch.tensor([0]))
+                except ValueError:
+                    results[f"lookup/{mode}/{name}/refused"] = torch.tensor(1)
                 if mode == "flat" and name == "big":
                     idx.save(os.path.join(out_dir, "saved"), n_shards=3)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# Rows each rank reads back in successive collective lookups (taken modulo the corpus size).
+LOOKUPS = [[torch.tensor([[0, 100, 50], [51, 3, 99]]), torch.zeros(0, dtype=torch.long), torch.tensor([7])],
+           [torch.zeros(0, 4, dtype=torch.long), torch.tensor([[100], [0]]), torch.arange(101)]]
 
 
 def test_two_process_search_equals_single_process(tmp_path):
@@ -109,6 +131,11 @@ def test_two_process_search_equals_single_process(tmp_path):
                 got_i = torch.cat([g[1] for g in got])
                 assert torch.equal(got_i, want_i), (mode, name, j)
                 torch.testing.assert_close(got_s, want_s, atol=1e-4, rtol=1e-5)
+            for rank in range(2):  # the stored rows, bit for bit, whichever rank holds them
+                for j, rows in enumerate(LOOKUPS[rank]):
+                    got = per_rank[rank][f"lookup/{mode}/{name}/{j}"]
+                    assert torch.equal(got, data[rows % len(data)]), (mode, name, rank, j)
+                assert f"lookup/{mode}/{name}/refused" in per_rank[rank]
     # the collective save from 2 ranks into 3 shards: pieces cut at the rank boundary (51)
     meta = json.loads((tmp_path / "saved" / "meta.json").read_text())
     assert [(f["start"], f["end"]) for f in meta["files"]] == [(0, 34), (34, 51), (51, 68), (68, 101)]
@@ -261,3 +288,137 @@ def test_build_index_embeds_only_own_share():
     with pytest.raises(UsageError, match="^--retriever_format"):
         build_index(full, passages, mode="flat", faiss_index_type="flat", faiss_code_size=None,
                     batch_size=4, max_length=16, retriever_format="{body}", device="cpu")
+
+
+@pytest.mark.parametrize("mode, kind", [("flat", "flat"), ("faiss", "flat"), ("faiss", "ivfflat"), ("faiss", "ivfsq"),
+                                        ("faiss", "pq")])
+def test_lookup_reads_back_the_stored_rows_exactly(mode, kind):
+    """Every mode and type, lossy codes included, reads back the float32 rows it was built from."""
+    corpus, _ = _corpus(n=300)
+    idx = PassageIndex(DIM, mode=mode, faiss_index_type=kind).build(corpus[100:], start=100, n_total=300)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 300\)"):
+        idx.lookup(torch.tensor([300]))
+    full = PassageIndex(DIM, mode=mode, faiss_index_type=kind).build(corpus)
+    rows = torch.tensor([[5, 299, 5], [0, 150, 42]])
+    got = full.lookup(rows)
+    assert got.shape == (2, 3, DIM) and got.dtype == torch.float32
+    assert torch.equal(got, corpus[rows])
+    assert full.lookup(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, DIM)
+    # a shard holds only its rows: the others read as zeros locally (the collective sums the ranks)
+    part = idx.lookup_local(torch.tensor([0, 100, 299]))
+    assert torch.equal(part[0], torch.zeros(DIM)) and torch.equal(part[1:], corpus[[100, 299]])
+
+
+# ------------------------------------------------------------------------------------- GPU FAISS
+
+def test_faiss_placement_asks_the_module_what_it_can():
+    with_gpus = types.SimpleNamespace(StandardGpuResources=object, index_cpu_to_gpu=None, get_num_gpus=lambda: 2)
+    no_gpu_seen = types.SimpleNamespace(StandardGpuResources=object, index_cpu_to_gpu=None, get_num_gpus=lambda: 0)
+    cpu_build = types.SimpleNamespace(get_num_gpus=lambda: 0)
+    assert faiss_placement("cuda", with_gpus) == ("gpu", 2)
+    assert faiss_placement("cuda", with_gpus, "ivfsq") == ("gpu", 2)
+    where, why = faiss_placement("cpu", with_gpus)
+    assert where == "cpu" and "CPU" in why
+    where, why = faiss_placement("cuda", cpu_build)
+    assert where == "cpu" and "faiss-gpu" in why
+    where, why = faiss_placement("cuda", no_gpu_seen)
+    assert where == "cpu" and "get_num_gpus() == 0" in why
+    where, why = faiss_placement("cuda", with_gpus, "pq")  # FAISS GPU has IVF-PQ only
+    assert where == "cpu" and "pq" in why
+    assert faiss_placement("cuda", import_faiss())[0] == "cpu"  # this machine's faiss-cpu
+
+
+class FakeGpuFaiss(types.ModuleType):
+    """This machine's faiss-cpu dressed as a GPU build: the "GPU" index is the CPU object it is
+    handed, so training, adding and searching really run, and every move is recorded."""
+
+    class StandardGpuResources:
+        pass
+
+    def __init__(self, n_gpus=2):
+        super().__init__("faiss")
+        self._real, self._n, self.moves = import_faiss(), n_gpus, []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_num_gpus(self):
+        return self._n
+
+    def index_cpu_to_gpu(self, resources, device, index):
+        assert isinstance(resources, FakeGpuFaiss.StandardGpuResources)
+        self.moves.append(("to_gpu", device, type(index).__name__, bool(index.is_trained), int(index.ntotal)))
+        return index
+
+    def index_gpu_to_cpu(self, index):
+        self.moves.append(("to_cpu",))
+        return index
+
+
+@pytest.fixture
+def index_log(monkeypatch):
+    """Lines logged by src/retrieval/index.py (a fresh once-only memory)."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    monkeypatch.setattr(index_module, "_said", set())
+    monkeypatch.setattr(index_module, "_gpu_resources", {})
+    index_module.log.addHandler(handler)
+    yield lines
+    index_module.log.removeHandler(handler)
+
+
+def test_faiss_on_cuda_moves_the_untrained_index_to_the_gpu(monkeypatch, tmp_path, index_log):
+    x, q = _clustered(2000, 32, 20, 30)
+    fake = FakeGpuFaiss()
+    monkeypatch.setattr(index_module, "import_faiss", lambda: fake)
+    idx = PassageIndex(32, mode="faiss", faiss_index_type="ivfflat", device="cuda:1", faiss_nprobe=7).build(x)
+    # moved before training and adding, to this process's GPU: k-means runs there
+    assert fake.moves == [("to_gpu", 1, "IndexIVFFlat", False, 0)] and idx.faiss_on == "gpu"
+    assert idx._faiss.nprobe == 7 and idx._faiss.ntotal == 2000
+    cpu = PassageIndex(32, mode="faiss", faiss_index_type="ivfflat", faiss_nprobe=7)
+    monkeypatch.setattr(index_module, "import_faiss", lambda: fake._real)
+    cpu.build(x)
+    monkeypatch.setattr(index_module, "import_faiss", lambda: fake)
+    assert torch.equal(idx.search(q, 5)[1], cpu.search(q, 5)[1])
+    assert idx.memory_bytes() == cpu.memory_bytes() and fake.moves[-1] == ("to_cpu",)  # serialized in CPU form
+    idx.save(str(tmp_path / "saved"))  # the float32 rows: loads on CPU or GPU alike
+    back = PassageIndex.load(str(tmp_path / "saved"), device="cuda:0", faiss_nprobe=7)
+    assert back.faiss_on == "gpu" and fake.moves[-1][:2] == ("to_gpu", 0)
+    assert torch.equal(back.search(q, 5)[1], cpu.search(q, 5)[1]) and torch.equal(back.lookup(torch.arange(5)), x[:5])
+    assert index_log == []  # nothing to say: it is on the GPU
+
+
+def test_faiss_on_cuda_without_gpu_faiss_falls_back_with_one_line(monkeypatch, index_log):
+    x, q = _clustered(500, DIM, 10, 5)
+    for _ in range(2):  # a refresh rebuilds: still one line
+        idx = PassageIndex(DIM, mode="faiss", faiss_index_type="ivfsq", device="cuda:0").build(x)
+        assert idx.faiss_on == "cpu" and idx.search(q, 3)[1].shape == (5, 3)
+    assert len(index_log) == 1 and "stays on the CPU" in index_log[0] and "faiss-gpu" in index_log[0]
+    fake = FakeGpuFaiss(n_gpus=1)
+    monkeypatch.setattr(index_module, "import_faiss", lambda: fake)
+    pq = PassageIndex(DIM, mode="faiss", faiss_index_type="pq", device="cuda:0").build(x)  # no GPU IndexPQ
+    assert pq.faiss_on == "cpu" and fake.moves == [] and "pq" in index_log[-1]
+    on_cpu = PassageIndex(DIM, mode="faiss", faiss_index_type="flat").build(x)  # a CPU run says nothing
+    assert on_cpu.faiss_on == "cpu" and len(index_log) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_gpu_faiss_search_matches_cpu(tmp_path):
+    where, why = faiss_placement("cuda", import_faiss(), "ivfflat")
+    if where != "gpu":
+        pytest.skip(f"no GPU FAISS here: {why}")
+    x, q = _clustered(20000, 64, 100, 64)
+    for kind in ("flat", "ivfflat", "ivfsq", "ivfpq"):
+        gpu = PassageIndex(64, mode="faiss", faiss_index_type=kind, device="cuda:0").build(x)
+        cpu = PassageIndex(64, mode="faiss", faiss_index_type=kind).build(x)
+        assert gpu.faiss_on == "gpu", kind
+        got, want = gpu.search(q.cuda(), 10)[1].cpu(), cpu.search(q, 10)[1]
+        overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want)) / want.numel()
+        assert overlap >= (0.99 if kind == "flat" else 0.8), (kind, overlap)
+        assert gpu.memory_bytes() > 0  # serialized through index_gpu_to_cpu
+        rows = torch.randint(20000, (8, 4)).cuda()
+        assert torch.equal(gpu.lookup(rows).cpu(), x[rows.cpu()])
+    gpu.save(str(tmp_path / "saved"))
+    back = PassageIndex.load(str(tmp_path / "saved"), device="cuda:0")
+    assert back.faiss_on == "gpu" and back.search(q.cuda(), 10)[1].shape == (64, 10)

@@ -6,25 +6,11 @@ gold scores only on examples whose target has such a word (chit-chat: KL 0, no g
 import random
 
 import torch
+from helpers import chit_chat_and_fact_examples, knowledge_retrieval, load_models, make_opts, sample_data
 
-from src import grpo
-from src.lapdog import LapdogModel, make_batch
-from src.posterior import KnowledgeWords, PosteriorStories
-from test_objectives import BruteForceRetrieval, examples_with_story, load_models, make_opts, sample_data
-
-
-def knowledge_retrieval(stories, opts):
-    train, _, _ = sample_data()
-    retrieval = BruteForceRetrieval(stories, opts)
-    retrieval.knowledge = KnowledgeWords(PosteriorStories(sample_data()[2]),
-                                         [" ".join([ex["question"], *ex["answers"]]) for ex in train])
-    return retrieval
-
-
-def chit_chat_and_fact_examples():
-    train, _, _ = sample_data()
-    chit = next(ex for ex in train if not ex.get("story_id") and "thanks" in ex["answers"][0])
-    return [chit] + examples_with_story("train", 1)
+from src.model.lapdog import LapdogModel
+from src.objectives import retriever_losses
+from src.run.batch import make_batch
 
 
 def test_make_batch_carries_the_targets_knowledge_words(tiny_models):
@@ -51,13 +37,13 @@ def test_lapdog_fits_gold_scores_only_where_the_target_needs_knowledge(tiny_mode
     b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, knowledge_retrieval(sample_data()[2][:12], opts),
                    retriever, opts, random.Random(0), "cpu")
     gold = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # peaked on both rows
-    monkeypatch.setattr("src.lapdog.gold_scores", lambda *a, **k: gold)
+    monkeypatch.setattr("src.model.lapdog.gold_scores", lambda *a, **k: gold)
     stats = {}
     loss = model._lapdog_retriever_objective(b, stats)
     with torch.no_grad():
         score_logp = torch.log_softmax(model._retriever_pool_logits(b.retrieval_queries, b.passages,
                                                                     opts.temperature_score), -1)
-    kl = grpo.categorical_kl(torch.log_softmax(gold / opts.temperature_gold, -1), score_logp)
+    kl = retriever_losses.categorical_kl(torch.log_softmax(gold / opts.temperature_gold, -1), score_logp)
     # 'mean' reduction over all B·K terms; the chit-chat row contributes nothing
     torch.testing.assert_close(loss.detach(), kl[1] / gold.numel())
     assert stats["retriever/knowledge_examples"] == 0.5

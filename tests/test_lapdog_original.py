@@ -1,15 +1,16 @@
-"""The original LAPDOG modes as the original computes them (lapdog-behaviour.md, issue 9 §4)."""
+"""The original LAPDOG modes as the original computes them (lapdog-behaviour.md)."""
 
 import math
 
 import pytest
 import torch
+from helpers import examples_with_story, make_opts, retrieval_batch
 
-from src import grpo, options
-from src.gold_scores import cross_attention_story_scores, gold_scores
-from src.lapdog import LapdogModel
-from src.reader import FiDReader
-from test_objectives import examples_with_story, lapdog_setup, make_opts, retrieval_batch  # noqa: F401
+from src.cli import options
+from src.model.gold_scores import cross_attention_story_scores, gold_scores
+from src.model.lapdog import LapdogModel
+from src.model.reader import FiDReader
+from src.objectives import lapdog_losses
 
 
 def test_lapdog_kl_mean_is_torchs_kldivloss_mean():
@@ -17,11 +18,11 @@ def test_lapdog_kl_mean_is_torchs_kldivloss_mean():
     score = torch.log_softmax(torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 0.0]]), -1)
     kl_per_example = (target.exp() * (target - score)).sum(-1)  # hand KL(target ‖ score) per row
     original = torch.nn.KLDivLoss()(score, target.exp())  # reduction 'mean': over all 2·3 terms
-    torch.testing.assert_close(grpo.lapdog_kl_loss(target, score), original)
-    torch.testing.assert_close(grpo.lapdog_kl_loss(target, score), kl_per_example.sum() / 6)
-    torch.testing.assert_close(grpo.lapdog_kl_loss(target, score, "batchmean"), kl_per_example.mean())
+    torch.testing.assert_close(lapdog_losses.lapdog_kl_loss(target, score), original)
+    torch.testing.assert_close(lapdog_losses.lapdog_kl_loss(target, score), kl_per_example.sum() / 6)
+    torch.testing.assert_close(lapdog_losses.lapdog_kl_loss(target, score, "batchmean"), kl_per_example.mean())
     with pytest.raises(ValueError):
-        grpo.lapdog_kl_loss(target, score, "sum")
+        lapdog_losses.lapdog_kl_loss(target, score, "sum")
 
 
 def test_evalnormsum_is_normalized_as_the_original(lapdog_setup):  # noqa: F811
@@ -30,7 +31,7 @@ def test_evalnormsum_is_normalized_as_the_original(lapdog_setup):  # noqa: F811
     opts = make_opts("--retriever_n_context", "2", "--n_context", "2")
     model = LapdogModel(reader, retriever, opts)
     batch = retrieval_batch(model, examples_with_story("train", 2), stories)
-    from src.data import encoder_inputs
+    from src.data.prompts import encoder_inputs
     texts = [encoder_inputs(q, plist, 2, opts.encoder_format) for q, plist in zip(batch.queries, batch.passages)]
     ids, mask = reader.tokenize_inputs(texts, opts.text_maxlength)
     with torch.no_grad():
@@ -90,8 +91,8 @@ def test_stale_index_warning(flags, warned):
 
 
 def _retrieval(n_corpus=100, *flags):
-    from src.distributed import DistInfo
-    from src.retrieval import StoryRetrieval
+    from src.infra.distributed import DistInfo
+    from src.retrieval.stories import StoryRetrieval
     corpus = [{"id": f"c{i}", "title": "t", "text": "x"} for i in range(n_corpus)]
     opts = make_opts("--retriever_n_context", "5", *flags)
     return StoryRetrieval(corpus, opts, DistInfo(0, 1, 0, torch.device("cpu"))), opts
@@ -128,7 +129,7 @@ def test_add_random_replace_bottom_keeps_rank_order():
     (["--add_random_retrieval_mode", "replace_bottom"], 0, True),
 ])
 def test_add_random_original_only_while_lapdog_trains_the_retriever(flags, step, expected):
-    from src.lapdog import augments_candidates
+    from src.objectives.schedule import augments_candidates
     opts = make_opts("--add_random_retrieval", "0.2", *flags)
     assert augments_candidates(opts, step, train=True) is expected
     assert augments_candidates(opts, step, train=False) is False
@@ -139,7 +140,7 @@ def test_emdr_token_loss_hand_values():
     # token probs: story 0 -> 0.5, story 1 -> 0.1; π = (0.25, 0.75): mix = 0.125 + 0.075 = 0.2
     token_logp = torch.log(torch.tensor([[[0.5, 0.9], [0.1, 0.9]]]))
     score_logp = torch.log(torch.tensor([[0.25, 0.75]])).requires_grad_(True)
-    loss = grpo.emdr_token_loss(token_logp, score_logp, torch.tensor([[1, 0]]))
+    loss = lapdog_losses.emdr_token_loss(token_logp, score_logp, torch.tensor([[1, 0]]))
     assert loss.item() == pytest.approx(-math.log(0.2))
     loss.backward()
     # d/d log π_k of −log Σ π p = −π_k p_k / Σ: −0.125/0.2, −0.075/0.2
@@ -154,8 +155,8 @@ def test_emdr_mixes_per_token_over_tau_gold(lapdog_setup):  # noqa: F811
     model = LapdogModel(reader, retriever, opts)
     model.eval()
     batch = retrieval_batch(model, examples_with_story("train", 2), stories)
-    loss, _, _ = model("lapdog", batch)
-    from src.data import encoder_inputs
+    loss, _, _, _ = model("lapdog", batch)
+    from src.data.prompts import encoder_inputs
     with torch.no_grad():
         texts = [encoder_inputs(q, [p], 1, opts.encoder_format) for q, plist in zip(batch.queries, batch.passages)
                  for p in plist]
@@ -172,11 +173,12 @@ def test_emdr_mixes_per_token_over_tau_gold(lapdog_setup):  # noqa: F811
 def test_retrieve_with_rerank_reorders_a_stale_index_by_fresh_embeddings(tiny_models):
     """The index is built, then the retriever moves: plain search returns the stale top-k, rerank
     over the whole corpus returns the current retriever's exact top-k."""
-    from src.data import retriever_passage_text
-    from src.distributed import DistInfo
-    from src.retrieval import StoryRetrieval
-    from src.retriever import Retriever
-    from test_objectives import sample_data
+    from helpers import sample_data
+
+    from src.data.prompts import retriever_passage_text
+    from src.infra.distributed import DistInfo
+    from src.model.retriever import Retriever
+    from src.retrieval.stories import StoryRetrieval
     train, _, stories = sample_data()
     corpus = stories[:24]
     retriever = Retriever.from_pretrained(tiny_models["retriever"])
@@ -204,7 +206,7 @@ def test_retrieve_with_rerank_reorders_a_stale_index_by_fresh_embeddings(tiny_mo
 
 
 def test_rerank_needs_enough_candidates():
-    from src.errors import UsageError
+    from src.infra.errors import UsageError
     with pytest.raises(UsageError, match="--n_to_rerank_with_retrieve_with_rerank"):
         make_opts("--retriever_n_context", "5", "--retrieve_with_rerank", "--n_to_rerank_with_retrieve_with_rerank", "3")
 
@@ -234,7 +236,7 @@ ORIGINAL_OPTIONS = [
 
 
 def test_every_original_option_is_accepted_or_refused_in_one_line():
-    from src.errors import UsageError
+    from src.infra.errors import UsageError
     parser = options.build_parser()
     known = {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
     assert set(ORIGINAL_OPTIONS) <= known | {"local_rank"}
@@ -251,11 +253,11 @@ def test_every_original_option_is_accepted_or_refused_in_one_line():
 
 
 def test_adamw_beta2_epsilon_and_scheduler_steps_are_used():
-    import train
+    from src.run.optim import make_optimizer
     opts = make_opts("--beta2", "0.98", "--epsilon", "1e-7", "--scheduler_steps", "10", "--total_steps", "100",
                      "--warmup_steps", "0")
     param = torch.nn.Parameter(torch.zeros(2))
-    opt, sched = train.make_optimizer([param], 1.0, opts)
+    opt, sched = make_optimizer([param], 1.0, opts)
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-7
     for _ in range(5):
         opt.step(), sched.step()
@@ -264,9 +266,11 @@ def test_adamw_beta2_epsilon_and_scheduler_steps_are_used():
 
 def test_retrieve_only_evaluates_retrieval_without_running_the_reader(lapdog_setup, monkeypatch, tmp_path):  # noqa: F811
     import json
-    from src.distributed import DistInfo
-    from src.evaluation import evaluate
-    from test_objectives import BruteForceRetrieval
+
+    from helpers import BruteForceRetrieval
+
+    from src.evaluation.generation import evaluate
+    from src.infra.distributed import DistInfo
     reader, retriever, stories = lapdog_setup
     opts = make_opts("--retrieve_only", "--retriever_n_context", "3", "--per_gpu_eval_batch_size", "2")
     model = LapdogModel(reader, retriever, opts)
@@ -284,10 +288,11 @@ def test_retrieve_only_evaluates_retrieval_without_running_the_reader(lapdog_set
     assert len(rows) == 3 and all("generation" not in r and len(r["passages"]) == 3 for r in rows)
 
 
-def test_retrieve_only_is_refused_by_train_py_and_without_retrieval():
-    import train
-    from src.errors import UsageError
-    with pytest.raises(UsageError, match="--retrieve_only: is an evaluation mode"):
-        train.main(["--retrieve_only", "--passages", "x"])
+def test_retrieve_only_is_refused_by_train_py_and_without_retrieval(capsys):
+    from helpers import run_entry
+
+    from src.infra.errors import UsageError
+    assert run_entry("train.py", ["--retrieve_only", "--passages", "x"]) == 2
+    assert "error: --retrieve_only: is an evaluation mode" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--retrieve_only: needs retrieval"):
         make_opts("--retrieve_only", "--closed_book")

@@ -12,31 +12,17 @@ import random
 
 import pytest
 import torch
+from helpers import make_opts, sample_data
 
-from conftest import TINY_READER
-from src.data import encoder_inputs, reader_query
-from src.lapdog import LapdogModel, make_batch
-from src.posterior import PosteriorStories
-from src.reader import FiDReader, dropout_disabled
-from src.rewards import grpo_reward, scale_tuple
-from test_objectives import make_opts, sample_data
+from src.data.posterior import PosteriorStories
+from src.data.prompts import encoder_inputs, reader_query
+from src.model.lapdog import LapdogModel
+from src.model.reader import FiDReader, dropout_disabled
+from src.objectives.rewards import grpo_reward, scale_tuple
+from src.run.batch import make_batch
 
 SEEDS = [int(s) for s in os.environ.get("LEARNING_SEEDS", "0").split()]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sample_vocab_reader_dir(tmp_path_factory):
-    """A tiny random T5 whose vocabulary is the sample data's word pieces (2.8k, not 29.6k)."""
-    from scripts.build_small_models import build_reader, build_reader_tokenizer, jsonl_texts
-    from conftest import SAMPLE
-
-    tok = build_reader_tokenizer(vocab_texts=jsonl_texts([os.path.join(SAMPLE, f) for f in
-                                                          ("train.jsonl", "valid.jsonl", "stories.jsonl")]))
-    out = str(tmp_path_factory.mktemp("sample_vocab_reader"))
-    build_reader(tok, seed=0, **TINY_READER).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
 
 class PosteriorOnly:
@@ -62,10 +48,10 @@ _READERS, _COPYING = {}, {}
 
 def posterior_sft(reader_dir, seed, steps, lr=3e-3, fact_swap=0.0, pointer_generator=False):
     """A fresh copy of the tiny reader (with the copy head if asked) after ``steps`` SFT steps
-    (batch 16, AdamW) with each reply's posterior story fused (src/posterior.py: the story sharing
+    (batch 16, AdamW) with each reply's posterior story fused (src/data/posterior.py: the story sharing
     the most idf-weighted words with the reply; no relevance label), its fact swapped for a random
     rare word in a ``fact_swap`` fraction of the examples."""
-    from src.posterior import FactSwap
+    from src.data.posterior import FactSwap
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -124,7 +110,7 @@ def test_reader_trained_with_posterior_stories_uses_them(sample_vocab_reader_dir
     Measured, relevant − random (mean reward over 96 examples), seeds 0 / 1 / 2: 1 thread 0.126 /
     0.123 / 0.228; 2 threads 0.226 / 0.073 / 0.172. The margin asserted (0.04) is about half the
     smallest. It is the topic the reader reads (a same-topic story scores like the relevant one:
-    scripts/reading_probe.py), which is what 150 steps of a 64-wide reader learn."""
+    research/probes/reading_probe.py), which is what 150 steps of a 64-wide reader learn."""
     reader = reading_reader(sample_vocab_reader_dir, seed)
     opts = make_opts("--text_maxlength", "192")
     rows, relevant, stories = held_out_with_story()
@@ -139,14 +125,14 @@ def test_reader_trained_with_posterior_stories_uses_them(sample_vocab_reader_dir
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reader_dir, seed):
-    """Same tiny reader, same 200 fact-swap steps, with and without the copy head (src/pointer.py):
+    """Same tiny reader, same 200 fact-swap steps, with and without the copy head (src/model/pointer.py):
     on held-out valid examples whose relevant story has its fact replaced by a random rare word, the
     share of greedy replies that contain that word. Only copying gets it.
 
     Measured (copy head; the plain reader gave 0.000 every time), seeds 0 / 1 / 2, of 91 swapped
     facts: 1 thread 0.165 / 0.154 / 0.110; 2 threads 0.198 / 0.187 / 0.132. The margin asserted
     (0.05) is about half the smallest."""
-    from scripts.reading_probe import fact_copy_rate
+    from src.evaluation.reading import fact_copy_rate
 
     train, _, stories = sample_data()
     rows, relevant, _ = held_out_with_story()
@@ -160,7 +146,7 @@ def test_copy_head_makes_the_reader_copy_facts_from_its_story(sample_vocab_reade
 
 def retriever_recall(retriever, passage_emb, rows_of_valid, queries_valid):
     """(recall@1, recall@5) over all stories of the valid examples' relevant stories."""
-    from src.retriever import retrieval_scores
+    from src.model.retriever import retrieval_scores
 
     with torch.no_grad():
         q = retriever.embed_texts(queries_valid, batch_size=64, max_length=128)
@@ -181,12 +167,12 @@ def evidence_trained_retriever(reader, retriever_dir, seed, steps=100, n_train=4
     frozen passage embeddings)."""
     import copy
 
-    from src import grpo
-    from src.data import reader_target, retriever_passage_text, split_persona_context
-    from src.gold_scores import evidence_scores
-    from src.posterior import KnowledgeWords
-    from src.reader import dropout_disabled as no_dropout
-    from src.retriever import Retriever, retrieval_scores
+    from src.data.posterior import KnowledgeWords
+    from src.data.prompts import reader_target, retriever_passage_text, split_persona_context
+    from src.model.gold_scores import evidence_scores
+    from src.model.reader import dropout_disabled as no_dropout
+    from src.model.retriever import Retriever, retrieval_scores
+    from src.objectives import retriever_losses
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -223,7 +209,7 @@ def evidence_trained_retriever(reader, retriever_dir, seed, steps=100, n_train=4
                                  fact, opts)[0]
             cache.update({(i, r): v for r, v in zip(rows, ev.tolist())})
         evidence = torch.tensor([[cache[(i, r)] for r in row] for i, row in zip(picks, top.tolist())])
-        loss, _ = grpo.pool_posterior_loss(logp, logp.detach(), None, evidence, temperature, 0.0)
+        loss, _ = retriever_losses.pool_posterior_loss(logp, logp.detach(), None, evidence, temperature, 0.0)
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -255,8 +241,8 @@ def test_evidence_posterior_raises_held_out_recall(sample_vocab_reader_dir, mini
 
 def top1_story_reward(reader, retriever, passages):
     """Mean reward of the greedy replies on all of valid, each with its top-1 story fused."""
-    from src.data import split_persona_context
-    from src.retriever import retrieval_scores
+    from src.data.prompts import split_persona_context
+    from src.model.retriever import retrieval_scores
 
     _, valid, stories = sample_data()
     with torch.no_grad():
@@ -284,10 +270,11 @@ def test_lapdog_stage2_raises_held_out_recall_and_reward(sample_vocab_reader_dir
     the same process, the 2-thread ones ran alone; seed 1 at 2 threads after the evidence test gave
     0.496 / 0.635, 0.459 -> 0.552 (repeat runs of either order reproduce themselves; what state
     carries over is not identified, the margins hold on both)."""
-    from src.distributed import DistInfo
-    from src.retrieval import StoryRetrieval
-    from src.retriever import Retriever
-    from test_objectives import frozen_copy
+    from helpers import frozen_copy
+
+    from src.infra.distributed import DistInfo
+    from src.model.retriever import Retriever
+    from src.retrieval.stories import StoryRetrieval
 
     reader = copying_reader(sample_vocab_reader_dir, seed)  # before seeding: cached or not, the same RNG state after
     torch.manual_seed(seed)
@@ -321,7 +308,7 @@ def test_lapdog_stage2_raises_held_out_recall_and_reward(sample_vocab_reader_dir
         exs = rng.sample(train, 32)
         b = make_batch(exs, [ex["answers"][0] for ex in exs], reader, retrieval, retriever, opts, rng, model.device,
                        step=step)
-        loss, stats, _ = model("lapdog", b, step=step)
+        loss, stats, _, _ = model("lapdog", b, step=step)
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -7,9 +7,21 @@ import sys
 
 import pytest
 
-from src.metrics import (STANDARD_KEYS, compute_metrics, compute_standard_metrics, distinct_n,
-                         format_metrics, nltk_corpus_bleu, rouge_score_f, squad_f1, squad_normalize,
-                         strip_speaker)
+from src.data.prompts import strip_speaker
+from src.evaluation.metrics import (
+    STANDARD_KEYS,
+    compute_metrics,
+    compute_standard_metrics,
+    distinct_n,
+    format_metrics,
+    generic_share,
+    has_repeat,
+    nltk_corpus_bleu,
+    per_example_scores,
+    rouge_score_f,
+    squad_f1,
+    squad_normalize,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "compute_metrics.py")
@@ -21,6 +33,22 @@ def test_strip_speaker_and_normalize():
     assert squad_normalize("An apple") == "apple"
     # articles only as whole words
     assert squad_normalize("theatre answer") == "theatre answer"
+
+
+def test_repetition_and_generic_share_by_hand():
+    assert has_repeat("i'm a a a lot") and has_repeat("no no no") and not has_repeat("a a b a a")
+    assert not has_repeat("") and not has_repeat("a a") and has_repeat("x y y", times=2)
+    assert generic_share([]) == 0.0 and generic_share(["hi .", "hi . ", "ok"]) == pytest.approx(2 / 3)
+    m = compute_metrics(["a a a b", "hi", "hi"], ["x", "y", "z"])
+    assert m["repeat3"] == pytest.approx(100 / 3) and m["generic"] == pytest.approx(200 / 3)
+
+
+def test_per_example_scores_average_to_the_corpus_metrics():
+    gens, refs = ["i like dogs .", "R: hello there", "", "the cat"], ["i like cats .", "hi there", "x", "a cat"]
+    pe, m = per_example_scores(gens, refs), compute_metrics(gens, refs)
+    # "i like dogs" vs "i like cats": 2 of 3 tokens each way -> F1 2/3; empty prediction -> 0
+    assert pe["f1"][0] == pytest.approx(200 / 3) and pe["f1"][2] == 0.0 and pe["rougeL"][2] == 0.0
+    assert sum(pe["f1"]) / 4 == pytest.approx(m["f1"]) and sum(pe["rougeL"]) / 4 == pytest.approx(m["rougeL"])
 
 
 def test_squad_f1_by_hand():
@@ -196,10 +224,11 @@ def test_script_bad_json_exits_2(tmp_path):
     ('[1, 2]', ":1", "not a JSON object"),
 ])
 def test_script_bad_inputs_in_process(tmp_path, capsys, content, where, problem):
-    import compute_metrics as cm
+    from helpers import run_entry
+
     path = tmp_path / "r.jsonl"
     if content is not None:
         path.write_text(content + "\n", encoding="utf-8")
-    assert cm.main([str(path)]) == 2
+    assert run_entry("compute_metrics.py", [path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}{where}: ") and problem in err[0]

@@ -5,8 +5,9 @@ import shutil
 
 import torch
 
-from src import options, provenance
-from src.model_card import write_model_cards
+from src.cli import options
+from src.infra import provenance
+from src.run.model_card import write_model_cards
 
 
 def checkpoint_like(tmp_path, tiny_models, argv, parts=("reader", "retriever")):
@@ -32,8 +33,8 @@ JOINT = ["--train_data", "t.jsonl", "--passages", "p.jsonl", "--reader_rl_learni
 
 
 def test_cards_describe_the_checkpoint_and_their_code_runs(tmp_path, tiny_models):
-    from src.reader import FiDReader
-    from src.retriever import Retriever, retrieval_scores
+    from src.model.reader import FiDReader
+    from src.model.retriever import Retriever, retrieval_scores
 
     folder, opts = checkpoint_like(tmp_path, tiny_models, JOINT)
     write_model_cards(str(folder), opts, 7, {"eval/valid/f1": 12.5, "eval/valid/recall@1": 3.0})
@@ -71,13 +72,13 @@ def test_stage1_card_without_retriever_or_evaluation(tmp_path, tiny_models):
 
 
 def test_card_of_a_reader_with_a_copy_head_runs_through_this_repository(tmp_path, tiny_models):
-    from src.reader import FiDReader
+    from src.model.reader import FiDReader
 
     folder, opts = checkpoint_like(tmp_path, tiny_models, JOINT, parts=())
     FiDReader.from_pretrained(tiny_models["reader"], pointer_generator=True).save_pretrained(str(folder / "reader"))
     write_model_cards(str(folder), opts, 7)
     md = folder / "reader" / "README.md"
-    assert "copy head" in md.read_text() and "from src.reader import FiDReader" in md.read_text()
+    assert "copy head" in md.read_text() and "from src.model.reader import FiDReader" in md.read_text()
     scope = card_code(md, folder / "reader")
     reader = FiDReader.from_pretrained(str(folder / "reader")).eval()
     assert reader.copies

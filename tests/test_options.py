@@ -2,8 +2,9 @@
 
 import pytest
 
-from src import options
-from src.errors import UsageError
+from src.cli import options
+from src.infra.errors import UsageError
+from src.objectives import schedule
 
 BASE = ["--train_data", "t.jsonl", "--passages", "p.jsonl"]
 GRPO = BASE + ["--reader_rl_learning", "--use_grpo"]
@@ -101,9 +102,9 @@ def test_explicit_options():
 
 
 def test_retriever_frozen_at_is_the_one_freeze_test():
-    from src.lapdog import training_kind
+    from src.objectives.schedule import training_kind
     o = parsed(BASE + ["--train_retriever", "--freeze_retriever_steps", "3"])
-    assert [options.retriever_frozen_at(o, s) for s in range(5)] == [True, True, True, False, False]
+    assert [schedule.retriever_frozen_at(o, s) for s in range(5)] == [True, True, True, False, False]
     assert [training_kind(o, s) for s in (2, 3)] == ["sft", "lapdog"]
     never = parsed(BASE + ["--train_retriever"])  # the default -1: trained from step 0
-    assert not options.retriever_frozen_at(never, 0)
+    assert not schedule.retriever_frozen_at(never, 0)

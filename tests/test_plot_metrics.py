@@ -1,10 +1,13 @@
-"""scripts/plot_metrics.py: reading metrics.jsonl (repeats, NaN, truncation), panel choice, PNGs."""
+"""src/evaluation/plots.py and scripts/plot_metrics.py: reading metrics.jsonl (repeats, NaN,
+truncation), panel choice, PNGs, the command line's one-line errors."""
 import json
 import os
 
 import pytest
+from helpers import run_script
 
-from scripts import plot_metrics as pm
+from src.evaluation import plots as pm
+from src.infra.errors import UsageError
 
 
 def _write_run(d, rows, tail=""):
@@ -76,17 +79,18 @@ def test_plot_runs_overlays_runs_with_different_keys(tmp_path):
     assert "reader loss (CE, or the GRPO surrogate)" in panels and "eval valid: F1" in panels and "retriever loss" not in panels
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    with pytest.raises(pm.UsageError, match="labels"):
+    with pytest.raises(UsageError, match="labels"):
         pm.plot_runs([grpo, control], str(out), labels=["only one"])
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert pm.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "metrics.jsonl" in err[0]
+def test_cli_errors_are_one_line(tmp_path):
+    rc, _, err = run_script("scripts/plot_metrics.py", tmp_path / "missing", "--out", tmp_path / "x.png")
+    err = err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "metrics.jsonl" in err[0]
     run = _write_run(tmp_path / "r", [{"step": 1, "loss/reader": 1.0}])
-    assert pm.main([run, "--out", str(tmp_path / "x.png"), "--keys", "kl/*"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "kl/*" in err[0]
-    assert pm.main([run, "--out", str(tmp_path / "x.png"), "--keys", "loss/*", "--title", "t"]) == 0
+    rc, _, err = run_script("scripts/plot_metrics.py", run, "--out", tmp_path / "x.png", "--keys", "kl/*")
+    err = err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "kl/*" in err[0]
+    rc, _, _ = run_script("scripts/plot_metrics.py", run, "--out", tmp_path / "x.png", "--keys", "loss/*", "--title", "t")
+    assert rc == 0
     assert (tmp_path / "x.png").exists()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from scripts.build_small_models import build_reader_tokenizer
-from src.pointer import PointerT5, copy_mixture_logprobs
-from src.reader import FiDReader
+from src.model.build import build_reader_tokenizer
+from src.model.pointer import PointerT5, copy_mixture_logprobs
+from src.model.reader import FiDReader
 
 
 def test_mixture_matches_hand_computed_values():

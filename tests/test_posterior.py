@@ -1,10 +1,10 @@
-"""The posterior story of a reply (src/posterior.py) and its use in supervised reader batches."""
+"""The posterior story of a reply (src/data/posterior.py) and its use in supervised reader batches."""
 
 import json
 import math
 import os
 
-from src.posterior import PosteriorStories
+from src.data.posterior import PosteriorStories
 
 STORIES = [
     {"id": "a", "title": "the dog", "text": "the lee family has a dog named max ."},
@@ -44,7 +44,7 @@ def test_posterior_finds_the_relevant_story_on_sample_data_without_labels():
 def test_fact_swap_replaces_the_shared_fact_everywhere_and_leaves_chit_chat_alone():
     import random
 
-    from src.posterior import FactSwap
+    from src.data.posterior import FactSwap
 
     stories = [{"id": str(i), "title": "the dog", "text": f"the family has a dog named pet{chr(97 + i)} . thanks to it ."}
                for i in range(26)]
@@ -67,20 +67,20 @@ def test_fact_swap_replaces_the_shared_fact_everywhere_and_leaves_chit_chat_alon
 
 
 def test_reading_probe_reports_the_three_fusions(tiny_models):
-    from scripts.reading_probe import probe
+    from src.evaluation.reading import probe
 
     res = probe(os.path.dirname(tiny_models["reader"]), os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "data", "sample"), batch_size=64)
-    assert res["n"] == 137  # valid examples with a relevant story
+    assert res["n"] == 135  # valid examples with a relevant story
     assert set(res) == {"relevant", "same_topic", "random", "n", "fact_copy_rate", "n_swapped"}
     assert all(0 <= res[k]["reward"] <= 3 and 0 <= res[k]["f1"] <= 100 for k in ("relevant", "same_topic", "random"))
-    assert 100 < res["n_swapped"] <= 137 and 0 <= res["fact_copy_rate"] <= 1
+    assert 100 < res["n_swapped"] <= 135 and 0 <= res["fact_copy_rate"] <= 1
 
 
 def test_reading_probe_fact_copy_rate_is_one_for_a_copier_and_zero_for_a_constant(tiny_models, monkeypatch):
     """A 'reader' whose reply is its whole input copies every swapped fact; a constant one none."""
-    from scripts import reading_probe
-    from src.reader import FiDReader
+    from src.evaluation import reading as reading_probe
+    from src.model.reader import FiDReader
 
     sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
     ckpt = os.path.dirname(tiny_models["reader"])
@@ -92,7 +92,7 @@ def test_reading_probe_fact_copy_rate_is_one_for_a_copier_and_zero_for_a_constan
 
 
 def test_knowledge_words_are_rare_in_stories_and_in_dialogues():
-    from src.posterior import FactSwap, KnowledgeWords
+    from src.data.posterior import FactSwap, KnowledgeWords
 
     stories = STORIES + [{"id": str(i), "title": "", "text": f"filler story {i} thanks ."} for i in range(17)]
     # 20 stories: "max"/"rex"/"honda"/"red" are in 1 (idf log 20 >= log 1/0.05), "dog" in 2 (not rare enough:

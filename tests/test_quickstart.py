@@ -5,8 +5,7 @@ import os
 import subprocess
 
 import pytest
-
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.slow

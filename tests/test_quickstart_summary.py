@@ -1,10 +1,12 @@
-"""scripts/quickstart_summary.py: the bar check and the tables over several seeds' output folders."""
+"""src/evaluation/quickstart.py and scripts/quickstart_summary.py: the bar check and the tables over
+several seeds' output folders."""
 
 import json
 
 import pytest
+from helpers import run_script
 
-from scripts.quickstart_summary import ARMS, KEYS, acceptance, across, main
+from src.evaluation.quickstart import ARMS, KEYS, acceptance, across
 
 PASSING = {"before": dict(zip(KEYS, [2.9, 21.2, 20.0, 10.0, 22.0, 0.56, 9.5])),
            "control": dict(zip(KEYS, [2.9, 21.2, 19.5, 10.3, 23.0, 0.57, 9.0])),
@@ -53,9 +55,10 @@ def test_across_tables_mean_std_and_per_run_bar(tmp_path):
     assert "bar met on 1 of 2" in text
 
 
-def test_single_run_ends_with_the_json_line_after_the_bar(tmp_path, capsys):
+def test_single_run_ends_with_the_json_line_after_the_bar(tmp_path):
     out = write_run(tmp_path / "qs", with_value("lapdog", "recall@1", 3.0))
-    assert main([out]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    rc, stdout, _ = run_script("scripts/quickstart_summary.py", out)
+    assert rc == 0
+    lines = stdout.strip().splitlines()
     assert json.loads(lines[-1]) == with_value("lapdog", "recall@1", 3.0)
     assert lines[-2].startswith("project bar (README, Results): missed: lapdog recall@1 3.0")

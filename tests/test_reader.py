@@ -3,58 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import T5Config, T5ForConditionalGeneration
+from helpers import PASSAGES, QUERY, batch_one, eos_bias, tiny_t5
 
-from scripts.build_small_models import build_reader_tokenizer
-from src.errors import UsageError
-from src.reader import FiDReader, dropout_disabled
-
-QUERY = "dialog with R's persona: persona: i like dogs . context:  Q: hi , how are you ? R: <extra_id_0>"
-PASSAGES = [
-    "story title: the pet bug story: oliver was playing in his yard one day .",
-    "story title: big break story: joey had dreams of being a singer .",
-    "story title: rain story: it rained all day and we stayed inside .",
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_reader_tokenizer()
-
-
-def tiny_t5(tokenizer, seed=0, dropout=0.0):
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
-                      num_heads=2, d_kv=16, dropout_rate=dropout, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0)
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
-
-
-@pytest.fixture(scope="module")
-def reader(tokenizer):
-    return FiDReader(tiny_t5(tokenizer), tokenizer)
-
-
-def eos_bias(model, bias):
-    """Forward hook on lm_head that adds ``bias`` to the EOS logit (makes EOS positions testable)."""
-    def hook(module, args, output):
-        output = output.clone()
-        output[..., 1] += bias
-        return output
-
-    return model.lm_head.register_forward_hook(hook)
+from src.infra.errors import UsageError
+from src.model.reader import FiDReader, dropout_disabled
 
 
 def post_process_plain(reader, out):
     """model.generate output -> FiDReader convention (no start token, pad after the first EOS)."""
     return reader._pad_after_eos(out[:, 1:])
-
-
-def batch_one(reader, n=1, b=2):
-    inputs = [[f"{QUERY} {p}" for p in PASSAGES[:n]], [f"{QUERY} hello there {p}" for p in PASSAGES[:n]]][:b]
-    ids, mask = reader.tokenize_inputs(inputs, max_length=64)
-    labels = reader.tokenize_targets(["<extra_id_0> i am good , thanks !", "<extra_id_0> fine"][:b], max_length=16)
-    return ids, mask, labels
 
 
 def test_tokenize_shapes_truncation_and_labels(reader):
@@ -134,7 +91,7 @@ def test_generation_lengths(reader):
 def sample_without_cache(reader, ids, mask, num_samples, max_length, temperature, min_length=0):
     """Reference sampler from the raw inputs: re-runs the encoder and the whole decoder prefix at
     every step (no key/value cache), same per-step maths and RNG draws as ``FiDReader.sample``."""
-    from src import sampling
+    from src.model import sampling
 
     b, n, length = ids.shape
     ids = ids.repeat_interleave(num_samples, 0)
@@ -242,8 +199,8 @@ def test_token_logprobs_match_generation_scores(reader):
 
 def test_token_logprobs_fused_head_equals_full_logits(tokenizer):
     """The chunked projection path (no [R, T, V] logits) gives the log-probs and gradients of
-    the plain path: the model's logits -> grpo.token_logprobs."""
-    from src.grpo import token_logprobs
+    the plain path: the model's logits -> logprobs.token_logprobs."""
+    from src.model.logprobs import token_logprobs
 
     reader = FiDReader(tiny_t5(tokenizer, seed=2), tokenizer)
     ids, mask, _ = batch_one(reader, n=2)

@@ -1,15 +1,16 @@
-"""Issue 11, "never lose a run": non-finite steps, broken `latest`, stale references, resume with
+"""Never lose a run: non-finite steps, broken `latest`, stale references, resume with
 changed options, mismatched evaluation inputs, one error line per user mistake, Ctrl-C, timeouts.
 
 Error paths run train.py / evaluate.py in-process (they stop before any training, so this is fast);
 the cases that need a real process (exit codes under signals, several ranks) use subprocesses.
 """
 
+import errno
 import json
 import logging
 import os
-import re
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -17,19 +18,18 @@ import time
 
 import pytest
 import torch
+from helpers import ENV, PY, ROOT, SAMPLE, free_port, grpo_stage2, run, run_entry, stage1
 
-from conftest import ROOT, SAMPLE
-from test_train import ENV, PY, free_port, grpo_stage2, run, stage1
-
-import evaluate
-import train
-from src import checkpoint, exits, options, preflight, resume, safety
-from src.errors import UsageError
+from src.cli import options, preflight
+from src.infra import exits, safety
+from src.infra.errors import NonFiniteError, UsageError
+from src.run import checkpoint, resume
+from src.run.models import reference_models
 
 
-def main_rc(argv, capsys, fn=None):
+def main_rc(argv, capsys, script="train.py"):
     """(exit status, stderr lines) of train.py (or evaluate.py) run in this process."""
-    rc = train.entry(fn or train.main, [str(a) for a in argv])
+    rc = run_entry(script, argv)
     err = capsys.readouterr().err
     return rc, [ln for ln in err.splitlines() if ln.strip()]
 
@@ -44,7 +44,7 @@ def assert_one_error_line(lines, start):
 def s1(tmp_path_factory, tiny_models):
     """A finished 2-step stage-1 run (checkpoints at steps 1 and 2)."""
     ck = tmp_path_factory.mktemp("rel") / "s1"
-    assert train.entry(train.main, stage1(ck, tiny_models, steps=2, extra=["--save_freq=1"])[1:]) == 0
+    assert run_entry("train.py", stage1(ck, tiny_models, steps=2, extra=["--save_freq=1"])[1:]) == 0
     return ck
 
 
@@ -65,9 +65,9 @@ def test_step_guard_skips_counts_and_stops_after_the_limit():
     # fp16 (GradScaler handles inf gradients itself): only the loss counts
     assert g.check(2, {"grad_norm/retriever": float("inf")}, False, "cpu", check_grads=False)[0]
     g.check(3, {"grad_norm/reader": float("nan")}, False, "cpu")
-    with pytest.raises(safety.NonFiniteError, match=r"^step 5: grad_norm/reader nan for 2 consecutive steps"):
+    with pytest.raises(NonFiniteError, match=r"^step 5: grad_norm/reader nan for 2 consecutive steps"):
         g.check(4, {"grad_norm/reader": float("nan")}, False, "cpu")
-    with pytest.raises(safety.NonFiniteError, match="retriever scores are NaN"):
+    with pytest.raises(NonFiniteError, match="retriever scores are NaN"):
         safety.require_finite(torch.tensor([[0.0, float("-inf"), float("nan")]]), "retriever scores", 1)
     safety.require_finite(torch.tensor([[0.0, float("-inf")]]), "retriever scores", 1)  # -inf = masked, fine
 
@@ -83,11 +83,11 @@ def test_diverging_run_stops_with_exit_3_and_writes_no_checkpoint(tmp_path, tiny
 
 
 def test_nonfinite_weights_are_neither_saved_nor_loaded(tmp_path, tiny_models, capsys):
-    from src.reader import FiDReader
+    from src.model.reader import FiDReader
     reader = FiDReader.from_pretrained(tiny_models["reader"])
     with torch.no_grad():
         next(reader.parameters())[0, 0] = float("nan")
-    with pytest.raises(safety.NonFiniteError, match="refusing to save: reader weight"):
+    with pytest.raises(NonFiniteError, match="refusing to save: reader weight"):
         checkpoint.write_main(str(tmp_path), {"reader": reader}, {}, {"step": 3})
     assert not os.path.exists(tmp_path / "state.pt")
     reader.save_pretrained(str(tmp_path / "bad" / "reader"))
@@ -146,8 +146,8 @@ def test_a_late_error_leaves_nothing_behind(tmp_path, tiny_models, s1, capsys):
 
 
 def test_stale_reference_is_rebuilt_on_a_fresh_start(tmp_path, tiny_models):
-    from src.distributed import DistInfo
-    from src.reader import FiDReader
+    from src.infra.distributed import DistInfo
+    from src.model.reader import FiDReader
     opts, _ = options.parse(["--use_grpo", "--reader_rl_learning", f"--checkpoint_dir={tmp_path}"])
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     a = FiDReader.from_pretrained(tiny_models["reader"])
@@ -155,20 +155,20 @@ def test_stale_reference_is_rebuilt_on_a_fresh_start(tmp_path, tiny_models):
     with torch.no_grad():
         next(b.parameters()).add_(1.0)
     logs = []
-    ref, _ = train.reference_models(opts, a, None, info, taken_from="A", log=logs.append)
-    ref, _ = train.reference_models(opts, a, None, info, taken_from="A", log=logs.append)  # same weights: reused
+    ref, _ = reference_models(opts, a, None, info, taken_from="A", log=logs.append)
+    ref, _ = reference_models(opts, a, None, info, taken_from="A", log=logs.append)  # same weights: reused
     assert "reusing" in logs[-1]
-    ref, _ = train.reference_models(opts, b, None, info, taken_from="B", log=logs.append)
+    ref, _ = reference_models(opts, b, None, info, taken_from="B", log=logs.append)
     assert "was taken from A" in logs[-1] and "rebuilding" in logs[-1]
     assert torch.equal(next(ref.parameters()), next(b.parameters()))
     saved = FiDReader.from_pretrained(str(tmp_path / "reference" / "reader"))
     assert torch.equal(next(saved.parameters()), next(b.parameters()))
     # a resumed run keeps its references whatever its current weights
-    ref, _ = train.reference_models(opts, a, None, info, resumed=True, taken_from="B", log=logs.append)
+    ref, _ = reference_models(opts, a, None, info, resumed=True, taken_from="B", log=logs.append)
     assert torch.equal(next(ref.parameters()), next(b.parameters()))
     shutil.rmtree(tmp_path / "reference")
     with pytest.raises(UsageError, match="missing or incomplete"):
-        train.reference_models(opts, a, None, info, resumed=True, taken_from="B", log=logs.append)
+        reference_models(opts, a, None, info, resumed=True, taken_from="B", log=logs.append)
 
 
 # ------------------------------------------------------------------------ §4 resume, changed options
@@ -210,21 +210,21 @@ def test_evaluate_refuses_mismatched_inputs_before_generating(tmp_path, tiny_mod
     # a results location that cannot be written: refused before any generation
     (tmp_path / "file").write_text("")
     rc, lines = main_rc(ev[1:] + ["--write_results", f"--checkpoint_dir={tmp_path / 'file' / 'out'}"], capsys,
-                        evaluate.main)
+                        "evaluate.py")
     assert rc == 2
     assert_one_error_line(lines, "error: --checkpoint_dir: cannot create")
     # two eval files with one name
     os.makedirs(tmp_path / "other")
     shutil.copy(f"{SAMPLE}/valid.jsonl", tmp_path / "other" / "valid.jsonl")
     rc, lines = main_rc(ev[1:] + ["--eval_data", f"{SAMPLE}/valid.jsonl", str(tmp_path / "other" / "valid.jsonl")],
-                        capsys, evaluate.main)
+                        capsys, "evaluate.py")
     assert rc == 2
     assert_one_error_line(lines, "error: --eval_data: ")
     # a broken options.json
     opts_file = step / "options.json"
     good = opts_file.read_text()
     opts_file.write_text(good[:40])
-    rc, lines = main_rc(ev[1:], capsys, evaluate.main)
+    rc, lines = main_rc(ev[1:], capsys, "evaluate.py")
     assert rc == 2
     assert_one_error_line(lines, f"error: {opts_file}:")
     # trained with retrieval but retriever/ is gone: refused unless a retriever is named
@@ -232,18 +232,18 @@ def test_evaluate_refuses_mismatched_inputs_before_generating(tmp_path, tiny_mod
     saved.update(closed_book=False, retriever_model_path=tiny_models["retriever"])
     opts_file.write_text(json.dumps(saved))
     ret = [f"--passages={SAMPLE}/stories.jsonl", "--max_passages=8", "--retriever_n_context=2"]
-    rc, lines = main_rc(ev[1:] + ret, capsys, evaluate.main)
+    rc, lines = main_rc(ev[1:] + ret, capsys, "evaluate.py")
     assert rc == 2
     assert_one_error_line(lines, "error: --model_path: ")
-    rc = train.entry(evaluate.main, ev[1:] + ret + [f"--retriever_model_path={tiny_models['retriever']}"])
+    rc = run_entry("evaluate.py", ev[1:] + ret + [f"--retriever_model_path={tiny_models['retriever']}"])
     assert rc == 0 and f"retriever: {tiny_models['retriever']}" in capsys.readouterr().out
 
 
 def test_loaded_index_must_match_corpus_and_retriever(tmp_path, tiny_models):
-    from src.data import load_passages
-    from src.distributed import DistInfo
-    from src.retrieval import StoryRetrieval
-    from src.retriever import Retriever
+    from src.data.dialogues import load_passages
+    from src.infra.distributed import DistInfo
+    from src.model.retriever import Retriever
+    from src.retrieval.stories import StoryRetrieval
     stories = load_passages(f"{SAMPLE}/stories.jsonl", 16)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     retriever = Retriever.from_pretrained(tiny_models["retriever"])
@@ -314,7 +314,7 @@ def test_disk_full_timeouts_and_interrupts_map_to_one_line(capsys):
 
 
 def test_invalid_json_message_has_no_at_at(tmp_path):
-    from src.data import load_dialogues
+    from src.data.dialogues import load_dialogues
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"question": "unterminated\n')
     with pytest.raises(UsageError) as e:
@@ -332,7 +332,9 @@ def test_error_is_printed_once_under_two_processes(tmp_path):
 
 # ----------------------------------------------------------------------------------- §7 the rest
 
-def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path, tiny_models):
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path, tiny_models, sig, name):
+    """SIGTERM (a scheduler's preemption, `kill`) used to end the run at once without saving."""
     ck = tmp_path / "int"
     cmd = [PY] + stage1(ck, tiny_models, steps=10000, extra=["--save_freq=0"])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -340,10 +342,13 @@ def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path, tiny_models):
     for line in iter(proc.stdout.readline, ""):
         if re.search(r"\bstep 2(/\d+)? \|", line) or time.time() > deadline:  # "step 2/10000 | ..."
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("interrupted: Ctrl-C: stopped after step"), err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted: {name}: stopped after step"), err
+    assert "Traceback" not in err
+    assert f"interrupted: {name}: stopped after step" in (ck / "run.log").read_text()  # the last line, also logged
+    assert not os.path.exists(ck / "run.lock")
     latest = checkpoint.resolve_resume(str(ck), clean=False)[0]
     assert latest and checkpoint.is_complete(latest)
     # every file of a checkpoint is readable like the rest (safetensors writes 0600)
@@ -351,6 +356,23 @@ def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path, tiny_models):
     mask = os.umask(0)
     os.umask(mask)
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+@pytest.mark.parametrize("sig, name, delay", [(signal.SIGINT, "Ctrl-C", 1.0), (signal.SIGTERM, "SIGTERM", 5.0)])
+def test_a_signal_while_starting_is_one_line_and_leaves_nothing(tmp_path, tiny_models, sig, name, delay):
+    """Ctrl-C during the start (torch loading; then data, models) used to print a traceback."""
+    ck = tmp_path / "start"
+    proc = subprocess.Popen([PY] + stage1(ck, tiny_models, steps=10000), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith(f"interrupted: {name}") and sum(ln.startswith("interrupted:") for ln in lines) == 1
+    if not os.path.exists(ck / "run.log"):  # stopped before writing: no folder, no lock left
+        assert not os.path.exists(ck), os.listdir(ck)
+    assert not os.path.exists(ck / "run.lock")
 
 
 def test_dist_timeout_ends_a_rank_that_waits_for_a_missing_peer(tmp_path):
@@ -382,8 +404,8 @@ def test_keep_last_n_checkpoints(tmp_path):
 
 
 def test_warnings_for_suspicious_inputs(tmp_path, tiny_models):
-    from src.data import clip_for_tokenizer, load_dialogues
-    from src.reader import FiDReader
+    from src.data.dialogues import clip_for_tokenizer, load_dialogues
+    from src.model.reader import FiDReader
     d = tmp_path / "d.jsonl"
     huge = "persona: a. context: Q: " + "hello world " * 20000
     d.write_text(json.dumps({"question": "persona: a. context: Q: hi", "answers": [""]}) + "\n"
@@ -407,3 +429,287 @@ def test_warnings_for_suspicious_inputs(tmp_path, tiny_models):
     full = reader.tokenizer([huge], truncation=True, max_length=16)["input_ids"]
     ids, _ = reader.tokenize_inputs([[huge]], 16)
     assert ids[0, 0].tolist() == full[0]
+
+
+# ------------------------------------------------------------------ §8 one writer, exact resume, one line for every fault
+
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[1]); from src.infra.lock import RunLock; "
+             "RunLock(sys.argv[2], command='train.py (the other run)').acquire(); print('locked', flush=True); "
+             "time.sleep(120)")
+
+
+def hold_lock(folder):
+    """A process holding `folder`'s run lock, as a running training does."""
+    proc = subprocess.Popen([PY, "-c", HOLD_LOCK, ROOT, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, tiny_models, s1, capsys):
+    """Two trainings in one --checkpoint_dir used to both run and interleave metrics.jsonl."""
+    ck = copy_run(s1, tmp_path / "run")
+    argv = stage1(ck, tiny_models, steps=3, extra=["--save_freq=1"])[1:]
+    metrics_before = (ck / "metrics.jsonl").read_text()
+    other = hold_lock(ck)
+    try:
+        rc, lines = main_rc(argv, capsys)
+        assert rc == 2
+        assert_one_error_line(lines, f"error: --checkpoint_dir: {ck} is in use by another run (pid {other.pid} on ")
+        assert "train.py (the other run)" in lines[-1] and "lock" in lines[-1]
+        assert (ck / "metrics.jsonl").read_text() == metrics_before  # nothing touched
+        assert not os.path.exists(ck / "checkpoint" / "step-3")
+    finally:
+        other.kill()
+        other.wait()
+    # the holder died (SIGKILL: no cleanup): its lock is taken over, the run goes on and says so
+    rc, _ = main_rc(argv, capsys)
+    assert rc == 0 and os.path.isdir(ck / "checkpoint" / "step-3")
+    assert f"took over {ck / 'run.lock'} from a run that is no longer running (pid {other.pid}" in \
+        (ck / "run.log").read_text()
+    assert not os.path.exists(ck / "run.lock")  # given back at the end
+    # ... and on a refused start (a changed option): no lock left behind either
+    rc, _ = main_rc(argv + ["--lr=0.5"], capsys)
+    assert rc == 2 and not os.path.exists(ck / "run.lock")
+
+
+def test_without_flock_a_stale_owner_file_is_taken_over_and_a_live_one_refused(tmp_path, monkeypatch):
+    """On a file system without flock the owner file decides: pid alive (and started when the file
+    says) on this host: refused; dead: taken over; another host: refused with the file to delete."""
+    import errno
+    import fcntl
+    import json as json_
+
+    from src.infra import lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    d = tmp_path / "run"
+    d.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        owner = {"pid": sleeper.pid, "host": lock.socket.gethostname(), "started": "x",
+                 "process_start": lock._process_start(sleeper.pid)}
+        (d / "run.lock").write_text(json_.dumps(owner))
+        with pytest.raises(UsageError, match=f"in use by another run \\(pid {sleeper.pid} on "):
+            lock.RunLock(str(d)).acquire()
+        (d / "run.lock").write_text(json_.dumps(dict(owner, process_start=owner["process_start"] - 1)))
+        held = lock.RunLock(str(d))  # the pid was reused by a later process: stale
+        assert "no longer running" in held.acquire()[0]
+        held.release()
+        (d / "run.lock").write_text(json_.dumps(dict(owner, host="elsewhere")))
+        with pytest.raises(UsageError, match="if that run is over, delete"):
+            lock.RunLock(str(d)).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (d / "run.lock").write_text(json_.dumps(owner))  # now dead
+    held = lock.RunLock(str(d))
+    assert "no longer running" in held.acquire()[0]
+    held.release()
+    assert not os.path.exists(d / "run.lock")
+
+
+def test_resume_refuses_every_changed_option_models_and_data_included(tmp_path, tiny_models, s1, capsys):
+    """A new --model_path / --reader_model_type used to be ignored, and other data of the same size,
+    another --text_maxlength or --dropout applied, without a word."""
+    ck = copy_run(s1, tmp_path / "run")
+    base = stage1(ck, tiny_models, steps=3, extra=["--save_freq=1"])[1:]
+    lines_of = open(f"{SAMPLE}/train.jsonl").readlines()
+    swapped = tmp_path / "swapped.jsonl"  # the same size, other contents
+    swapped.write_text("".join([lines_of[1], lines_of[0], *lines_of[2:]]))
+    assert os.path.getsize(swapped) == os.path.getsize(f"{SAMPLE}/train.jsonl")
+    other_reader = tmp_path / "other_reader"
+    shutil.copytree(tiny_models["reader"], other_reader)
+    for extra, shown in [([f"--train_data={swapped}"], f"train_data ['{SAMPLE}/train.jsonl'] -> ['{swapped}']: "
+                                                        "other contents (sha256 "),
+                         (["--text_maxlength=64"], "text_maxlength 96 -> 64"),
+                         (["--dropout=0.2"], "dropout 0.1 -> 0.2"),
+                         ([f"--reader_model_type={other_reader}"], "reader_model_type "),
+                         ([f"--model_path={s1 / 'checkpoint' / 'step-1'}"], "model_path None -> ")]:
+        rc, lines = main_rc(base + extra, capsys)
+        assert rc == 2, extra
+        assert_one_error_line(lines, f"error: --checkpoint_dir: resuming {ck / 'checkpoint' / 'step-2'} with changed "
+                                     "options (")
+        assert shown in lines[-1] and "--allow_option_changes" in lines[-1], (extra, lines[-1])
+    assert "(a resume ignores it: the weights come from the checkpoint)" in lines[-1]
+    # the same contents under another path: not a change
+    same = tmp_path / "same.jsonl"
+    shutil.copy(f"{SAMPLE}/train.jsonl", same)
+    rc, _ = main_rc(stage1(ck, tiny_models, steps=3, extra=["--save_freq=1", f"--train_data={same}",
+                                                              "--log_freq=2", "--name=renamed"])[1:], capsys)
+    assert rc == 0
+    # --allow_option_changes: applied (or, for the weights' source, ignored) with one warning each
+    rc, _ = main_rc(stage1(ck, tiny_models, steps=4, extra=["--save_freq=1", f"--train_data={swapped}",
+                                                              f"--reader_model_type={other_reader}",
+                                                              "--allow_option_changes"])[1:], capsys)
+    assert rc == 0
+    log = (ck / "run.log").read_text()
+    assert f"warning: resume applies a changed option: train_data ['{same}'] -> ['{swapped}']: other contents" in log
+    assert f"warning: resume ignores a changed option: reader_model_type {tiny_models['reader']} -> {other_reader}" in log
+    saved = json.load(open(ck / "checkpoint" / "step-4" / "options.json"))
+    assert len(saved["run_info"]["data"]["train_data"][0]) == 64  # the SHA-256 of the contents
+
+
+def _fails_writing(monkeypatch, target, match, exc):
+    """Make `target` (module, attribute) raise `exc` when its first argument's path contains `match`."""
+    module, name = target
+    real = getattr(module, name)
+
+    def failing(*args, **kwargs):
+        where = " ".join(str(a) for a in args[:3]) + " " + " ".join(str(v) for v in kwargs.values())
+        if match in where:
+            raise exc
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, failing)
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_path, tiny_models, capsys, monkeypatch):
+    """torch.save, safetensors, the tokenizers library and logging each report a full disk their own
+    way; they used to end the run with a traceback (exit 1), or go on after a logging traceback."""
+    import safetensors
+    import transformers.modeling_utils
+
+    from src.infra import tracking
+    from src.model.reader import FiDReader
+    cases = [
+        ("state", (torch, "save"), "state.pt",
+         RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+         "state.pt: no space left on device — "),
+        ("weights", (transformers.modeling_utils, "safe_save_file"), "model.safetensors",
+         safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+         "reader: no space left on device — "),
+        ("tokenizer", (type(FiDReader.from_pretrained(tiny_models["reader"]).tokenizer), "_save_pretrained"), "reader",
+         Exception("No space left on device (os error 28)"), "reader: no space left on device — "),
+        ("read-only", (transformers.modeling_utils, "safe_save_file"), "model.safetensors",
+         safetensors.SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)"),
+         "reader: cannot write (read-only file system) — "),
+    ]
+    for name, target, match, exc, expected in cases:
+        with monkeypatch.context() as m:
+            _fails_writing(m, target, match, exc)
+            rc, lines = main_rc(stage1(tmp_path / name, tiny_models, steps=1)[1:], capsys)
+        assert rc == 2, (name, lines)
+        assert_one_error_line(lines, f"error: {tmp_path / name / 'checkpoint' / '.tmp-step-1'}")
+        assert expected in lines[-1], (name, lines[-1])
+        assert lines[-1] in (tmp_path / name / "run.log").read_text()  # the ending line is in run.log too
+        assert not os.path.exists(tmp_path / name / "checkpoint" / "step-1")
+        assert not os.path.exists(tmp_path / name / "run.lock")
+
+    # the file system turns read-only mid-run: run.log's next line fails (logging used to print a
+    # traceback per line and go on), then metrics.jsonl
+    class ReadOnly:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    real_open = tracking._RunLogHandler._open
+    with monkeypatch.context() as m:
+        m.setattr(tracking._RunLogHandler, "_open", lambda self: ReadOnly(real_open(self)))
+        rc, lines = main_rc(stage1(tmp_path / "ro", tiny_models, steps=1)[1:], capsys)
+    assert rc == 2
+    assert_one_error_line(lines, f"error: {tmp_path / 'ro' / 'run.log'}: cannot write (read-only file system) — ")
+    real_file_open = open
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", lambda f, mode="r", *a, **k: ReadOnly(real_file_open(f, mode, *a, **k))
+                  if str(f).endswith("metrics.jsonl") and "a" in mode else real_file_open(f, mode, *a, **k))
+        rc, lines = main_rc(stage1(tmp_path / "ro2", tiny_models, steps=1)[1:], capsys)
+    assert rc == 2
+    assert_one_error_line(lines, f"error: {tmp_path / 'ro2' / 'metrics.jsonl'}: cannot write (read-only file system)")
+
+
+def test_damaged_or_nonfinite_references_are_refused_at_load(tmp_path, tiny_models, s1, capsys):
+    """A truncated reference/reader/model.safetensors used to be a traceback; NaN weights in
+    reference/retriever went unchecked: 5 skipped steps, then advice to lower --lr."""
+    from safetensors.torch import load_file, save_file
+    ck = tmp_path / "g"
+    argv = grpo_stage2(ck, tiny_models, s1 / "checkpoint" / "step-2", steps=1, extra=["--max_passages=8"])[1:]
+    assert run_entry("train.py", argv) == 0
+    resume_argv = grpo_stage2(ck, tiny_models, s1 / "checkpoint" / "step-2", steps=2, extra=["--max_passages=8"])[1:]
+    reader_file = ck / "reference" / "reader" / "model.safetensors"
+    good = reader_file.read_bytes()
+    reader_file.write_bytes(good[:1000])
+    rc, lines = main_rc(resume_argv, capsys)
+    assert rc == 2
+    assert_one_error_line(lines, f"error: {ck / 'reference' / 'reader'}: cannot load the model weights")
+    reader_file.write_bytes(good)
+    ret_file = ck / "reference" / "retriever" / "model.safetensors"
+    tensors = load_file(ret_file)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, ret_file)
+    rc, lines = main_rc(resume_argv, capsys)
+    assert rc == 2
+    assert_one_error_line(lines, f"error: {ret_file}: retriever weight ")
+    assert f"{name}' holds NaN/inf — " in lines[-1]
+    assert "lower --lr" not in lines[-1] and not os.path.exists(ck / "checkpoint" / "step-2")
+
+
+def test_a_truncated_index_shard_is_one_line(tmp_path, tiny_models, s1, capsys):
+    ev = ["evaluate.py", f"--model_path={s1 / 'checkpoint' / 'step-2'}", f"--eval_data={SAMPLE}/valid.jsonl",
+          "--max_eval_examples=2", f"--passages={SAMPLE}/stories.jsonl", "--max_passages=8", "--retriever_n_context=2",
+          f"--retriever_model_path={tiny_models['retriever']}", f"--checkpoint_dir={tmp_path / 'ev'}"]
+    assert run_entry("evaluate.py", ev[1:] + [f"--save_index_path={tmp_path / 'ix'}"]) == 0
+    shard = next(p for p in (tmp_path / "ix").iterdir() if p.name != "meta.json")
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    for script, argv in (("evaluate.py", ev[1:]),
+                         ("train.py", grpo_stage2(tmp_path / "g", tiny_models, s1 / "checkpoint" / "step-2",
+                                                  extra=["--max_passages=8"])[1:])):
+        rc, lines = main_rc(argv + [f"--load_index_path={tmp_path / 'ix'}"], capsys, script)
+        assert rc == 2, script
+        assert_one_error_line(lines, "error: --load_index_path: ")
+        assert f"cannot load the index in {shard} (" in lines[-1] and "--save_index_path" in lines[-1], lines
+
+
+def test_query_side_checkpoint_without_its_passage_side_is_refused(tmp_path, tiny_models, s1, capsys):
+    """Its retriever/ is the trained query side; embedding the stories with it (what evaluate.py
+    did when passage_retriever/ was missing) scores them against the wrong encoder, silently."""
+    step = copy_run(s1 / "checkpoint" / "step-2", tmp_path / "step-2")
+    shutil.copytree(tiny_models["retriever"], step / "retriever")
+    saved = json.loads((step / "options.json").read_text())
+    saved.update(closed_book=False, train_retriever=True, query_side_retriever_training=True,
+                 retriever_model_path=tiny_models["retriever"])
+    (step / "options.json").write_text(json.dumps(saved))
+    ev = [f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=2",
+          f"--passages={SAMPLE}/stories.jsonl", "--max_passages=8", "--retriever_n_context=2"]
+    rc, lines = main_rc(ev, capsys, "evaluate.py")
+    assert rc == 2
+    assert_one_error_line(lines, f"error: --model_path: '{step}' was trained query-side")
+    assert "--passage_retriever_path" in lines[-1]
+    assert run_entry("evaluate.py", ev + [f"--passage_retriever_path={tiny_models['retriever']}"]) == 0
+    captured = capsys.readouterr()
+    assert f"stories embedded by {tiny_models['retriever']}" in captured.out
+    assert "\r" not in captured.err  # no embedding / evaluation bar where stderr is no terminal
+    shutil.copytree(tiny_models["retriever"], step / "passage_retriever")  # restored: used as before
+    assert run_entry("evaluate.py", ev) == 0
+    rc, lines = main_rc(stage1(tmp_path / "t", tiny_models, steps=1)[1:] + [f"--passage_retriever_path={step}"], capsys)
+    assert rc == 2 and lines[-1].startswith("error: --passage_retriever_path: is an evaluation option")
+
+
+def test_run_log_has_the_ending_line_and_data_warnings_and_a_failed_load_leaves_nothing(tmp_path, tiny_models,
+                                                                                         capsys):
+    """run.log used to lack the error:/interrupted: line that ends a run and the data checks'
+    warnings (printed before it existed); a run failing at model load left run.log and an empty
+    metrics.jsonl."""
+    data = tmp_path / "d.jsonl"
+    rows = [json.loads(x) for x in open(f"{SAMPLE}/train.jsonl")][:8]
+    rows[0]["answers"] = [""]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ck = tmp_path / "ck"
+    argv = stage1(ck, tiny_models, steps=4, extra=[f"--train_data={data}", "--lr=1e10", "--warmup_steps=0",
+                                                   "--max_nonfinite_steps=1"])[1:]
+    rc, lines = main_rc(argv, capsys)
+    assert rc == 3 and lines[-1].startswith("error: step ")
+    log = (ck / "run.log").read_text()
+    assert lines[-1] in log  # the ending line
+    assert f"warning: {data}: 1 example(s) have only empty answers (first: line 1)" in log  # from before run.log
+    # a model that fails to load: nothing written (no run.log, no empty metrics.jsonl, no folder)
+    rc, lines = main_rc(stage1(tmp_path / "bad", tiny_models, steps=1,
+                               extra=[f"--reader_model_type={tmp_path / 'no_such_reader'}"])[1:], capsys)
+    assert rc == 2 and lines[-1].startswith("error: ")
+    assert not os.path.exists(tmp_path / "bad")

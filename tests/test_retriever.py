@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from src.errors import UsageError
-from src.retriever import Retriever, retrieval_scores
+from src.infra.errors import UsageError
+from src.model.retriever import Retriever, retrieval_scores
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,19 @@ import math
 import pytest
 import torch
 
-from src.errors import UsageError
-from src.rewards import (DEFAULT_SCALE, grpo_reward, lapdog_gold_scores, length_penalty,
-                         parse_metric_scale_factors, reply_scores, rouge_l, scale_tuple,
-                         sentence_bleu, token_f1)
+from src.infra.errors import UsageError
+from src.objectives.rewards import (
+    DEFAULT_SCALE,
+    grpo_reward,
+    lapdog_gold_scores,
+    length_penalty,
+    parse_metric_scale_factors,
+    reply_scores,
+    rouge_l,
+    scale_tuple,
+    sentence_bleu,
+    token_f1,
+)
 
 
 def test_sentence_bleu():
@@ -111,7 +120,7 @@ def test_parse_metric_scale_factors_rejects(bad):
 
 
 def test_knowledge_recall_by_hand():
-    from src.rewards import knowledge_recall
+    from src.objectives.rewards import knowledge_recall
 
     r = knowledge_recall(["his name is max , a boxer", "his name is rex", "R: max", "i am fine"],
                          [["boxer", "max"], ["max"], ["max"], []])

@@ -1,9 +1,9 @@
-"""src/sampling.py against hand-computed values and empirical frequencies."""
+"""src/model/sampling.py against hand-computed values and empirical frequencies."""
 
 import pytest
 import torch
 
-from src.sampling import categorical, nucleus
+from src.model.sampling import categorical, nucleus
 
 
 class FixedUniform:

@@ -1,4 +1,4 @@
-"""Stage 2 end to end: the LAPDOG command and the seed's joint GRPO command under the 2-process
+"""Stage 2 end to end: the LAPDOG command and the original LAPDOG-GRPO README's joint GRPO command under the 2-process
 launcher, evaluate.py on a retrieval-augmented checkpoint, and a real-data smoke run."""
 
 import glob
@@ -6,9 +6,7 @@ import json
 import os
 
 import pytest
-
-from conftest import SAMPLE, SHARED_DATA
-from test_train import run, stage1
+from helpers import SAMPLE, SHARED_DATA, run, stage1
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def test_lapdog_stage2_two_processes_then_evaluate(tmp_path, tiny_models, stage1
     # evaluate.py with only --model_path, --eval_data, --passages, --write_results
     p = run(["evaluate.py", f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl",
              f"--passages={SAMPLE}/stories.jsonl", "--write_results"])
-    out = str(step) + ".valid.results.jsonl"
+    out = str(step.parent / f"evaluate-{step.name}.valid.results.jsonl")  # evaluate.py's own name
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == sum(1 for _ in open(f"{SAMPLE}/valid.jsonl"))
     assert {"id", "title", "score"} <= set(rows[0]["passages"][0])
@@ -64,13 +62,13 @@ def test_lapdog_stage2_two_processes_then_evaluate(tmp_path, tiny_models, stage1
     p = run(["evaluate.py", f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=4",
              f"--passages={SAMPLE}/stories.jsonl", "--write_results", "--dont_write_passages",
              f"--checkpoint_dir={tmp_path / 'ev'}", f"--load_index_path={ck / 'index'}"], nproc=2)
-    rows = [json.loads(line) for line in open(tmp_path / "ev" / "results" / "step-2.valid.results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "ev" / "results" / "evaluate-step-2.valid.results.jsonl")]
     assert len(rows) == 4 and "passages" not in rows[0]
 
 
 @pytest.mark.slow
-def test_seed_joint_grpo_command_two_processes(tmp_path, tiny_models, stage1_ckpt):
-    """The seed README's stage-2 command; only model ids, data paths, steps and batch sizes changed."""
+def test_original_joint_grpo_command_two_processes(tmp_path, tiny_models, stage1_ckpt):
+    """The original LAPDOG README's stage-2 command; only model ids, data paths, steps and batch sizes changed."""
     ck = tmp_path / "joint_grpo"
     env_dir = tmp_path / "wandb"
     run(["train.py", "--shuffle", "--per_gpu_batch_size=1", "--accumulation_steps=2", "--total_steps=2",

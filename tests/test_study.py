@@ -1,13 +1,17 @@
-"""scripts/study.py and its helpers: persona split, plan, report tables; the tiny study end to end."""
+"""The study (research/study/): persona split, plan, results.json and RESULTS.md from known numbers;
+the tiny study end to end through research/study/run.py."""
 import json
 import os
-import sys
+import re
 
 import pytest
+from helpers import ROOT, SAMPLE, run_script
 
-from conftest import SAMPLE
-from scripts import study, study_report, study_split
-from src.errors import UsageError
+from research.study import plan as study_plan
+from research.study import report as study_report
+from research.study import split as study_split
+from src.cli import options
+from src.infra.errors import UsageError
 
 
 def _q(persona, context="Q: hi"):
@@ -76,195 +80,159 @@ def test_split_errors(tmp_path):
 
 # ---- plan --------------------------------------------------------------------------------------
 
+PATHS = {"train": "s/train.jsonl", "dev": "s/dev.jsonl", "test": "s/test.jsonl", "stories": "st.jsonl",
+         "index": "out/index", "reader_init": "out/models/reader", "retriever": "out/models/retriever",
+         "reader": "out/pretrained/reader"}
+
+
 def _flag(cmd, name):
     vals = [c.split("=", 1)[1] for c in cmd if c.startswith(f"--{name}=")]
     return vals[-1] if vals else None
 
 
 def test_check_arms():
-    study.check_arms(list(study.DEFAULT_ARMS))
+    study_plan.check_arms(list(study_plan.DEFAULT_ARMS))
     with pytest.raises(UsageError, match="unknown arm"):
-        study.check_arms(["control", "nope"])
+        study_plan.check_arms(["control", "nope"])
     with pytest.raises(UsageError, match="control"):
-        study.check_arms(["grpo"])
-    bad = dict(study.ARMS, greedy={"retrieval": True, "evals": ("retrieval",), "about": "",
-                                   "flags": ["--total_steps=5"]})
+        study_plan.check_arms(["grpo"])
+    bad = dict(study_plan.ARMS, greedy={"config": "configs/grpo.yaml", "about": "", "flags": ["--total_steps=5"]})
     with pytest.raises(UsageError, match="--total_steps"):
-        study.check_arms(["control"], bad)
+        study_plan.check_arms(["control"], bad)
+    missing = dict(study_plan.ARMS, other={"config": "configs/nope.yaml", "about": "", "flags": []})
+    with pytest.raises(UsageError, match="nope.yaml"):
+        study_plan.check_arms(["control"], missing)
 
 
-def test_plan_shares_checkpoint_steps_and_batch():
-    args = study.parse_args(["--scale", "cpu", "--s2_steps", "40", "--arms", *study.ARMS])
-    sizes = study.sizes_of(args)
-    assert sizes["s2_steps"] == 40 and sizes["refresh"] == 10
-    paths = {k: f"/{k}" for k in ("train", "dev", "test", "stories", "reader", "retriever")}
-    steps = study.plan(list(study.ARMS), [0, 1], paths, sizes, "/out")
-    trains = [s for s in steps if s[0] == "train" and "stage 1" not in s[1]]
-    assert len(trains) == 2 * len(study.ARMS)
-    for _, label, _, cmd in trains:
-        seed = label.split()[1]
-        assert _flag(cmd, "model_path") == f"/out/seed{seed}/stage1/checkpoint/latest"
-        assert (_flag(cmd, "total_steps"), _flag(cmd, "per_gpu_batch_size"), _flag(cmd, "accumulation_steps")) \
-            == ("40", "4", "1")
-        assert _flag(cmd, "train_data") == "/train" and _flag(cmd, "eval_data") == "/dev"
-    evals = {s[1]: s[3] for s in steps if s[0] == "eval"}
-    closed = evals["seed 0 eval control (closed_book)"]
-    assert _flag(closed, "passages") is None and _flag(closed, "eval_data") == "/test"
-    assert _flag(evals["seed 0 eval control (retrieval)"], "passages") == "/stories"
-    assert all(_flag(c, "generation_length_penalty") == "1.0" for c in evals.values())
-    lap = next(c for _, label, _, c in trains if label == "seed 0 lapdog")
-    assert (_flag(lap, "temperature_score"), _flag(lap, "temperature_gold")) == ("0.8", "0.85")
-    joint = next(c for _, label, _, c in trains if label == "seed 0 joint_grpo")
-    assert "--grpo_train_retriever" in joint and _flag(joint, "grpo_retriever_pool_size") == "8"
-
-
-def test_plan_shares_the_pretrained_index_except_where_the_passage_side_trains():
-    sizes = study.sizes_of(study.parse_args(["--scale", "cpu"]))
-    paths = {k: f"/{k}" for k in ("train", "dev", "test", "stories", "reader", "retriever")}
-    steps = {label: cmd for _, label, _, cmd in study.plan(list(study.ARMS), [0, 1], paths, sizes, "/out")}
-    shared = "/out/index-pretrained"
-    assert _flag(steps["seed 0 stage 1"], "save_index_path") == shared
-    assert _flag(steps["seed 1 stage 1"], "load_index_path") == shared
-    for label in ("seed 1 control", "seed 0 grpo", "seed 0 joint_grpo", "seed 1 eval control (retrieval)",
-                  "seed 0 eval joint_grpo (retrieval)"):
-        assert _flag(steps[label], "load_index_path") == shared, label
-    # LAPDOG re-embeds the corpus with its trained passage side; closed book needs no index.
-    for label in ("seed 0 lapdog", "seed 0 eval lapdog (retrieval)", "seed 0 eval control (closed_book)"):
-        assert _flag(steps[label], "load_index_path") is None and _flag(steps[label], "save_index_path") is None
+def test_plan_every_arm_from_the_best_stage1_with_the_same_steps_and_batch_and_the_shared_index():
+    sizes = study_plan.sizes_of("cpu", {"s2_steps": 40, "pretrain_steps": 100})
+    steps = study_plan.plan(list(study_plan.ARMS), [0, 1], PATHS, sizes, "out")
+    assert steps[0][0] == "pretrain" and sum(k == "pretrain" for k, *_ in steps) == 1  # shared by the seeds
+    assert not any(k == "pretrain" for k, *_ in study_plan.plan(["control"], [0], PATHS, study_plan.sizes_of("cpu"), "o"))
+    arms = [cmd for kind, label, _, cmd in steps if kind == "train" and "stage 1" not in label]
+    assert len(arms) == 2 * len(study_plan.ARMS)
+    for seed in (0, 1):
+        mine = [c for c in arms if _flag(c, "seed") == str(seed)]
+        assert {_flag(c, "model_path") for c in mine} == {f"out/seed{seed}/stage1/checkpoint/best"}
+        assert {(_flag(c, "total_steps"), _flag(c, "per_gpu_batch_size"), _flag(c, "train_data")) for c in mine} == \
+            {("40", str(sizes["s2_batch"]), "s/train.jsonl")}
+    stage1 = [cmd for _, label, _, cmd in steps if "stage 1" in label]
+    assert _flag(stage1[0], "save_index_path") == "out/index" and _flag(stage1[0], "load_index_path") is None
+    others = [cmd for kind, label, _, cmd in steps if kind != "pretrain" and cmd is not stage1[0]
+              and "--closed_book" not in cmd]
+    assert all(_flag(c, "load_index_path") == "out/index" for c in others)
+    # the recipe comes first, the shared sizes after it, an arm's own size override last
+    joint = next(c for c in arms if _flag(c, "name") == "study_joint_grpo_seed0")
+    assert joint[1:3] == ["--config", "configs/joint_grpo_evidence.yaml"]
+    assert joint[-1] == f"--grpo_retriever_pool_size={sizes['pool']}"
+    evals = [label for kind, label, _, _ in steps if kind == "eval"]
+    assert len(evals) == 2 * (len(study_plan.ARMS) + 1)  # every arm, and the control closed book too
 
 
 @pytest.mark.parametrize("scale", ["tiny", "cpu", "gpu"])
 def test_every_command_passes_train_and_evaluate_option_checks(scale):
-    """Every arm's recipe at every scale is accepted by the options train.py / evaluate.py use
-    (the end-to-end test runs only two arms, to stay fast)."""
-    from src import options
-    sizes = study.sizes_of(study.parse_args(["--scale", scale]))
-    paths = {k: f"/{k}" for k in ("train", "dev", "test", "stories", "reader", "retriever")}
-    steps = study.plan(list(study.ARMS), [0], paths, sizes, "/out")
-    assert len([s for s in steps if s[0] == "train"]) == 1 + len(study.ARMS)
-    for _, label, _, cmd in steps:
-        opts, _ = options.parse(cmd[1:])
-        options.validate(opts)  # raises UsageError with the offending flag
+    sizes = study_plan.sizes_of(scale)
+    for kind, label, _, cmd in study_plan.plan(list(study_plan.ARMS), [0], PATHS, sizes, "out"):
+        if kind == "pretrain":
+            continue
+        opts, _ = options.parse([os.path.join(ROOT, c) if c.startswith("configs/") else c for c in cmd[1:]])
+        options.validate(opts)
+        assert opts.total_steps >= 1, label
 
 
-def test_missing_data_is_one_line_exit_2(tmp_path, capsys):
-    assert study.main(["--data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "not found" in err[0]
+# ---- numbers and report ---------------------------------------------------------------------------
+
+def _row(arm, seed, f1, mode="retrieval", gens=None):
+    gens = gens or ["i like dogs .", "hi", "i like dogs ."]
+    metrics = {k: 1.0 for k in study_report.SUMMARY_KEYS}
+    metrics.update(f1=sum(f1) / len(f1), dist1=10.0, dist2=20.0, rougeL=15.0, repeat3=0.0, n=len(f1),
+                   empty_predictions=0, generic=50.0, ppl=30.0)
+    return {"arm": arm, "eval": mode, "seed": seed, "metrics": metrics, "generations": gens,
+            "per_example": {"f1": f1, "rougeL": [15.0] * len(f1), "reward": [0.5] * len(f1)}}
 
 
-def test_an_output_folder_keeps_its_settings(tmp_path):
-    out = str(tmp_path / "o")
-    study.check_same_settings(out, {"sizes": {"s2_steps": 10}, "split_seed": 0})
-    study.check_same_settings(out, {"sizes": {"s2_steps": 10}, "split_seed": 0})  # same: fine
-    with pytest.raises(UsageError, match=r"sizes: .*s2_steps.* -> .*20"):
-        study.check_same_settings(out, {"sizes": {"s2_steps": 20}, "split_seed": 0})
+def test_results_json_intervals_targets_and_collapse():
+    rows = [_row("control", s, [10.0, 20.0, 30.0]) for s in (0, 1)]
+    rows += [_row("control", s, [10.0, 20.0, 30.0], "closed_book") for s in (0, 1)]
+    rows += [_row("joint_grpo", s, [12.0, 22.0, 32.0]) for s in (0, 1)]  # +2 F1 on every example
+    rows.append(_row("grpo", 0, [10.0, 20.0, 30.0]))
+    rows[-1]["metrics"]["dist1"] = 1.0  # below half the control's 10: collapsed
+    baselines = {"constant": {"metrics": {"f1": 16.0, "bleu": 2.0, "rougeL": 19.0, "dist1": 0.1, "dist2": 0.1},
+                              "reply": "i do ."}}
+    res = study_report.results_json(rows, baselines, ["control", "joint_grpo", "grpo"], [0, 1], [{}] * 3)
+    assert res["baselines"]["constant"] == {"f1": 16.0, "bleu": 2.0, "rougeL": 19.0, "dist1": 0.1, "dist2": 0.1,
+                                            "reply": "i do ."}
+    joint = res["arms"]["joint_grpo"]
+    assert joint["seeds"] == [0, 1] and joint["mean"]["f1"] == pytest.approx(22.0)
+    assert joint["diff_vs_control"]["f1"] == pytest.approx(2.0) and joint["ci_vs_control"]["f1"] == [2.0, 2.0]
+    assert joint["ci_vs_control"]["reward"] == [0.0, 0.0] and "ci_vs_control" not in res["arms"]["control"]
+    assert res["arms"]["grpo"]["collapsed"]["0"].startswith("Dist-1 1.00 < 0.5 x control")
+    assert "control_closed_book" in res["arms"]
+    assert joint["most_frequent_reply"]["0"] == {"reply": "i like dogs .", "share": 66.67}
+    assert res["control_targets"]["f1"] == {"value": 20.0, "target": ">= 13.9", "met": True}
+    assert res["control_targets"]["dist2"]["met"] and res["control_targets"]["repeat3"]["met"]
+    json.dumps(res, allow_nan=False)  # strict JSON
+    ctx = {"sizes": study_plan.sizes_of("tiny"), "scale": "tiny", "split": "d split by persona (seed 0)",
+           "seeds": [0, 1], "arms": ["control", "joint_grpo", "grpo"], "figures": {},
+           "machine": {"cpu": "x", "nproc": "2", "gpu": "none", "python": "3", "torch": "2"}, "steps_s": 60.0,
+           "finished": "now", "command": "python research/study/run.py", "paths": {"stories": os.path.join(ROOT, "s.jsonl")}}
+    md = study_report.render(res, rows, ctx)
+    assert "| **control** |" in md and "+2.00 [+2.00, +2.00] **✓**" in md and "⚠ collapsed" in md
+    assert "best constant reply (chosen on train by F1): \"i do .\"" in md and ROOT not in md
+    assert study_report.relative(f"--x={ROOT}/runs/a") == "--x=runs/a" and study_report.relative("plain") == "plain"
 
 
-def test_dry_run_writes_the_split_only(tmp_path, capsys):
-    src = _dialogues(tmp_path / "d.jsonl", [f"i am person {i}." for i in range(10)])
-    out = tmp_path / "o"
-    assert study.main(["--dry_run", "--dialogues", src, "--stories", f"{SAMPLE}/stories.jsonl",
-                       "--out", str(out), "--seeds", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert "seed 0 joint_grpo: train.py" in printed and "split by persona" in printed
-    assert sorted(os.listdir(out)) == ["split"]
+def test_baseline_metrics_on_the_sample_data():
+    from src.data.dialogues import load_dialogues
+
+    train, test = load_dialogues(f"{SAMPLE}/train.jsonl"), load_dialogues(f"{SAMPLE}/valid.jsonl")
+    b = study_report.baseline_metrics(train, test)
+    assert set(b) == {"constant", "nearest_neighbour", "persona_copy", "random_human", "human"}
+    assert b["human"]["metrics"]["f1"] == pytest.approx(100.0) and b["constant"]["metrics"]["dist1"] < 5
 
 
-def test_eval_metrics_reads_results_and_evaluate_json(tmp_path):
-    rows = [{"query": "q", "answers": ["a b c"], "generation": "a b c"},
-            {"query": "q", "answers": ["x y"], "generation": "x"}]
-    (tmp_path / "test.results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    own = {"test": {"bleu": 1.0, "reward": 0.25, "eval_loss": 2.0, "recall@1": 50.0, "recall@4": 75.0}}
-    (tmp_path / "study.log").write_text("loading\neval test: 100%|#| 1/1\r" + "test: BLEU 1.0\n"
-                                         "eval test: 100%\r" + json.dumps(own) + "\n")
-    m = study.eval_metrics(str(tmp_path), "/somewhere/test.jsonl")
-    assert m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2) and "rs_rougeL_stem" in m
-    assert (m["reward"], m["eval_loss"], m["recall@1"], m["recall@4"]) == (0.25, 2.0, 50.0, 75.0)
-    assert m["bleu"] != 1.0  # corpus metrics come from the results file, not evaluate's line
+# ---- the command line and the tiny study end to end ---------------------------------------------
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+    rc, _, err = run_script("research/study/run.py", "--data_dir", tmp_path, "--out", tmp_path / "o")
+    assert rc == 2 and err.strip().startswith("error: ") and "not found" in err and len(err.strip().splitlines()) == 1
 
 
-def test_run_step_runs_once_then_skips_and_names_the_log_on_failure(tmp_path):
-    commands = str(tmp_path / "commands.sh")
-    script = tmp_path / "ok.py"
-    script.write_text("print('hello')\n")
-    folder = str(tmp_path / "step")
-    info = study.run_step("step", folder, [str(script)], 1, commands)
-    assert open(os.path.join(folder, "study.log")).read() == "hello\n"
-    assert study.run_step("step", folder, [str(script), "--changed"], 1, commands) == info  # skipped
-    assert open(commands).read().splitlines() == [f"{sys.executable} {script}"]
-    bad = tmp_path / "bad.py"
-    bad.write_text("raise SystemExit(3)\n")
-    with pytest.raises(study.StepFailed, match=r"bad: .* exited 3 — see .*study.log"):
-        study.run_step("bad", str(tmp_path / "bad"), [str(bad)], 1, commands)
-    assert not os.path.exists(tmp_path / "bad" / study.DONE)
+def test_dry_run_writes_the_split_only(tmp_path):
+    lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:60]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    rc, out, err = run_script("research/study/run.py", "--dry_run", "--scale", "tiny", "--dialogues", tmp_path / "d.jsonl",
+                              "--stories", f"{SAMPLE}/stories.jsonl", "--out", tmp_path / "o", "--seeds", "0")
+    assert rc == 0, err
+    assert "pretraining (shared): scripts/pretrain_reader.py" in out and "seed 0 eval control (closed_book)" in out
+    assert sorted(os.listdir(tmp_path / "o")) == ["split"]
 
-
-# ---- report ----------------------------------------------------------------------------------
-
-def _m(**kw):
-    base = {"n": 10, "empty_predictions": 0, "bleu": 2.0, "f1": 10.0, "rouge1": 12.0, "rouge2": 2.0, "rougeL": 11.0,
-            "dist1": 8.0, "dist2": 30.0, "length_ratio": 1.0}
-    return {**base, **kw}
-
-
-ROWS = [{"arm": "control", "eval": "retrieval", "seed": 0, "metrics": _m(f1=10.0)},
-        {"arm": "control", "eval": "retrieval", "seed": 1, "metrics": _m(f1=12.0)},
-        {"arm": "grpo", "eval": "retrieval", "seed": 0, "metrics": _m(f1=13.0, dist1=7.0)},
-        {"arm": "grpo", "eval": "retrieval", "seed": 1, "metrics": _m(f1=15.0, dist1=1.0)}]
-
-
-def test_mean_std_and_relative_change_by_hand():
-    assert study_report.mean_std([10.0, 12.0]) == pytest.approx((11.0, 2 ** 0.5))
-    assert study_report.mean_std([3.0]) == (3.0, 0.0)
-    assert study_report.relative_change(14.0, 11.0) == pytest.approx(300 / 11)
-    assert study_report.relative_change(1.0, 0.0) != study_report.relative_change(1.0, 0.0)  # NaN
-
-
-def test_table_shows_change_vs_control_and_collapsed_seeds():
-    md = study_report.table(ROWS, study_report.MAIN_COLUMNS)
-    lines = md.splitlines()
-    control = next(line for line in lines if line.startswith("| **control**"))
-    assert "11.00 ± 1.41" in control and "%" not in control
-    grpo = next(line for line in lines if line.startswith("| grpo"))
-    assert "14.00 ± 1.41 (+27.3%)" in grpo
-    seed1 = next(line for line in lines if "seed 1" in line)
-    assert "⚠ Dist-1 1.00 < 0.5 x control 8.00" in seed1 and "| 15.00 |" in seed1
-    assert study_report.collapsed_conditions(ROWS) == ["grpo (retrieval) seed 1: Dist-1 1.00 < 0.5 x control 8.00"]
-    empty = [dict(ROWS[0], metrics=_m(empty_predictions=2))]
-    assert "2/10 empty" in study_report.collapsed_conditions(empty)[0]
-    assert len(study_report.per_seed_table(ROWS, study_report.MAIN_COLUMNS).splitlines()) == 2 + len(ROWS)
-
-
-def test_plot_bars_writes_png(tmp_path):
-    out = study_report.plot_bars(ROWS, str(tmp_path / "bars.png"))
-    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-# ---- end to end --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end(tmp_path, tiny_models):
-    """Split -> stage 1 -> control + joint GRPO -> test evaluations -> RESULTS.md + figures."""
-    lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:60]  # 11 personas
+def test_tiny_study_end_to_end(tmp_path):
+    """Split -> baselines -> models -> pretraining -> stage 1 -> every arm -> test evaluations ->
+    results.json + RESULTS.md + figures, published; a re-run with other sizes is refused."""
+    lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:80]  # 15 personas
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "s.jsonl").write_text("\n".join(open(f"{SAMPLE}/stories.jsonl").read().splitlines()[:40]) + "\n")
-    out = tmp_path / "study"
-    args = ["--tiny", "--dialogues", str(tmp_path / "d.jsonl"), "--stories", str(tmp_path / "s.jsonl"),
-            "--reader_model", tiny_models["reader"], "--retriever_model", tiny_models["retriever"],
-            "--seeds", "0", "--arms", "control", "joint_grpo", "--out", str(out), "--publish", str(tmp_path / "pub")]
-    assert study.main(args) == 0
-    md = (out / "RESULTS.md").read_text()
-    assert "Tiny mode" in md and "split by persona (seed 0)" in md and "nproc" in md
-    for row in ("**control** (retrieval)", "control (closed_book)", "joint_grpo (retrieval)"):
-        assert row in md
-    assert "RS R-L" in md and "nltk B-4" in md and "commands.sh" in md
+    out, pub = tmp_path / "study", tmp_path / "pub"
+    args = ["--scale", "tiny", "--dialogues", tmp_path / "d.jsonl", "--stories", tmp_path / "s.jsonl", "--seeds", "0",
+            "1", "--out", out]
+    rc, stdout, err = run_script("research/study/run.py", *args, "--publish", pub, timeout=1500)
+    assert rc == 0, stdout[-3000:] + err[-3000:]
     results = json.load(open(out / "results.json"))
-    assert {(r["arm"], r["eval"]) for r in results["rows"]} == \
-        {("control", "retrieval"), ("control", "closed_book"), ("joint_grpo", "retrieval")}
-    assert all("rs_rougeL" in r["metrics"] and "reward" in r["metrics"] for r in results["rows"])
-    for name in ("bars.png", "curves_seed0.png", "stage1.png"):
-        assert (out / "figures" / name).stat().st_size > 10_000
-        assert (tmp_path / "pub" / "figures" / name).exists()
-    assert (tmp_path / "pub" / "RESULTS.md").exists()
-    assert len(open(out / "commands.sh").read().splitlines()) == 6  # stage 1, 2 arms, 3 evaluations
+    assert set(results["baselines"]) == {"constant", "nearest_neighbour", "persona_copy", "random_human", "human"}
+    assert set(results["arms"]) == {*study_plan.ARMS, "control_closed_book"}
+    for arm, e in results["arms"].items():
+        assert e["seeds"] == [0, 1] and {"f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward"} <= set(e["mean"])
+        if arm != "control":
+            assert all(len(e["ci_vs_control"][k]) == 2 for k in ("f1", "rougeL", "reward"))
+    md = (out / "RESULTS.md").read_text()
+    assert "Tiny scale" in md and "## Baselines" in md and "Δ F1 [95% CI]" in md and "against its targets" in md
+    for text in (md, open(out / "results.json").read()):  # no machine paths: all relative to the repository
+        assert not re.search(r"(?<![.\w])" + re.escape(str(tmp_path)), text) and ROOT not in text
+    for name in ("bars.png", "pretraining.png", "stage1.png", "curves_seed0.png"):
+        assert (out / "figures" / name).stat().st_size > 10_000 and (pub / "figures" / name).exists()
+    assert (pub / "RESULTS.md").exists() and (pub / "results.json").exists()
+    rc, _, err = run_script("research/study/run.py", *args[:-2], "--out", out, "--s2_steps", "3")
+    assert rc == 2 and "made with other settings" in err

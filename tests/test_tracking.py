@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from src import tracking
-from src.tracking import Tracker, Timer, format_value, peak_memory_mb, timed
+from src.infra import tracking
+from src.infra.tracking import Timer, Tracker, format_value, peak_memory_mb, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| ")
@@ -184,7 +184,7 @@ def test_api_key_detection(tmp_path, clean_env, monkeypatch):
 
 
 def test_wandb_not_imported_without_use_wandb(tmp_path):
-    code = ("import sys; from src.tracking import Tracker; "
+    code = ("import sys; from src.infra.tracking import Tracker; "
             f"t = Tracker({str(tmp_path / 'c')!r}, 'r', {{}}); t.log(1, {{'x': 1.0}}); t.close(); "
             "assert 'wandb' not in sys.modules, 'wandb imported'")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -236,7 +236,7 @@ def test_wandb_falls_back_to_offline_without_key(tmp_path, clean_env, monkeypatc
 
 def test_stat_window_divides_each_key_by_the_steps_that_produced_it():
     """μ = 2: the reward exists on the sampling step only; the window of both steps logs 0.5, not 0.25."""
-    from src.tracking import StatWindow
+    from src.infra.tracking import StatWindow
     w = StatWindow()
     w.add({"loss/reader": 1.0, "reward/f1": 0.5})
     w.add({"loss/reader": 3.0})
@@ -244,7 +244,7 @@ def test_stat_window_divides_each_key_by_the_steps_that_produced_it():
 
 
 def test_stat_window_counts_examples_and_resets(monkeypatch):
-    from src import tracking
+    from src.infra import tracking
     clock = iter([10.0, 14.0, 20.0])
     monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
     w = tracking.StatWindow(examples_per_step=8)  # t0 = 10
@@ -292,3 +292,23 @@ def test_progress_bar_summary_and_resumed_history(tmp_path, clean_env, capsys):
     assert summary["last_eval"] == {"step": 5, "eval/valid/f1": 8.0, "eval/valid/bleu": 2.0}
     assert summary["best_eval"] == {"valid": {"step": 3, "f1": 10.0, "metrics": {"f1": 10.0, "bleu": 1.0}}}
     assert "finished: 6 steps in" in (ckpt / "run.log").read_text()
+
+
+def test_speed_and_eta_leave_evaluations_out(tmp_path, clean_env, capsys, monkeypatch):
+    """s/step and the ETA used to count the in-loop evaluations' time as training time."""
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: clock[0])
+    with Tracker(tmp_path / "ck", "run", {}) as tr:
+        tr.start_progress(0, 10)
+        clock[0] = 1.0
+        tr.log(1, {"loss/reader": 1.0})
+        with tr.not_training():  # a 10 s evaluation
+            clock[0] = 11.0
+        clock[0] = 12.0
+        tr.log(2, {"loss/reader": 0.5})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "step 2/10" in ln]
+    assert lines and lines[-1].endswith("| 1 s/step | ETA 8s"), lines  # 2 s of training for 2 steps, 8 to go
+    assert not os.path.exists(tmp_path / "none" / "metrics.jsonl")
+    with Tracker(tmp_path / "none", "run", {}):  # a run that logs no row leaves no (empty) metrics.jsonl
+        pass
+    assert not os.path.exists(tmp_path / "none" / "metrics.jsonl")

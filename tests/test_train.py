@@ -3,76 +3,10 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conftest import ROOT, SAMPLE
-
-PY = sys.executable
-ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args, nproc=1, check=True, timeout=600, env=None):
-    cmd = [PY, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] \
-        if nproc > 1 else [PY]
-    p = subprocess.run(cmd + args, cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}")
-    return p
-
-
-def stage1(ckpt, models, steps=4, extra=()):
-    return ["train.py", "--closed_book", "--shuffle", "--per_gpu_batch_size=4", f"--total_steps={steps}",
-            "--eval_freq=0", "--save_freq=2", "--log_freq=1", "--name=t", f"--checkpoint_dir={ckpt}",
-            f"--reader_model_type={models['reader']}", "--lr=1e-3", "--warmup_steps=2", "--text_maxlength=96",
-            "--target_maxlength=16", "--generation_max_length=8", "--dropout=0.1",
-            f"--train_data={SAMPLE}/train.jsonl", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=6",
-            *extra]
-
-
-def grpo_stage2(ckpt, models, stage1_ckpt, steps=4, extra=()):
-    return ["train.py", "--shuffle", "--per_gpu_batch_size=2", "--accumulation_steps=2", f"--total_steps={steps}",
-            "--eval_freq=0", "--save_freq=2", "--log_freq=1", "--name=g", f"--checkpoint_dir={ckpt}",
-            "--gold_score_mode=f1rougebleudist", "--reader_rl_learning", "--use_grpo", "--grpo_group_size=2",
-            "--grpo_train_retriever", "--grpo_retriever_group_size=2", "--grpo_retriever_pool_size=4",
-            "--grpo_kl_coeff=0.01", "--grpo_clip_epsilon=0.2", "--lr=1e-4", "--lr_retriever=1e-4",
-            "--warmup_steps=1", "--text_maxlength=96", "--generation_max_length=8", "--retriever_n_context=2",
-            f"--train_data={SAMPLE}/train.jsonl", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=4",
-            f"--passages={SAMPLE}/stories.jsonl", "--max_passages=64", f"--model_path={stage1_ckpt}",
-            f"--retriever_model_path={models['retriever']}", "--generation_length_penalty=1.0", "--refresh_index=2",
-            *extra]
-
-
-def weights(step_dir, part="reader"):
-    return load_file(os.path.join(step_dir, part, "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def crash_after(ckpt, step):
-    """Pretend the run died right after saving `step`: later checkpoints vanish, latest points back."""
-    root = os.path.join(ckpt, "checkpoint")
-    for name in os.listdir(root):
-        if name.startswith("step-") and int(name.split("-")[1]) > step:
-            shutil.rmtree(os.path.join(root, name))
-    os.remove(os.path.join(root, "latest"))
-    os.symlink(f"step-{step}", os.path.join(root, "latest"))
+from helpers import SAMPLE, assert_same_weights, crash_after, grpo_stage2, run, stage1, weights
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -112,10 +46,10 @@ def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
     opts = json.load(open(step4 / "options.json"))
     assert opts["total_steps"] == 4 and opts["closed_book"] is True
     assert opts["run_info"]["command"].startswith("train.py --closed_book") and opts["run_info"]["git"]["commit"]
-    from src import options as options_module
+    from src.cli import options as options_module
     again = options_module.parse(["--config", str(step4 / "options.json")])[0]  # a checkpoint's options are a recipe
     assert (again.total_steps, again.checkpoint_dir, again.reader_model_type) == (4, str(a), tiny_models["reader"])
-    from src.reader import FiDReader
+    from src.model.reader import FiDReader
     reader = FiDReader.from_pretrained(str(step4 / "reader"))
     saved = weights(step4)
     for k, v in reader.model.state_dict().items():
@@ -144,7 +78,7 @@ def test_stage1_checkpoints_resume_and_evaluate(tmp_path, tiny_models):
     # evaluate.py: checkpoint options as defaults, results next to the checkpoint, input order
     p = run(["evaluate.py", f"--model_path={step4}", f"--eval_data={SAMPLE}/valid.jsonl", "--max_eval_examples=5",
              "--write_results", "--per_gpu_eval_batch_size=2"])
-    out = str(step4) + ".valid.results.jsonl"
+    out = str(step4.parent / "evaluate-step-4.valid.results.jsonl")  # evaluate.py's own name, next to the checkpoint
     assert f"results written to {out}" in p.stdout
     rows = [json.loads(line) for line in open(out)]
     valid = [json.loads(line) for line in open(f"{SAMPLE}/valid.jsonl")][:5]
@@ -207,7 +141,7 @@ def test_rng_state_round_trip_includes_the_data_rng(tmp_path):
     """Answer picks and persona_rand queries continue exactly after a resume."""
     import random
 
-    from src import checkpoint
+    from src.run import checkpoint
     data_rng = random.Random(7)
     data_rng.random()
     checkpoint.write_rank_rng(str(tmp_path), 0, data_rng)
@@ -220,18 +154,18 @@ def test_rng_state_round_trip_includes_the_data_rng(tmp_path):
 def test_make_optimizer_is_fused_adamw_on_cpu_and_steps_like_foreach():
     """The single-process optimizer is torch's fused AdamW (CPU and CUDA) and updates exactly as
     the multi-tensor one does, with the scheduler's warm-up multiplier applied."""
-    import train
-    from src import options
+    from src.cli import options
+    from src.run.optim import lr_multiplier, make_optimizer
 
     opts, _ = options.parse(["--warmup_steps", "2", "--total_steps", "10", "--weight_decay", "0.1"])
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     start = params[0].detach().clone()
-    opt, sched = train.make_optimizer(params, 0.01, opts)
+    opt, sched = make_optimizer(params, 0.01, opts)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, eps=1e-6, foreach=True)  # the original's ε
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: train.lr_multiplier(s, 2, 10, opts.scheduler))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: lr_multiplier(s, 2, 10, opts.scheduler))
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, q, g in zip(params, twins, grads):
@@ -277,7 +211,7 @@ def test_pointer_generator_flag_gives_a_new_reader_a_copy_head_and_checkpoints_k
     """--pointer_generator adds the copy head to the --reader_model_type reader of a new run; a
     reader started from --model_path keeps what its saved config says, whatever the flag."""
     import train
-    from src import options
+    from src.cli import options
 
     base = ["--closed_book", "--reader_model_type", tiny_models["reader"]]
     opts, _ = options.parse(base + ["--pointer_generator"])

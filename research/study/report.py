@@ -1,0 +1,438 @@
+"""The study's numbers: baselines, per-run metrics, paired bootstrap intervals, results.json,
+RESULTS.md and the figures (used by research/study/run.py).
+
+``rows``: one dict per (arm, evaluation mode, seed): ``{"arm", "eval", "seed", "metrics": {...},
+"per_example": {"f1": [...], "rougeL": [...], "reward": [...]}, "generations": [...]}``; metrics are
+compute_metrics.py's keys (both blocks) plus evaluate.py's ppl, reward and eval_loss. Every
+published path is relative to the repository (``relative``).
+"""
+
+import glob
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+
+from research.study.plan import ARMS, STAGE1, evaluations, fill
+from src.evaluation.baselines import baseline_replies
+from src.evaluation.bootstrap import paired_bootstrap_ci
+from src.evaluation.metrics import compute_metrics, per_example_scores
+from src.evaluation.plots import plot_runs
+from src.evaluation.results import read_results, results_metrics
+from src.infra.errors import UsageError
+from src.objectives.rewards import grpo_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONTROL = ("control", "retrieval")
+# The control's targets (the bar set for the study): the paper's T5-small SFT on ConvAI2 valid, and a reader
+# that talks (distinct bigrams, no "a a a").
+TARGETS = {"f1": (">=", 13.9), "rougeL": (">=", 14.2), "dist2": (">=", 10.0), "repeat3": ("<", 2.0)}
+SUMMARY_KEYS = ("f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward", "repeat3", "generic", "length_ratio")
+CI_KEYS = ("f1", "rougeL", "reward")
+BASELINE_NAMES = {"constant": "best constant reply (chosen on train by F1)",
+                  "nearest_neighbour": "nearest-neighbour reply (TF-IDF on the last utterance, from train)",
+                  "persona_copy": "persona copy (the persona sentence sharing most words with the last utterance)",
+                  "random_human": "a human reply from another conversation (random train reply)"}
+# A seed of an arm "collapses" when its Distinct-1 is below this fraction of the same seed's control
+# or more than this share of its replies are empty: its seeds are then listed one by one.
+COLLAPSE_DIST1_RATIO = 0.5
+COLLAPSE_EMPTY_FRACTION = 0.1
+_REWARD = {"scale": (0.01, 1.0, 1.0), "scale_rouge": False, "length_penalty_strength": 1.0}  # every arm alike
+
+
+def relative(text):
+    """``text`` with an absolute path (or ``--flag=/abs/path``) made relative to the repository."""
+    if not isinstance(text, str):
+        return text
+    flag, sep, value = text.partition("=") if text.startswith("--") else ("", "", text)
+    if os.path.isabs(value):
+        value = os.path.relpath(value, ROOT)
+    return f"{flag}{sep}{value}"
+
+
+def relative_manifest(manifest):
+    out = dict(manifest, source=relative(manifest["source"]))
+    out["splits"] = {k: dict(v, path=relative(v["path"])) for k, v in manifest["splits"].items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------ numbers
+
+def scores_of(generations, references):
+    """Both metric blocks and the per-example F1 / ROUGE-L / reward of a list of replies."""
+    per = per_example_scores(generations, references)
+    per["reward"] = grpo_reward(generations, references, **_REWARD)["reward"].tolist()
+    metrics = results_metrics(generations, references)
+    metrics["reward"] = statistics.fmean(per["reward"]) if per["reward"] else 0.0
+    return metrics, per
+
+
+def baseline_metrics(train, test):
+    """{name: {"reply" (the constant only), "metrics"}} of every baseline on ``test``."""
+    replies, constant = baseline_replies(train, test)
+    refs = [ex["answers"][0] for ex in test]
+    out = {}
+    for name, gens in replies.items():
+        metrics, _ = scores_of(gens, refs)
+        out[name] = {"metrics": metrics, **({"reply": constant} if name == "constant" else {})}
+    out["human"] = {"metrics": compute_metrics(refs, refs)}  # the references' own Dist-1/2
+    return out
+
+
+def _eval_dir(out, seed, arm, mode):
+    return os.path.join(out, f"seed{seed}", "eval", f"{arm}-{mode}")
+
+
+def read_eval(eval_dir, test_name):
+    """(generations, references, evaluate.py's metrics) of one evaluation folder."""
+    found = sorted(glob.glob(os.path.join(eval_dir, "**", f"*{test_name}.results.jsonl"), recursive=True))
+    metrics_files = sorted(glob.glob(os.path.join(eval_dir, "**", f"*{test_name}.metrics.json"), recursive=True))
+    if not found or not metrics_files:
+        raise FileNotFoundError(f"{eval_dir}: no {test_name} results / metrics written by evaluate.py")
+    gens, refs = read_results(found[-1])
+    with open(metrics_files[-1]) as f:
+        own = json.load(f)["metrics"]
+    return gens, refs, own
+
+
+def collect_rows(out, arms, seeds, test_path):
+    name = os.path.splitext(os.path.basename(test_path))[0]
+    rows = []
+    for seed in seeds:
+        for arm, mode in evaluations(arms):
+            gens, refs, own = read_eval(_eval_dir(out, seed, arm, mode), name)
+            metrics, per = scores_of(gens, refs)
+            metrics.update({k: own[k] for k in ("ppl", "eval_loss") if k in own})
+            metrics.update({k: v for k, v in own.items() if k.startswith("recall@") or k == "retrieval/top1_score"})
+            rows.append({"arm": arm, "eval": mode, "seed": seed, "metrics": metrics, "per_example": per,
+                         "generations": gens})
+    return rows
+
+
+def mean_std(values):
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def collapse_reason(metrics, control):
+    n = metrics.get("n") or 0
+    if n and metrics.get("empty_predictions", 0) / n > COLLAPSE_EMPTY_FRACTION:
+        return f"{metrics['empty_predictions']}/{n} empty replies"
+    if control and control.get("dist1") and metrics.get("dist1", 0) < COLLAPSE_DIST1_RATIO * control["dist1"]:
+        return f"Dist-1 {metrics.get('dist1', 0):.2f} < {COLLAPSE_DIST1_RATIO:g} x control {control['dist1']:.2f}"
+    return None
+
+
+def target_check(metrics):
+    """{key: {"value", "target", "met"}} of the control's targets (mean over seeds)."""
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = metrics[key]
+        met = value is not None and (value >= bound if op == ">=" else value < bound)
+        out[key] = {"value": _num(value, 3), "target": f"{op} {bound:g}", "met": bool(met)}
+    return out
+
+
+def _num(value, digits=4):
+    """``value`` rounded, or None when it is not a finite number (results.json is strict JSON)."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def results_json(rows, baselines, arms, seeds, test):
+    """The machine-readable results: baselines, every (arm, eval) with its seeds, means, spread,
+    the paired bootstrap interval vs the control, the generic-reply share and collapse flags."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["arm"], r["eval"]), {})[r["seed"]] = r
+    control = by[CONTROL]
+    out = {"baselines": {name: {k: _num(b["metrics"][k], 3) for k in ("f1", "bleu", "rougeL", "dist1", "dist2")}
+                         | ({"reply": b["reply"]} if "reply" in b else {}) for name, b in baselines.items()},
+           "n_test": len(test), "arms": {}}
+    for (arm, mode), per_seed in by.items():
+        key = arm if mode == "retrieval" else f"{arm}_{mode}"
+        seeds_here = sorted(per_seed)
+        entry = {"seeds": seeds_here, "eval": mode,
+                 "mean": {k: _num(mean_std([per_seed[s]["metrics"].get(k) for s in seeds_here])[0])
+                          for k in SUMMARY_KEYS},
+                 "std": {k: _num(mean_std([per_seed[s]["metrics"].get(k) for s in seeds_here])[1])
+                         for k in SUMMARY_KEYS},
+                 "per_seed": {str(s): {k: _num(per_seed[s]["metrics"].get(k)) for k in SUMMARY_KEYS}
+                              for s in seeds_here},
+                 "generic_share": _num(mean_std([per_seed[s]["metrics"]["generic"] for s in seeds_here])[0], 2),
+                 "most_frequent_reply": {str(s): _most_frequent(per_seed[s]["generations"]) for s in seeds_here},
+                 "collapsed": {str(s): collapse_reason(per_seed[s]["metrics"], control.get(s, {}).get("metrics"))
+                               for s in seeds_here}}
+        if (arm, mode) != CONTROL:
+            common = [s for s in seeds_here if s in control]
+            entry["ci_vs_control"], entry["diff_vs_control"] = {}, {}
+            for k in CI_KEYS:
+                diffs = [[a - c for a, c in zip(per_seed[s]["per_example"][k], control[s]["per_example"][k])]
+                         for s in common]
+                mean, low, high = paired_bootstrap_ci(diffs, seed=0)
+                entry["diff_vs_control"][k] = _num(mean)
+                entry["ci_vs_control"][k] = [_num(low), _num(high)]
+        out["arms"][key] = entry
+    out["control_targets"] = target_check(out["arms"]["control"]["mean"])
+    return out
+
+
+def _most_frequent(generations):
+    if not generations:
+        return None
+    text, n = max(((g, generations.count(g)) for g in set(generations)), key=lambda x: (x[1], x[0]))
+    return {"reply": text, "share": round(100.0 * n / len(generations), 2)}
+
+
+# ------------------------------------------------------------------------------------ figures
+
+def plot_bars(results, path):
+    """One panel per metric: the baselines (grey), every arm's seed mean (colour) with ± std
+    whiskers and each seed as a dot; the control's mean dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("f1", "F1"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("dist2", "Distinct-2"),
+               ("ppl", "perplexity (gold replies)"), ("reward", "greedy reward")]
+    arms = list(results["arms"].items())
+    base = [(n, b) for n, b in results["baselines"].items() if n != "human"]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+    colours = plt.get_cmap("tab10").colors
+    for ax, (key, label) in zip(axes.flat, metrics):
+        names, x = [], 0
+        for n, b in base:
+            if key in b:
+                ax.bar(x, b[key], color="#bbbbbb", width=0.7)
+                names.append(n.replace("_", "\n"))
+                x += 1
+        ctrl = results["arms"]["control"]["mean"].get(key)
+        if ctrl is not None and not math.isnan(ctrl):
+            ax.axhline(ctrl, color="#555555", linestyle="--", linewidth=1, zorder=0)
+        for i, (arm, e) in enumerate(arms):
+            ax.bar(x, e["mean"][key], color=colours[i % 10], alpha=0.8, width=0.7,
+                   yerr=e["std"][key] if len(e["seeds"]) > 1 else None, capsize=4, ecolor="#333333")
+            vals = [v[key] for v in e["per_seed"].values() if v.get(key) is not None]
+            offs = [0.0] if len(vals) == 1 else [-0.2 + 0.4 * j / max(1, len(vals) - 1) for j in range(len(vals))]
+            ax.scatter([x + o for o in offs], vals, color="black", s=12, zorder=3)
+            names.append(arm.replace("_", "\n"))
+            x += 1
+        ax.set_title(label, fontsize=11)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+        if key == "ppl":
+            ax.set_yscale("log")
+    fig.suptitle("test split: baselines (grey), arms' mean over seeds (bars), ± std, each seed (dots), "
+                 "control mean (dashed)", fontsize=12)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_pretraining(log_path, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([r["step"] for r in rows], [r["heldout_loss"] for r in rows], marker="o", label="held-out")
+    train = [r for r in rows if "train_loss" in r]
+    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], marker=".", label="train (window mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("token NLL")
+    ax.set_title("reader pretraining (span corruption + prefix LM)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_figures(rows, results, ctx):
+    """{name: png}: bars, the pretraining curve, stage-1 dev curves, each seed's stage-2 dev curves.
+    A figure that cannot be drawn is left out with a warning: the numbers are the result."""
+    out, fig_dir = ctx["out"], os.path.join(ctx["out"], "figures")
+    jobs = [("bars", lambda p: plot_bars(results, p)),
+            *([("pretraining", lambda p: plot_pretraining(os.path.join(out, "pretrained", "pretrain_log.jsonl"), p))]
+              if ctx["sizes"]["pretrain_steps"] else []),
+            ("stage1", lambda p: plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in ctx["seeds"]], p,
+                                           labels=[f"seed {s}" for s in ctx["seeds"]],
+                                           keys=["loss/reader", "eval/*/eval_loss", "eval/*/f1", "eval/*/dist2"],
+                                           title="stage 1 (reader SFT), dev evaluations"))]
+    for seed in ctx["seeds"]:
+        runs = [os.path.join(out, f"seed{seed}", a) for a in ctx["arms"]]
+        jobs.append((f"curves_seed{seed}", lambda p, runs=runs, seed=seed: plot_runs(
+            runs, p, labels=list(ctx["arms"]), smooth=3,
+            keys=["reward/mean", "loss/retriever", "eval/*/f1", "eval/*/rougeL", "eval/*/dist2", "eval/*/reward",
+                  "eval/*/eval_loss", "kl/*"],
+            title=f"stage 2, seed {seed}: training reward and dev evaluations (F1, ROUGE-L, Dist-2, reward)")))
+    figs = {}
+    for name, draw in jobs:
+        path = os.path.join(fig_dir, f"{name}.png")
+        try:
+            draw(path)
+            figs[name] = path
+        except (UsageError, OSError, ValueError, KeyError) as exc:
+            print(f"warning: figure {name} left out: {exc}")
+    return figs
+
+
+# ------------------------------------------------------------------------------------ markdown
+
+def _f(v, d=2):
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}f}"
+
+
+def _ms(entry, key, d=2):
+    m, s = entry["mean"][key], entry["std"][key]
+    return _f(m, d) + (f" ± {_f(s, d)}" if len(entry["seeds"]) > 1 and s is not None else "")
+
+
+def _ci(entry, key, d=2):
+    if "ci_vs_control" not in entry:
+        return "–"
+    lo, hi = entry["ci_vs_control"][key]
+    diff = entry["diff_vs_control"][key]
+    if None in (lo, hi, diff):
+        return "–"
+    star = " **✓**" if lo > 0 else " **✗**" if hi < 0 else ""
+    return f"{diff:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{star}"
+
+
+def render(results, rows, ctx):
+    """RESULTS.md."""
+    sizes, m = ctx["sizes"], ctx["machine"]
+    lines = [f"# The study: stage-2 methods against their control on ConvAI2 + ROCStories ({ctx['scale']} scale)", ""]
+    if ctx["scale"] == "tiny":
+        lines += ["> **Tiny scale**: a check that the pipeline runs end to end on a few examples with a tiny "
+                  "model. These numbers mean nothing about the methods.", ""]
+    n_test = results["n_test"] if not sizes["eval_n"] else min(sizes["eval_n"], results["n_test"])
+    lines += [f"- **Split**: {ctx['split']}. Dev: every choice, early stopping, the in-loop curves; "
+              f"test ({n_test} examples): these tables only.",
+              f"- **Stories**: `{relative(ctx['paths']['stories'])}`"
+              + (f" (first {sizes['max_passages']})" if sizes["max_passages"] else " (all)") + ".",
+              "- **Reader**: `scripts/build_small_models.py --init_embeddings minilm "
+              + " ".join(sizes["reader_sizes"]) + "`, vocabulary from the train split and the stories, "
+              + (f"pretrained {sizes['pretrain_steps']} steps × {sizes['pretrain_batch']} (`scripts/pretrain_reader.py`)"
+                 if sizes["pretrain_steps"] else "not pretrained (chosen on dev: [reader_selection.md](reader_selection.md))")
+              + ", shared by all seeds. **Retriever**: all-MiniLM-L6-v2.",
+              f"- **Stage 1**: `configs/stage1_reads.yaml`, at most {sizes['s1_steps']} steps × {sizes['s1_batch']}, "
+              f"lr {sizes['s1_lr']}, posterior fact swap {sizes['fact_swap']}, dev {sizes['s1_stop_metric']} every "
+              f"{sizes['s1_eval_freq']} steps, early stopping patience {sizes['patience']}; every arm starts from its "
+              "best checkpoint.",
+              f"- **Stage 2**: every arm {sizes['s2_steps']} steps × {sizes['s2_batch']} examples from that checkpoint, "
+              f"the same examples in the same order; pools of {sizes['pool']} stories where an arm scores a pool; "
+              "precision " + sizes["precision"] + ".",
+              f"- **Seeds**: {', '.join(map(str, ctx['seeds']))} (training seeds; one split).",
+              f"- **Command**: `{ctx['command']}`",
+              f"- **Machine**: {m['cpu']}; {m['nproc']} cores; GPU: {m['gpu']}; Python {m['python']}, torch {m['torch']}.",
+              f"- **Wall time**: {ctx['steps_s'] / 60:.0f} min over all steps ({ctx['finished']}); per step in "
+              "`timings.json`.", ""]
+    lines += ["## Baselines (test split, the same metric code)", "",
+              "| baseline | F1 | BLEU | ROUGE-L | Dist-1 | Dist-2 |", "|---|---:|---:|---:|---:|---:|"]
+    for name, b in results["baselines"].items():
+        label = BASELINE_NAMES.get(name, "human references themselves")
+        if name == "constant":
+            label += f": \"{b['reply']}\""
+        lines.append(f"| {label} | {_f(b['f1'])} | {_f(b['bleu'])} | {_f(b['rougeL'])} | {_f(b['dist1'])} | "
+                     f"{_f(b['dist2'])} |")
+    lines += ["", "## Arms (test split, LAPDOG's metric definitions)", "",
+              "Mean ± std over seeds. Δ vs control: the mean paired difference (arm − control, each seed against its "
+              "own control) with its 95% bootstrap interval (10,000 resamples of the test examples, seeds pooled); "
+              "✓ / ✗: the interval lies above / below 0. `generic`: share of replies equal to the arm's most frequent "
+              "reply; `repeat3`: share with a word three times in a row; `ppl`: per-token perplexity of the gold "
+              "replies (the reader's tokens).", "",
+              "| arm | F1 | ROUGE-L | BLEU | Dist-1 | Dist-2 | ppl | reward | generic % | repeat3 % | "
+              "Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |",
+              "|---|" + "---:|" * 12]
+    for arm, e in results["arms"].items():
+        name = f"**{arm}**" if arm == "control" else arm
+        lines.append(f"| {name} | {_ms(e, 'f1')} | {_ms(e, 'rougeL')} | {_ms(e, 'bleu')} | {_ms(e, 'dist1')} | "
+                     f"{_ms(e, 'dist2')} | {_ms(e, 'ppl', 1)} | {_ms(e, 'reward', 3)} | {_f(e['generic_share'], 1)} | "
+                     f"{_ms(e, 'repeat3', 1)} | {_ci(e, 'f1')} | {_ci(e, 'rougeL')} | {_ci(e, 'reward', 3)} |")
+        flagged = {s: why for s, why in e["collapsed"].items() if why}
+        for s, why in flagged.items():
+            lines.append(f"| &nbsp;&nbsp;↳ seed {s} ⚠ collapsed: {why} | " + " | ".join(
+                _f(e["per_seed"][s].get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
+                for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | |")
+    t = results["control_targets"]
+    lines += ["", "**The control against its targets** (mean over seeds): " + "; ".join(
+        f"{k} {_f(v['value'])} ({v['target']}: {'met' if v['met'] else 'missed'})" for k, v in t.items()) + ".", ""]
+    lines += ["Most frequent reply per arm and seed (its share of the test replies):", ""]
+    for arm, e in results["arms"].items():
+        parts = [f"seed {s}: \"{r['reply']}\" ({r['share']:.1f}%)" for s, r in e["most_frequent_reply"].items() if r]
+        lines.append(f"- {arm}: " + "; ".join(parts))
+    lines += ["", "## Test split, standard implementations", "",
+              "rouge-score 0.1.2 F (RS), nltk corpus BLEU (whitespace tokens, smoothing method1); mean ± std.", "",
+              "| arm | RS R-1 | RS R-2 | RS R-L | RS R-L stem | nltk B-1 | nltk B-2 | nltk B-4 |",
+              "|---|" + "---:|" * 7]
+    by = {}
+    for r in rows:
+        by.setdefault(r["arm"] if r["eval"] == "retrieval" else f"{r['arm']}_{r['eval']}", []).append(r["metrics"])
+    for arm, ms in by.items():
+        cells = []
+        for k in ("rs_rouge1", "rs_rouge2", "rs_rougeL", "rs_rougeL_stem", "nltk_bleu1", "nltk_bleu2", "nltk_bleu4"):
+            mean, std = mean_std([x.get(k) for x in ms])
+            cells.append(_f(mean) + (f" ± {_f(std)}" if len(ms) > 1 else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", ""]
+    for name, path in ctx["figures"].items():
+        lines += [f"![{name}](figures/{os.path.basename(path)})", ""]
+    lines += ["## Arms", "", "| arm | what | recipe | size overrides |", "|---|---|---|---|"]
+    for name in ctx["arms"]:
+        arm = ARMS[name]
+        lines.append(f"| {name} | {arm['about']} | `{arm['config']}` | `{' '.join(fill(arm['flags'], sizes)) or '–'}` |")
+    lines += ["", f"Stage 1: `{STAGE1['config']}` with `{' '.join(fill(STAGE1['flags'], sizes))}`. Every command "
+              "run is in `commands.sh`.", "", "## Every seed", "",
+              "| arm | seed | F1 | ROUGE-L | BLEU | Dist-1 | Dist-2 | ppl | reward | generic % |", "|---|---|" + "---:|" * 8]
+    for arm, e in results["arms"].items():
+        for s, v in e["per_seed"].items():
+            lines.append(f"| {arm} | {s} | " + " | ".join(_f(v.get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
+                                                        for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl",
+                                                                  "reward", "generic")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    try:
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True, env=env).stdout.strip()
+    except OSError:
+        nproc = str(len(os.sched_getaffinity(0)))
+    gpu = "none"
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = ", ".join(q.stdout.split("\n")).strip(", ") if q.returncode == 0 and q.stdout.strip() else "none"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
+    return {"cpu": cpu, "nproc": nproc, "gpu": gpu, "python": platform.python_version(), "torch": torch_version}
+
+
+def publish(out, dest, figures):
+    os.makedirs(os.path.join(dest, "figures"), exist_ok=True)
+    for name in ("RESULTS.md", "results.json"):
+        shutil.copy(os.path.join(out, name), os.path.join(dest, name))
+    for path in figures.values():
+        shutil.copy(path, os.path.join(dest, "figures", os.path.basename(path)))

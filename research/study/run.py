@@ -1,0 +1,200 @@
+"""The study: every stage-2 method against its control on real data, one command.
+
+    python research/study/run.py [--data_dir ../shared/data] [--scale cpu|gpu|tiny] [--seeds 0 1 2]
+                                 [--arms control lapdog ...] [--out runs/study] [--publish results/study]
+
+1. Splits the dialogues (default ``DATA_DIR/convai2/valid.jsonl``) by persona with a fixed seed
+   into train / dev / test (research/study/split.py). Dev: in-loop curves, early stopping and
+   every choice of setting; test: only the reported tables.
+2. Baselines that need no model, on test, with the same metric code (src/evaluation/baselines.py).
+3. Shared by all seeds: a small reader built with MiniLM's word embeddings, pretrained on the
+   train split's dialogues and the stories (scripts/pretrain_reader.py), and the index of the
+   pretrained retriever. Per seed: stage 1 (early stopping on the dev loss), every arm from its
+   best checkpoint with the same steps and examples, evaluation on test.
+4. ``OUT/RESULTS.md`` and ``OUT/results.json``: baselines, every arm's mean ± std over seeds,
+   perplexity, the generic-reply share, paired bootstrap 95% intervals of each arm minus the
+   control (per-example F1, ROUGE-L, reward; pooled over seeds), collapse flags, the control
+   against its targets; ``OUT/figures/``. No machine paths in either file.
+
+Each step runs train.py / evaluate.py / scripts as a subprocess, logs to its folder, and is
+skipped when re-run after it finished (delete the folder to redo it); every command is appended
+to ``OUT/commands.sh``. ``--dry_run`` writes the split and prints the plan. ``--dialogues`` /
+``--stories`` run it on other files (the test runs ``--scale tiny`` on the sample data).
+Missing data: one ``error: ...`` line, exit 2; a failed step: one line naming its log, exit 1.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from research.study import plan as study_plan  # noqa: E402
+from research.study import report, split  # noqa: E402
+from src.data.dialogues import load_dialogues  # noqa: E402
+from src.infra import exits  # noqa: E402
+from src.infra.errors import UsageError  # noqa: E402
+
+DONE = "study_done.json"
+
+
+class StepFailed(Exception):
+    pass
+
+
+def run_step(label, folder, argv, commands_file):
+    """Run one script in a subprocess; skipped when its folder holds study_done.json."""
+    done = os.path.join(folder, DONE)
+    if os.path.exists(done):
+        with open(done) as f:
+            info = json.load(f)
+        print(f"== {label}: done before ({info['wall_s']:.0f} s), skipped", flush=True)
+        return info
+    os.makedirs(folder, exist_ok=True)
+    cmd = [sys.executable, *argv]
+    with open(commands_file, "a") as f:
+        f.write(shlex.join(["python", *[report.relative(a) for a in argv]]) + "\n")
+    log = os.path.join(folder, "study.log")
+    print(f"== {label}", flush=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.setdefault("WANDB_MODE", "offline")
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        raise StepFailed(f"{label}: {argv[0]} exited {p.returncode} — see {log}")
+    info = {"label": label, "wall_s": wall}
+    with open(done, "w") as f:
+        json.dump(info, f)
+    print(f"   {wall:.0f} s", flush=True)
+    return info
+
+
+def build_models(out, sizes, vocab_from, commands_file):
+    """The reader to pretrain (MiniLM-initialized embeddings, the split's and stories' pieces)
+    and the MiniLM retriever, once."""
+    models = os.path.join(out, "models")
+    cmd = ["scripts/build_small_models.py", f"--out={models}", "--init_embeddings=minilm", *sizes["reader_sizes"],
+           "--vocab_from", *vocab_from]
+    run_step("building the models", models, cmd, commands_file)
+    return os.path.join(models, "reader"), os.path.join(models, "retriever")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
+                   help="folder with convai2/valid.jsonl and corpora/story/story.jsonl (default ../shared/data)")
+    p.add_argument("--dialogues", help="dialogue jsonl to split (default DATA_DIR/convai2/valid.jsonl)")
+    p.add_argument("--stories", help="story corpus jsonl (default DATA_DIR/corpora/story/story.jsonl)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "study"), help="output folder")
+    p.add_argument("--scale", default="cpu", choices=sorted(study_plan.SCALES), help="size preset (plan.SCALES)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--arms", nargs="+", default=list(study_plan.DEFAULT_ARMS),
+                   help=f"arms to run, from: {', '.join(study_plan.ARMS)}")
+    p.add_argument("--split_seed", type=int, default=0)
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "DEV", "TEST"))
+    p.add_argument("--publish", help="also copy RESULTS.md, results.json and figures/ into this folder")
+    p.add_argument("--dry_run", action="store_true", help="write the split, print the plan, run nothing")
+    g = p.add_argument_group("sizes (override the scale)")
+    for name in study_plan.SIZE_FLAGS:
+        g.add_argument(f"--{name}", type=int, help="0 = all" if name in ("eval_n", "max_passages") else None)
+    return p.parse_args(argv)
+
+
+def check_same_settings(out, settings):
+    """Finished steps are reused on a re-run, so they must come from the same settings: refuse an
+    output folder made with other sizes, split or data (other seeds or arms are fine)."""
+    path = os.path.join(out, "study.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"{out}: made with other settings ({k}: {old.get(k)} -> {settings.get(k)}) — "
+                             "pass a new --out, or delete the folder to start over")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t_start = time.time()
+    dialogues = args.dialogues or os.path.join(args.data_dir, "convai2", "valid.jsonl")
+    stories = os.path.abspath(args.stories or os.path.join(args.data_dir, "corpora", "story", "story.jsonl"))
+    for what, path in (("dialogues", dialogues), ("stories", stories)):
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: {what} not found — the study needs ../shared/data beside the checkout, "
+                             "or --data_dir / --dialogues / --stories")
+    study_plan.check_arms(args.arms)
+    sizes = study_plan.sizes_of(args.scale, {k: getattr(args, k) for k in study_plan.SIZE_FLAGS})
+    out = os.path.abspath(args.out)
+    settings = {"sizes": sizes, "dialogues_sha256": split.sha256_of(dialogues), "split_seed": args.split_seed,
+                "fractions": list(args.fractions), "stories_sha256": split.sha256_of(stories)}
+    if not args.dry_run:
+        check_same_settings(out, settings)
+    manifest = split.write_split(dialogues, os.path.join(out, "split"), args.split_seed, tuple(args.fractions))
+    print(split.describe(manifest), flush=True)
+    parts = manifest["splits"]
+    paths = {"train": parts["train"]["path"], "dev": parts["dev"]["path"], "test": parts["test"]["path"],
+             "stories": stories, "index": os.path.join(out, "index-pretrained-retriever"),
+             "reader_init": os.path.join(out, "models", "reader"), "retriever": os.path.join(out, "models", "retriever"),
+             "reader": os.path.join(out, "pretrained", "reader") if sizes["pretrain_steps"] else
+             os.path.join(out, "models", "reader")}
+    steps = study_plan.plan(args.arms, args.seeds, paths, sizes, out)
+    if args.dry_run:
+        for _, label, _, cmd in steps:
+            print(f"{label}: {shlex.join(cmd)}")
+        return 0
+
+    commands = os.path.join(out, "commands.sh")
+    timings = []
+    train, test = load_dialogues(paths["train"]), load_dialogues(paths["test"])
+    baselines = report.baseline_metrics(train, test)
+    try:
+        build_models(out, sizes, [paths["train"], stories], commands)
+        for kind, label, folder, cmd in steps:
+            timings.append(run_step(label, folder, cmd, commands))
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    rows = report.collect_rows(out, args.arms, args.seeds, paths["test"])
+    results = report.results_json(rows, baselines, args.arms, args.seeds, test)
+    wall = time.time() - t_start
+    ctx = {"sizes": sizes, "scale": args.scale, "split": split.describe(manifest), "manifest": manifest,
+           "seeds": args.seeds, "arms": args.arms, "machine": report.machine(), "wall_s": wall,
+           "steps_s": sum(t["wall_s"] for t in timings), "timings": timings,
+           "command": shlex.join(["python", "research/study/run.py", *[report.relative(a) for a in argv]]),
+           "out": out, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "paths": paths}
+    results.update({"sizes": sizes, "split": report.relative_manifest(manifest), "machine": ctx["machine"],
+                    "wall_s": round(ctx["steps_s"], 1), "command": ctx["command"], "finished": ctx["finished"]})
+    ctx["figures"] = report.write_figures(rows, results, ctx)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+    results_md = os.path.join(out, "RESULTS.md")
+    with open(results_md, "w") as f:
+        f.write(report.render(results, rows, ctx))
+    print(f"wrote {results_md} and results.json ({wall / 60:.1f} min)")
+    if args.publish:
+        report.publish(out, os.path.abspath(args.publish), ctx["figures"])
+        print(f"copied RESULTS.md, results.json and figures/ to {args.publish}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exits.run(main))

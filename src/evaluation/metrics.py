@@ -1,0 +1,255 @@
+"""Corpus-level text metrics with LAPDOG's definitions.
+
+One module serves compute_metrics.py, evaluate.py and the in-loop evaluation so the three
+can never disagree. Definitions (lapdog-behaviour.md, "Evaluation and metrics"):
+
+- every "R:" is removed from prediction and reference, then surrounding whitespace;
+- ``bleu``: sacreBLEU corpus BLEU, default 13a tokenization, cased;
+- ``rouge1/rouge2/rougeL``: F-scores of the ``rouge`` package (1.0.1) per example, x100,
+  averaged; an empty prediction or a scorer error counts 0 (errors are counted in
+  ``rouge_errors``, empty predictions in ``empty_predictions``);
+- ``f1`` / ``exact_match``: SQuAD-normalized token F1 / exact match, x100, averaged;
+- ``dist1/dist2``: distinct n-grams / all n-grams over all generations (whitespace tokens), x100;
+- ``length_ratio``: total hypothesis words / total reference words (a plain ratio, not x100);
+- ``repeat3``: the share of predictions in which one word comes three times in a row ("a a a"),
+  x100: the degenerate repetition of an untrained reader;
+- ``generic``: the share of predictions equal to the most frequent prediction, x100 (a constant
+  reply scores 100): a reader collapsed to one reply.
+
+Next to them, clearly separate (``compute_standard_metrics``, keys prefixed ``rs_`` / ``nltk_``),
+the implementations most dialogue papers report; the same "R:" stripping comes first:
+
+- ``rs_rouge1/rs_rouge2/rs_rougeL``: F-scores of Google's ``rouge-score`` (0.1.2) per example,
+  x100, averaged, its own tokenizer (lowercase, non-alphanumerics to spaces), no stemming;
+  ``rs_rouge1_stem/...``: the same with its Porter stemmer (``use_stemmer=True``). ``rougeL`` is
+  the sentence-level LCS (not ``rougeLsum``). An empty prediction scores 0.
+- ``nltk_bleu1/nltk_bleu2/nltk_bleu4``: nltk's ``corpus_bleu`` with uniform weights over 1, 2 and
+  4 n-gram orders, x100, smoothing ``SmoothingFunction().method1`` (epsilon 0.1 added to an
+  order's matched count when it is 0), tokens = whitespace split (nltk's tokenizer data cannot be
+  downloaded here), cased. As nltk does, every reply adds at least 1 to each order's denominator,
+  even a reply shorter than that order; no unigram match in the corpus gives 0.
+"""
+
+import re
+import string
+from collections import Counter
+from functools import lru_cache
+
+from rouge import Rouge
+from sacrebleu.metrics import BLEU
+
+from src.data.prompts import strip_speaker
+
+_ROUGE = Rouge()
+_RS_TYPES = ("rouge1", "rouge2", "rougeL")
+# Uniform weights per BLEU order; corpus_bleu takes the list and shares one n-gram pass.
+_NLTK_BLEU_WEIGHTS = {"nltk_bleu1": (1.0,), "nltk_bleu2": (0.5, 0.5), "nltk_bleu4": (0.25,) * 4}
+STANDARD_KEYS = tuple([f"rs_{t}" for t in _RS_TYPES] + [f"rs_{t}_stem" for t in _RS_TYPES]
+                      + list(_NLTK_BLEU_WEIGHTS))
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_normalize(s: str) -> str:
+    """SQuAD answer normalization: lowercase, drop punctuation, drop a/an/the, collapse spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(pred: str, ref: str) -> float:
+    """Token F1 (0-1) between SQuAD-normalized pred and ref; 0 when nothing overlaps."""
+    pred_tokens = squad_normalize(pred).split()
+    ref_tokens = squad_normalize(ref).split()
+    same = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_exact_match(pred: str, ref: str) -> float:
+    """1.0 when the SQuAD-normalized strings are equal, else 0.0."""
+    return float(squad_normalize(pred) == squad_normalize(ref))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (0-1): unique n-grams / all n-grams, n-grams taken within each text.
+
+    Tokens are whitespace-split after removing "R:". Returns 0.0 when there is no n-gram.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n needs n >= 1, got {n}")
+    seen = set()
+    total = 0
+    for text in texts:
+        tokens = strip_speaker(text).split()
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def has_repeat(text: str, times: int = 3) -> bool:
+    """True when one whitespace token comes ``times`` times in a row in ``text`` ("i am a a a")."""
+    tokens = text.split()
+    return any(len(set(tokens[i:i + times])) == 1 for i in range(len(tokens) - times + 1))
+
+
+def generic_share(texts: list[str]) -> float:
+    """Share (0-1) of ``texts`` equal to the most frequent one (after stripping); 0.0 for none."""
+    if not texts:
+        return 0.0
+    return Counter(t.strip() for t in texts).most_common(1)[0][1] / len(texts)
+
+
+def _rouge_f(pred: str, ref: str):
+    """(r1, r2, rL) F-scores in 0-1 and whether the scorer failed.
+
+    The rouge package raises on a reference with no words and can hit the recursion limit on
+    very long texts; LAPDOG scores such an example 0, and so do we, but report it.
+    """
+    try:
+        s = _ROUGE.get_scores(pred, ref)[0]
+    except Exception:  # "any scorer error counts 0" is part of the metric's definition
+        return (0.0, 0.0, 0.0), True
+    return (s["rouge-1"]["f"], s["rouge-2"]["f"], s["rouge-l"]["f"]), False
+
+
+def compute_metrics(generations: list[str], references: list[str]) -> dict:
+    """Corpus metrics of N generations against N references (one reference each).
+
+    Returns floats ``bleu, f1, rouge1, rouge2, rougeL, dist1, dist2, exact_match`` (x100),
+    ``length_ratio`` (plain ratio; 0.0 when the references have no words), and ints ``n``,
+    ``rouge_errors`` (examples where the rouge scorer raised, scored 0) and
+    ``empty_predictions`` (predictions empty after stripping, scored 0 by ROUGE).
+    With N = 0 every score is 0.0.
+    """
+    if len(generations) != len(references):
+        raise ValueError(
+            f"compute_metrics got {len(generations)} generations but {len(references)} references"
+        )
+    preds = [strip_speaker(g) for g in generations]
+    refs = [strip_speaker(r) for r in references]
+    n = len(preds)
+    out = {"n": n, "rouge_errors": 0, "empty_predictions": 0}
+    if n == 0:
+        for key in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2",
+                    "exact_match", "length_ratio", "repeat3", "generic"):
+            out[key] = 0.0
+        return out
+
+    # ConvAI2 replies are pre-tokenized ("... ."); force=True only silences sacreBLEU's warning
+    # about that, the score is unchanged.
+    out["bleu"] = float(BLEU(force=True).corpus_score(preds, [refs]).score)
+
+    r1 = r2 = rl = 0.0
+    for p, r in zip(preds, refs):
+        if not p:
+            out["empty_predictions"] += 1
+            continue
+        (a, b, c), failed = _rouge_f(p, r)
+        out["rouge_errors"] += int(failed)
+        r1, r2, rl = r1 + a, r2 + b, rl + c
+    out["rouge1"] = 100.0 * r1 / n
+    out["rouge2"] = 100.0 * r2 / n
+    out["rougeL"] = 100.0 * rl / n
+
+    out["f1"] = 100.0 * sum(squad_f1(p, r) for p, r in zip(preds, refs)) / n
+    out["exact_match"] = 100.0 * sum(squad_exact_match(p, r) for p, r in zip(preds, refs)) / n
+    out["dist1"] = 100.0 * distinct_n(preds, 1)
+    out["dist2"] = 100.0 * distinct_n(preds, 2)
+
+    hyp_words = sum(len(p.split()) for p in preds)
+    ref_words = sum(len(r.split()) for r in refs)
+    out["length_ratio"] = hyp_words / ref_words if ref_words else 0.0
+    out["repeat3"] = 100.0 * sum(has_repeat(p) for p in preds) / n
+    out["generic"] = 100.0 * generic_share(preds)
+    return out
+
+
+def per_example_scores(generations: list[str], references: list[str]) -> dict:
+    """``{"f1": [...], "rougeL": [...]}``: each example's F1 and ROUGE-L F (x100), the definitions
+    ``compute_metrics`` averages (its ``f1`` and ``rougeL`` are these lists' means); for paired
+    comparisons of two systems on the same examples."""
+    preds = [strip_speaker(g) for g in generations]
+    refs = [strip_speaker(r) for r in references]
+    return {"f1": [100.0 * squad_f1(p, r) for p, r in zip(preds, refs)],
+            "rougeL": [100.0 * _rouge_f(p, r)[0][2] if p else 0.0 for p, r in zip(preds, refs)]}
+
+
+# nltk (which rouge-score imports for its stemmer) takes seconds to import; train.py and
+# evaluate.py import this module but never need the standard block, so load it on first use.
+@lru_cache(maxsize=2)
+def _rouge_scorer(stem: bool):
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(_RS_TYPES), use_stemmer=stem)
+
+
+def rouge_score_f(pred: str, ref: str, stem: bool) -> tuple[float, float, float]:
+    """(rouge1, rouge2, rougeL) F-scores in 0-1 from the ``rouge-score`` package."""
+    s = _rouge_scorer(stem).score(ref, pred)  # rouge-score's order is (target, prediction)
+    return tuple(s[t].fmeasure for t in _RS_TYPES)
+
+
+def nltk_corpus_bleu(preds: list[str], refs: list[str]) -> dict:
+    """nltk corpus BLEU-1/2/4 (0-1) on whitespace tokens, smoothing method1, one reference each."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu  # slow import: see _rouge_scorer
+
+    hyps = [p.split() for p in preds]
+    references = [[r.split()] for r in refs]
+    if not any(hyps):
+        return {k: 0.0 for k in _NLTK_BLEU_WEIGHTS}
+    scores = corpus_bleu(references, hyps, weights=list(_NLTK_BLEU_WEIGHTS.values()),
+                         smoothing_function=SmoothingFunction().method1)
+    return {k: float(v) for k, v in zip(_NLTK_BLEU_WEIGHTS, scores)}
+
+
+def compute_standard_metrics(generations: list[str], references: list[str]) -> dict:
+    """The commonly reported implementations (module docstring), x100, keys ``STANDARD_KEYS``.
+
+    Kept apart from ``compute_metrics`` so LAPDOG's numbers keep their exact meaning.
+    With N = 0 every score is 0.0.
+    """
+    if len(generations) != len(references):
+        raise ValueError(f"compute_standard_metrics got {len(generations)} generations "
+                         f"but {len(references)} references")
+    preds = [strip_speaker(g) for g in generations]
+    refs = [strip_speaker(r) for r in references]
+    out = {k: 0.0 for k in STANDARD_KEYS}
+    if not preds:
+        return out
+    for stem, suffix in ((False, ""), (True, "_stem")):
+        sums = [0.0, 0.0, 0.0]
+        for p, r in zip(preds, refs):
+            for i, f in enumerate(rouge_score_f(p, r, stem)):
+                sums[i] += f
+        for t, total in zip(_RS_TYPES, sums):
+            out[f"rs_{t}{suffix}"] = 100.0 * total / len(preds)
+    for k, v in nltk_corpus_bleu(preds, refs).items():
+        out[k] = 100.0 * v
+    return out
+
+
+def format_metrics(d: dict) -> str:
+    """One readable line, e.g. ``BLEU 1.23 | F1 15.00 | ... | len ratio 0.950 | reward 0.312 |
+    eval_loss 3.456 | ppl 31.7 | n 100`` (reward, eval_loss and ppl where the evaluation has them)."""
+    parts = []
+    for key, label in (("bleu", "BLEU"), ("f1", "F1"), ("rouge1", "R-1"), ("rouge2", "R-2"),
+                       ("rougeL", "R-L"), ("dist1", "Dist-1"), ("dist2", "Dist-2"),
+                       ("exact_match", "EM")):
+        if key in d:
+            parts.append(f"{label} {d[key]:.2f}")
+    if "length_ratio" in d:
+        parts.append(f"len ratio {d['length_ratio']:.3f}")
+    for key, fmt in (("reward", ".3f"), ("eval_loss", ".3f"), ("ppl", ".1f")):
+        if key in d:
+            parts.append(f"{key} {d[key]:{fmt}}")
+    if "n" in d:
+        parts.append(f"n {d['n']}")
+    if d.get("rouge_errors"):
+        parts.append(f"rouge errors {d['rouge_errors']}")
+    return " | ".join(parts)
