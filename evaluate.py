@@ -47,6 +47,13 @@ def layered_options(argv):
     if "passages" in explicit and "closed_book" not in explicit:
         # Evaluating a closed-book (stage-1) reader with retrieval: the stories given here win.
         cli.closed_book = False
+    if "closed_book" in explicit and cli.closed_book:
+        # A stage-2 checkpoint evaluated without stories (the no-story ablation): its retriever-training
+        # switches describe how it was trained, not this evaluation, which fuses and trains nothing.
+        parser = options.build_parser()
+        for name in ("train_retriever", "grpo_train_retriever", "query_side_retriever_training", "posterior_passages",
+                     "posterior_fact_swap", "retriever_signal"):
+            setattr(cli, name, parser.get_default(name))
     opts = options.validate(cli)
     preflight.check_options(opts)
     opts.model_path = model_path
@@ -155,8 +162,9 @@ def evaluate_main(argv):
             print(f"{name}: {format_metrics(metrics)}")
             if "recall@1" in metrics:
                 k = opts.retriever_n_context
+                top1 = metrics.get("retrieval/top1_score")  # none with --eval_stories random
                 print(f"{name}: retrieval recall@1 {metrics['recall@1']:.2f} | recall@{k} {metrics[f'recall@{k}']:.2f}"
-                      f" | mean top-1 score {metrics['retrieval/top1_score']:.3f}")
+                      + (f" | mean top-1 score {top1:.3f}" if top1 is not None else " | random stories"))
             if path:
                 print(f"results written to {path}")
             print(f"metrics written to {metrics_path}")

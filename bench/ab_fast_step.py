@@ -6,8 +6,8 @@ regression check such as "no slowdown beyond 5%" needs. Each round runs one subp
 checkout, alternating which goes first, each with the same shapes, seed and thread count; the
 table gives every round and the ratio of the means.
 
-    git worktree add /tmp/base e70a550
-    OMP_NUM_THREADS=2 .venv/bin/python bench/ab_fast_step.py . /tmp/base --rounds 4 --json
+    git worktree add ../base e70a550
+    OMP_NUM_THREADS=2 .venv/bin/python bench/ab_fast_step.py . ../base --rounds 4 --json
 
 Both checkouts must have bench/grpo_step.py with ``bench_options``, ``make_batches`` and
 ``run_side`` (every commit since the benchmark's first version).

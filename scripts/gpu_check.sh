@@ -7,7 +7,7 @@
 # peak GPU memory, the log); the exit status is non-zero when a part failed. scripts/gpu_check.py
 # says what each part runs.
 #   bash scripts/gpu_check.sh                  # OUT defaults to runs/gpu_check
-#   bash scripts/gpu_check.sh --out /tmp/gc    # elsewhere
+#   bash scripts/gpu_check.sh --out runs/gc_a   # elsewhere
 #   bash scripts/gpu_check.sh --tiny           # tiny shapes on the CPU (a smoke run of the check itself)
 # Python: $PY, else .venv/bin/python when it exists, else python3.
 set -euo pipefail

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from helpers import SAMPLE, run_entry
+from helpers import ROOT, SAMPLE, run_entry
 
 from src.cli import options
 from src.evaluation.generation import output_paths, unused_output_paths
@@ -75,21 +75,25 @@ def test_evaluation_writes_metrics_per_step_and_names_latest(tmp_path, tiny_mode
         rows = [json.loads(line) for line in open(results)]
         by_hand = math.exp(sum(r["reply_nll"] for r in rows) / sum(r["reply_tokens"] for r in rows))
         assert json.load(open(metrics))["metrics"]["ppl"] == pytest.approx(by_hand)
+        # per example, the scores whose means are the metrics (for paired comparisons)
+        saved_metrics = json.load(open(metrics))["metrics"]
+        for key in ("f1", "rougeL", "reward"):
+            assert sum(r[key] for r in rows) / len(rows) == pytest.approx(saved_metrics[key]), key
+        assert {"copy_persona"} <= set(saved_metrics) and "fused_texts" not in rows[0]
 
 
 def test_docs_document_every_compute_metrics_key():
     """compute_metrics.py --json prints compute_metrics' dict: docs/evaluation.md's key table names each key."""
     import re
 
-    from helpers import ROOT
-
-    from src.evaluation.metrics import compute_metrics, compute_standard_metrics
+    from src.evaluation.metrics import compute_metrics, compute_standard_metrics, copy_shares
 
     text = open(os.path.join(ROOT, "docs", "evaluation.md"), encoding="utf-8").read()
     table = text[text.index("| key | meaning |"):].split("\n\n", 1)[0]
     documented = {k for row in table.splitlines()[2:] for k in re.findall(r"`([^`]+)`", row.split("|")[1])}
     preds, refs = ["i like dogs .", ""], ["i like cats .", "hello there ."]
     keys = set(compute_metrics(preds, refs)) | set(compute_standard_metrics(preds, refs))  # both --json blocks
+    keys |= set(copy_shares(preds, ["i like dogs ."] * 2, [["a story ."], []]))  # evaluation's own
     assert keys - documented == set(), f"undocumented compute_metrics keys: {keys - documented}"
     assert documented - keys == set(), f"documented keys it does not return: {documented - keys}"
 
@@ -122,3 +126,57 @@ def test_all_empty_replies_are_a_warning(tmp_path, tiny_models, capsys, monkeypa
                                      f"--model_path={ck / 'step-1'}"]) == 0
     err = capsys.readouterr().err
     assert "warning: eval valid: every generated reply is empty (3 examples)" in err
+
+
+def test_random_stories_ablation_fuses_other_stories_and_copy_story_is_measured(tmp_path, tiny_models, capsys):
+    """--eval_stories random: the same evaluation with random corpus stories in place of the
+    retrieved ones (no retrieval score: the retriever did not choose them); both give copy_story."""
+    ck = fake_run(tmp_path / "run", tiny_models["reader"], [1])
+    common = [f"--model_path={ck / 'step-1'}", f"--passages={SAMPLE}/stories.jsonl", "--n_context=1",
+              "--retriever_n_context=2", f"--retriever_model_path={tiny_models['retriever']}", "--write_results"]
+    rows, metrics = {}, {}
+    for mode in ("retrieved", "random"):
+        evaluate_cli(capsys, *common, f"--checkpoint_dir={tmp_path / mode}", f"--eval_stories={mode}")
+        results, metrics_path = output_paths(str(tmp_path / mode / "results"), 1, "valid", "evaluate")
+        rows[mode] = [json.loads(line) for line in open(results)]
+        metrics[mode] = json.load(open(metrics_path))["metrics"]
+    retrieved = [[p["id"] for p in r["passages"]] for r in rows["retrieved"]]
+    drawn = [[p["id"] for p in r["passages"]] for r in rows["random"]]
+    assert retrieved != drawn and all(len(set(ids)) == 2 for ids in drawn)
+    assert all(p["score"] is None for r in rows["random"] for p in r["passages"])
+    assert all(isinstance(p["score"], float) for r in rows["retrieved"] for p in r["passages"])
+    assert "retrieval/top1_score" in metrics["retrieved"] and "retrieval/top1_score" not in metrics["random"]
+    assert {"copy_persona", "copy_story"} <= set(metrics["random"]) and "copy_story" in metrics["retrieved"]
+    assert run_entry("evaluate.py", [*common, "--eval_stories=random", "--closed_book", f"--eval_data={SAMPLE}/valid.jsonl"]) == 2
+    assert "error: --eval_stories: random stories are fused, but --closed_book fuses none" in capsys.readouterr().err
+
+
+def test_closed_book_evaluation_of_a_retriever_trained_checkpoint(tmp_path, tiny_models):
+    """The no-story ablation of a stage-2 run: --closed_book on a checkpoint whose options train the
+    retriever used to stop with "--closed_book: has no retriever to train"."""
+    import evaluate
+
+    opts = options.validate(options.parse(["--train_data", "t.jsonl", "--passages", f"{SAMPLE}/stories.jsonl",
+                                           "--train_retriever", "--query_side_retriever_training"])[0])
+    step = tmp_path / "checkpoint" / "step-1"
+    shutil.copytree(tiny_models["reader"], step / "reader")
+    (step / "options.json").write_text(json.dumps(options.to_json_dict(opts)))
+    got, _ = evaluate.layered_options([f"--model_path={step}", "--closed_book", f"--eval_data={SAMPLE}/valid.jsonl"])
+    assert got.closed_book and not got.train_retriever and not got.query_side_retriever_training
+    again, _ = evaluate.layered_options([f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl"])
+    assert again.train_retriever and not again.closed_book  # without --closed_book: as trained
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_recipes_checkpoint_can_be_evaluated_with_and_without_stories(tmp_path, tiny_models, recipe):
+    import evaluate
+
+    opts = options.validate(options.parse(["--config", os.path.join(ROOT, "configs", recipe), "--train_data", "t.jsonl",
+                                           "--passages", f"{SAMPLE}/stories.jsonl"])[0])
+    step = tmp_path / "checkpoint" / "step-1"
+    shutil.copytree(tiny_models["reader"], step / "reader")
+    (step / "options.json").write_text(json.dumps(options.to_json_dict(opts)))
+    base = [f"--model_path={step}", f"--eval_data={SAMPLE}/valid.jsonl"]
+    assert evaluate.layered_options([*base, "--closed_book"])[0].closed_book
+    random_stories, _ = evaluate.layered_options([*base, f"--passages={SAMPLE}/stories.jsonl", "--eval_stories=random"])
+    assert random_stories.eval_stories == "random"

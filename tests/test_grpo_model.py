@@ -229,9 +229,14 @@ def greedy_reward(model, batch):
 @pytest.mark.learning
 def test_grpo_raises_mean_reward(tiny_models):
     """Closed book: 40 SFT steps (AdamW 3e-3, batch 16) so the tiny reader writes reply-like text, then
-    GRPO (G=4, β=0.05, sampling temperature 0.7, AdamW 3e-4, batch 8/16); the mean reward of greedy replies on 16 fixed training
-    prompts must rise."""
-    model = grpo_model(tiny_models, "--grpo_kl_coeff", "0.05", "--grpo_temperature", "0.7", dropout=0.0)
+    GRPO (G=4, β=0.3, sampling temperature 0.7, AdamW 1e-4, batch 8/16); the mean reward of greedy replies on 16 fixed training
+    prompts must rise.
+
+    Measured with the sample data that has a test split (seeds 0/1/2 for the data order and the GRPO draws):
+    gain +0.048 / +0.123 / +0.130 at 2 threads, +0.014 / +0.056 / +0.087 at 1 thread. The settings
+    before (β 0.05, lr 3e-4) lost 0.29 on seed 0 with this data: at a small KL the generator drifts
+    away from the SFT reader's replies (results/findings.md, "Generator GRPO against SFT")."""
+    model = grpo_model(tiny_models, "--grpo_kl_coeff", "0.3", "--grpo_temperature", "0.7", dropout=0.0)
     train, _, _ = sample_data()
     rng = random.Random(0)
     fixed = closed_book_batch(model, train[:16])
@@ -244,7 +249,7 @@ def test_grpo_raises_mean_reward(tiny_models):
         opt.step()
     model.refs["reader"].load_state_dict(model.reader.state_dict())  # reference = the SFT reader
     before = greedy_reward(model, fixed)
-    opt = torch.optim.AdamW(model.reader.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(model.reader.parameters(), lr=1e-4)
     torch.manual_seed(0)
     for step in range(40):
         b = closed_book_batch(model, train[:16] if step % 2 else rng.sample(train, 8))

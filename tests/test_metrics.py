@@ -12,6 +12,8 @@ from src.evaluation.metrics import (
     STANDARD_KEYS,
     compute_metrics,
     compute_standard_metrics,
+    copies_verbatim,
+    copy_shares,
     distinct_n,
     format_metrics,
     generic_share,
@@ -41,6 +43,21 @@ def test_repetition_and_generic_share_by_hand():
     assert generic_share([]) == 0.0 and generic_share(["hi .", "hi . ", "ok"]) == pytest.approx(2 / 3)
     m = compute_metrics(["a a a b", "hi", "hi"], ["x", "y", "z"])
     assert m["repeat3"] == pytest.approx(100 / 3) and m["generic"] == pytest.approx(200 / 3)
+
+
+def test_verbatim_copies_by_hand():
+    persona = "i have two dogs and a cat named tom who sleeps all day. i like to read."
+    # 8 consecutive words of the persona ("and a cat named tom who sleeps all"), punctuation split off
+    assert copies_verbatim("R: yes , two dogs and a cat named tom who sleeps all day .", persona)
+    assert copies_verbatim("and a cat named tom who sleeps all", persona)
+    assert not copies_verbatim("a cat named tom who sleeps all", persona)  # 7 words: too short to count
+    assert not copies_verbatim("i have two dogs and one cat named tom who sleeps", persona)  # runs of 5 and 6
+    assert copies_verbatim("Day. I LIKE TO READ. and you ?", "all day . i like to read . and you ?")
+    assert not copies_verbatim("", persona) and not copies_verbatim("one two three four five six seven eight", "")
+    out = copy_shares(["and a cat named tom who sleeps all", "i like to read .", "the story goes on and on and on ."],
+                      [persona] * 3, [[], ["x"], ["once upon a time the story goes on and on and on ."]])
+    assert out == {"copy_persona": pytest.approx(100 / 3), "copy_story": pytest.approx(100 / 3)}
+    assert copy_shares(["hi"], [persona]) == {"copy_persona": 0.0} and copy_shares([], []) == {"copy_persona": 0.0}
 
 
 def test_per_example_scores_average_to_the_corpus_metrics():

@@ -125,8 +125,11 @@ def test_plan_every_arm_from_the_best_stage1_with_the_same_steps_and_batch_and_t
     joint = next(c for c in arms if _flag(c, "name") == "study_joint_grpo_seed0")
     assert joint[1:3] == ["--config", "configs/joint_grpo_evidence.yaml"]
     assert joint[-1] == f"--grpo_retriever_pool_size={sizes['pool']}"
-    evals = [label for kind, label, _, _ in steps if kind == "eval"]
-    assert len(evals) == 2 * (len(study_plan.ARMS) + 1)  # every arm, and the control closed book too
+    evals = [cmd for kind, label, _, cmd in steps if kind == "eval"]
+    assert len(evals) == 2 * 3 * len(study_plan.ARMS)  # every arm with its story, a random one and none
+    n_random, n_none = sum("--eval_stories=random" in c for c in evals), sum("--closed_book" in c for c in evals)
+    assert n_random == n_none == 2 * len(study_plan.ARMS)
+    assert all(_flag(c, "load_index_path") == "out/index" for c in evals if "--closed_book" not in c)
 
 
 @pytest.mark.parametrize("scale", ["tiny", "cpu", "gpu"])
@@ -155,6 +158,8 @@ def test_results_json_intervals_targets_and_collapse():
     rows = [_row("control", s, [10.0, 20.0, 30.0]) for s in (0, 1)]
     rows += [_row("control", s, [10.0, 20.0, 30.0], "closed_book") for s in (0, 1)]
     rows += [_row("joint_grpo", s, [12.0, 22.0, 32.0]) for s in (0, 1)]  # +2 F1 on every example
+    rows += [_row("joint_grpo", s, [10.0, 21.0, 29.0], "random_story") for s in (0, 1)]  # retrieved: +2, +1, +3
+    rows += [_row("joint_grpo", s, [9.0, 20.0, 30.0], "closed_book") for s in (0, 1)]
     rows.append(_row("grpo", 0, [10.0, 20.0, 30.0]))
     rows[-1]["metrics"]["dist1"] = 1.0  # below half the control's 10: collapsed
     baselines = {"constant": {"metrics": {"f1": 16.0, "bleu": 2.0, "rougeL": 19.0, "dist1": 0.1, "dist2": 0.1},
@@ -168,6 +173,13 @@ def test_results_json_intervals_targets_and_collapse():
     assert joint["ci_vs_control"]["reward"] == [0.0, 0.0] and "ci_vs_control" not in res["arms"]["control"]
     assert res["arms"]["grpo"]["collapsed"]["0"].startswith("Dist-1 1.00 < 0.5 x control")
     assert "control_closed_book" in res["arms"]
+    abl = res["ablations"]["joint_grpo"]  # retrieved − random per example: +2, +1, +3 on both seeds
+    assert abl["retrieval"]["f1"] == pytest.approx(22.0) and abl["random_story"]["f1"] == pytest.approx(20.0)
+    assert abl["closed_book"]["f1"] == pytest.approx(59 / 3, abs=1e-4) and abl["seeds"] == [0, 1]
+    assert abl["diff_retrieved_vs_random"]["f1"] == pytest.approx(2.0) and abl["ci_retrieved_vs_random"]["reward"] == [0.0, 0.0]
+    low, high = abl["ci_retrieved_vs_random"]["f1"]
+    assert 1.0 <= low < 2.0 < high <= 3.0
+    assert set(res["ablations"]) == {"joint_grpo"}  # only where the random-story evaluation exists
     assert joint["most_frequent_reply"]["0"] == {"reply": "i like dogs .", "share": 66.67}
     assert res["control_targets"]["f1"] == {"value": 20.0, "target": ">= 13.9", "met": True}
     assert res["control_targets"]["dist2"]["met"] and res["control_targets"]["repeat3"]["met"]
@@ -178,6 +190,9 @@ def test_results_json_intervals_targets_and_collapse():
            "finished": "now", "command": "python research/study/run.py", "paths": {"stories": os.path.join(ROOT, "s.jsonl")}}
     md = study_report.render(res, rows, ctx)
     assert "| **control** |" in md and "+2.00 [+2.00, +2.00] **✓**" in md and "⚠ collapsed" in md
+    assert "## Retrieval ablations" in md and "| joint_grpo | 22.00 / 20.00 / 19.67 |" in md
+    arms_table = md[md.index("## Arms (test split"):md.index("## Retrieval ablations")]
+    assert "| joint_grpo_random_story |" not in arms_table  # the ablations have their own table
     assert "best constant reply (chosen on train by F1): \"i do .\"" in md and ROOT not in md
     assert study_report.relative(f"--x={ROOT}/runs/a") == "--x=runs/a" and study_report.relative("plain") == "plain"
 
@@ -216,13 +231,24 @@ def test_tiny_study_end_to_end(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "s.jsonl").write_text("\n".join(open(f"{SAMPLE}/stories.jsonl").read().splitlines()[:40]) + "\n")
     out, pub = tmp_path / "study", tmp_path / "pub"
-    args = ["--scale", "tiny", "--dialogues", tmp_path / "d.jsonl", "--stories", tmp_path / "s.jsonl", "--seeds", "0",
-            "1", "--out", out]
+    # three arms (every arm's command is checked by test_every_command_passes_train_and_evaluate_option_checks)
+    arms = ["control", "lapdog", "joint_grpo"]
+    data = ["--scale", "tiny", "--dialogues", tmp_path / "d.jsonl", "--stories", tmp_path / "s.jsonl", "--arms", *arms]
+    args = [*data, "--seeds", "0", "1", "--out", out]
+    # one seed first: it is reported and published on its own, each evaluation as it finishes
+    rc, stdout, err = run_script("research/study/run.py", *data, "--seeds", "0", "--out", out, "--publish", pub, timeout=1500)
+    assert rc == 0, stdout[-3000:] + err[-3000:]
+    assert json.load(open(pub / "results.json"))["seeds_complete"] == [0] and "1 of 1 seeds complete" in stdout
+    published = json.load(open(pub / "evaluations" / "seed0" / "joint_grpo-random_story.metrics.json"))
+    assert {"f1", "copy_persona", "copy_story"} <= set(published["metrics"]) and ROOT not in json.dumps(published)
+    # then both: seed 0's steps are reused, seed 1 runs
     rc, stdout, err = run_script("research/study/run.py", *args, "--publish", pub, timeout=1500)
     assert rc == 0, stdout[-3000:] + err[-3000:]
+    assert "seed 0 stage 1: done before" in stdout and "2 of 2 seeds complete" in stdout
     results = json.load(open(out / "results.json"))
     assert set(results["baselines"]) == {"constant", "nearest_neighbour", "persona_copy", "random_human", "human"}
-    assert set(results["arms"]) == {*study_plan.ARMS, "control_closed_book"}
+    assert set(results["arms"]) == {*arms, *(f"{a}_{m}" for a in arms for m in study_plan.ABLATIONS)}
+    assert set(results["ablations"]) == set(arms)
     for arm, e in results["arms"].items():
         assert e["seeds"] == [0, 1] and {"f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward"} <= set(e["mean"])
         if arm != "control":
@@ -236,3 +262,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (pub / "RESULTS.md").exists() and (pub / "results.json").exists()
     rc, _, err = run_script("research/study/run.py", *args[:-2], "--out", out, "--s2_steps", "3")
     assert rc == 2 and "made with other settings" in err
+    # a seed with an unfinished step is left out of the report, which says so
+    os.remove(out / "seed1" / "eval" / "lapdog-closed_book" / "study_done.json")
+    rc, stdout, err = run_script("research/study/run.py", *args, "--report_only")
+    assert rc == 0 and "1 of 2 seeds complete" in stdout, stdout[-2000:] + err[-2000:]
+    assert json.load(open(out / "results.json"))["seeds_complete"] == [0]
+    assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()

@@ -146,19 +146,28 @@ def eval_command(ckpt, mode, paths, sizes, seed, eval_dir):
            "--generation_length_penalty=1.0", f"--precision={sizes['precision']}"]
     if sizes["eval_n"]:
         cmd.append(f"--max_eval_examples={sizes['eval_n']}")
-    if mode == "retrieval":
+    if mode in ("retrieval", "random_story"):
         cmd += [f"--passages={paths['stories']}", f"--retriever_model_path={paths['retriever']}", "--n_context=1",
                 "--retriever_n_context=1"]
         if sizes["max_passages"]:
             cmd.append(f"--max_passages={sizes['max_passages']}")
-    else:
+        if mode == "random_story":
+            cmd.append("--eval_stories=random")
+    elif mode == "closed_book":
         cmd.append("--closed_book")
+    else:
+        raise ValueError(f"unknown evaluation mode {mode!r}")
     return cmd
 
 
+# The retrieval ablations: the same checkpoint fed a random story, and no story. What an arm scores
+# with its retrieved story minus what it scores with a random one is what its retrieval is worth.
+ABLATIONS = ("random_story", "closed_book")
+
+
 def evaluations(arms):
-    """[(arm, mode)]: every arm with retrieval (its top-1 story fused), the control also closed-book."""
-    return [(a, "retrieval") for a in arms] + [(CONTROL, "closed_book")]
+    """[(arm, mode)]: every arm with retrieval (its top-1 story fused), then every arm's ablations."""
+    return [(a, "retrieval") for a in arms] + [(a, m) for m in ABLATIONS for a in arms]
 
 
 def plan(arms, seeds, paths, sizes, out):
@@ -185,7 +194,7 @@ def plan(arms, seeds, paths, sizes, out):
             ckpt = os.path.join(sdir, name, "checkpoint", "latest")
             eval_dir = os.path.join(sdir, "eval", f"{name}-{mode}")
             cmd = eval_command(ckpt, mode, paths, sizes, seed, eval_dir)
-            if mode == "retrieval":
+            if mode != "closed_book":
                 cmd.append(f"--load_index_path={paths['index']}")
             steps.append(("eval", f"seed {seed} eval {name} ({mode})", eval_dir, cmd))
     return steps

@@ -54,6 +54,23 @@ def relative(text):
     return f"{flag}{sep}{value}"
 
 
+def _relative_all(value):
+    if isinstance(value, dict):
+        return {k: _relative_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_all(v) for v in value]
+    return relative(value)
+
+
+def make_relative(path):
+    """Rewrite a JSON file with every absolute path in it made relative to the repository."""
+    with open(path) as f:
+        data = json.load(f)
+    with open(path, "w") as f:
+        json.dump(_relative_all(data), f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 def relative_manifest(manifest):
     out = dict(manifest, source=relative(manifest["source"]))
     out["splits"] = {k: dict(v, path=relative(v["path"])) for k, v in manifest["splits"].items()}
@@ -180,7 +197,31 @@ def results_json(rows, baselines, arms, seeds, test):
                 entry["diff_vs_control"][k] = _num(mean)
                 entry["ci_vs_control"][k] = [_num(low), _num(high)]
         out["arms"][key] = entry
+    out["ablations"] = ablations(by)
     out["control_targets"] = target_check(out["arms"]["control"]["mean"])
+    return out
+
+
+def ablations(by):
+    """{arm: {mode: {k: mean over seeds}}, "diff_retrieved_vs_random", "ci_retrieved_vs_random"}: what
+    each arm scores with its retrieved story, a random story and none, and the paired bootstrap
+    interval of retrieved − random (per example, each seed against itself, seeds pooled)."""
+    out = {}
+    for (arm, mode), per_seed in by.items():
+        if mode != "retrieval" or (arm, "random_story") not in by:
+            continue
+        entry = {m: {k: _num(mean_std([r["metrics"].get(k) for r in by[(arm, m)].values()])[0]) for k in CI_KEYS}
+                 for m in ("retrieval", "random_story", "closed_book") if (arm, m) in by}
+        random = by[(arm, "random_story")]
+        common = [s for s in per_seed if s in random]
+        entry["seeds"] = sorted(common)
+        entry["diff_retrieved_vs_random"], entry["ci_retrieved_vs_random"] = {}, {}
+        for k in CI_KEYS:
+            diffs = [[a - b for a, b in zip(per_seed[s]["per_example"][k], random[s]["per_example"][k])] for s in common]
+            mean, low, high = paired_bootstrap_ci(diffs, seed=0)
+            entry["diff_retrieved_vs_random"][k] = _num(mean)
+            entry["ci_retrieved_vs_random"][k] = [_num(low), _num(high)]
+        out[arm] = entry
     return out
 
 
@@ -203,7 +244,7 @@ def plot_bars(results, path):
 
     metrics = [("f1", "F1"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("dist2", "Distinct-2"),
                ("ppl", "perplexity (gold replies)"), ("reward", "greedy reward")]
-    arms = list(results["arms"].items())
+    arms = [(a, e) for a, e in results["arms"].items() if e["eval"] == "retrieval" or a == "control_closed_book"]
     base = [(n, b) for n, b in results["baselines"].items() if n != "human"]
     fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
     colours = plt.get_cmap("tab10").colors
@@ -313,6 +354,32 @@ def _ci(entry, key, d=2):
     return f"{diff:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{star}"
 
 
+def _ablation_table(abl):
+    """What each arm's retrieved story is worth: the same checkpoint with a random story and none."""
+    if not abl:
+        return []
+    lines = ["", "## Retrieval ablations (test split)", "",
+             "Each arm's checkpoint evaluated with its retrieved story, a random corpus story (`--eval_stories "
+             "random`) and no story (`--closed_book`); mean over seeds. Retrieved − random: the mean paired "
+             "difference with its 95% bootstrap interval; ✓ / ✗: above / below 0.", "",
+             "| arm | F1 retrieved / random / none | ROUGE-L retrieved / random / none | reward retrieved / random / none "
+             "| F1 retrieved − random [95% CI] | reward retrieved − random [95% CI] |", "|---|---|---|---|---:|---:|"]
+    for arm, e in abl.items():
+        def three(k, d=2):
+            return " / ".join(_f(e.get(m, {}).get(k), d) for m in ("retrieval", "random_story", "closed_book"))
+
+        def diff(k, d=2):
+            lo, hi = e["ci_retrieved_vs_random"][k]
+            mean = e["diff_retrieved_vs_random"][k]
+            if None in (lo, hi, mean):
+                return "–"
+            return f"{mean:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]" + (" **✓**" if lo > 0 else " **✗**" if hi < 0 else "")
+
+        lines.append(f"| {arm} | {three('f1')} | {three('rougeL')} | {three('reward', 3)} | {diff('f1')} | "
+                     f"{diff('reward', 3)} |")
+    return lines
+
+
 def render(results, rows, ctx):
     """RESULTS.md."""
     sizes, m = ctx["sizes"], ctx["machine"]
@@ -337,7 +404,11 @@ def render(results, rows, ctx):
               f"- **Stage 2**: every arm {sizes['s2_steps']} steps × {sizes['s2_batch']} examples from that checkpoint, "
               f"the same examples in the same order; pools of {sizes['pool']} stories where an arm scores a pool; "
               "precision " + sizes["precision"] + ".",
-              f"- **Seeds**: {', '.join(map(str, ctx['seeds']))} (training seeds; one split).",
+              f"- **Seeds**: {', '.join(map(str, ctx['seeds']))} (training seeds; one split)"
+              + (f"; {len(ctx['seeds'])} of the {len(ctx['seeds_requested'])} requested "
+                 f"({', '.join(map(str, ctx['seeds_requested']))}) complete so far: a re-run of the same "
+                 "command continues with the rest" if len(ctx.get("seeds_requested", ctx["seeds"])) > len(ctx["seeds"])
+                 else "") + ".",
               f"- **Command**: `{ctx['command']}`",
               f"- **Machine**: {m['cpu']}; {m['nproc']} cores; GPU: {m['gpu']}; Python {m['python']}, torch {m['torch']}.",
               f"- **Wall time**: {ctx['steps_s'] / 60:.0f} min over all steps ({ctx['finished']}); per step in "
@@ -360,6 +431,8 @@ def render(results, rows, ctx):
               "Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |",
               "|---|" + "---:|" * 12]
     for arm, e in results["arms"].items():
+        if e["eval"] != "retrieval" and arm != "control_closed_book":
+            continue  # the ablations have a table of their own
         name = f"**{arm}**" if arm == "control" else arm
         lines.append(f"| {name} | {_ms(e, 'f1')} | {_ms(e, 'rougeL')} | {_ms(e, 'bleu')} | {_ms(e, 'dist1')} | "
                      f"{_ms(e, 'dist2')} | {_ms(e, 'ppl', 1)} | {_ms(e, 'reward', 3)} | {_f(e['generic_share'], 1)} | "
@@ -369,6 +442,7 @@ def render(results, rows, ctx):
             lines.append(f"| &nbsp;&nbsp;↳ seed {s} ⚠ collapsed: {why} | " + " | ".join(
                 _f(e["per_seed"][s].get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
                 for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | |")
+    lines += _ablation_table(results.get("ablations", {}))
     t = results["control_targets"]
     lines += ["", "**The control against its targets** (mean over seeds): " + "; ".join(
         f"{k} {_f(v['value'])} ({v['target']}: {'met' if v['met'] else 'missed'})" for k, v in t.items()) + ".", ""]
@@ -382,7 +456,8 @@ def render(results, rows, ctx):
               "|---|" + "---:|" * 7]
     by = {}
     for r in rows:
-        by.setdefault(r["arm"] if r["eval"] == "retrieval" else f"{r['arm']}_{r['eval']}", []).append(r["metrics"])
+        if r["eval"] == "retrieval" or (r["arm"], r["eval"]) == ("control", "closed_book"):
+            by.setdefault(r["arm"] if r["eval"] == "retrieval" else f"{r['arm']}_{r['eval']}", []).append(r["metrics"])
     for arm, ms in by.items():
         cells = []
         for k in ("rs_rouge1", "rs_rouge2", "rs_rougeL", "rs_rougeL_stem", "nltk_bleu1", "nltk_bleu2", "nltk_bleu4"):

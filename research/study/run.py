@@ -14,7 +14,9 @@
 4. ``OUT/RESULTS.md`` and ``OUT/results.json``: baselines, every arm's mean ± std over seeds,
    perplexity, the generic-reply share, paired bootstrap 95% intervals of each arm minus the
    control (per-example F1, ROUGE-L, reward; pooled over seeds), collapse flags, the control
-   against its targets; ``OUT/figures/``. No machine paths in either file.
+   against its targets, the retrieval ablations (every arm's checkpoint also evaluated with a
+   random story and with none: what its retrieved story is worth, with a paired interval of
+   retrieved − random); ``OUT/figures/``. No machine paths in either file.
 
 Each step runs train.py / evaluate.py / scripts as a subprocess, logs to its folder, and is
 skipped when re-run after it finished (delete the folder to redo it); every command is appended
@@ -25,9 +27,11 @@ Missing data: one ``error: ...`` line, exit 2; a failed step: one line naming it
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +108,8 @@ def parse_args(argv):
     p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "DEV", "TEST"))
     p.add_argument("--publish", help="also copy RESULTS.md, results.json and figures/ into this folder")
     p.add_argument("--dry_run", action="store_true", help="write the split, print the plan, run nothing")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: write (and --publish) the report of the seeds whose every step has finished")
     g = p.add_argument_group("sizes (override the scale)")
     for name in study_plan.SIZE_FLAGS:
         g.add_argument(f"--{name}", type=int, help="0 = all" if name in ("eval_n", "max_passages") else None)
@@ -162,38 +168,81 @@ def main(argv=None):
     timings = []
     train, test = load_dialogues(paths["train"]), load_dialogues(paths["test"])
     baselines = report.baseline_metrics(train, test)
+    context = {"args": args, "argv": argv, "out": out, "paths": paths, "sizes": sizes, "manifest": manifest,
+               "baselines": baselines, "test": test, "timings": timings, "t_start": t_start, "steps": steps}
+    if args.report_only:
+        return 0 if write_report(context) else 1
+    # the last step of each seed: the report is rewritten (and published) as each seed finishes
+    last_of_seed = {max(i for i, (_, label, _, _) in enumerate(steps) if label.startswith(f"seed {s} ")): s
+                    for s in args.seeds}
     try:
         build_models(out, sizes, [paths["train"], stories], commands)
-        for kind, label, folder, cmd in steps:
+        for i, (kind, label, folder, cmd) in enumerate(steps):
             timings.append(run_step(label, folder, cmd, commands))
+            if kind == "eval" and args.publish:
+                publish_evaluation(folder, os.path.abspath(args.publish), out)
+            if i in last_of_seed:
+                write_report(context)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if complete_seeds(steps, args.seeds):
+            write_report(context)  # what finished is kept and reported
         return 1
+    return 0
 
-    rows = report.collect_rows(out, args.arms, args.seeds, paths["test"])
-    results = report.results_json(rows, baselines, args.arms, args.seeds, test)
-    wall = time.time() - t_start
-    ctx = {"sizes": sizes, "scale": args.scale, "split": split.describe(manifest), "manifest": manifest,
-           "seeds": args.seeds, "arms": args.arms, "machine": report.machine(), "wall_s": wall,
-           "steps_s": sum(t["wall_s"] for t in timings), "timings": timings,
-           "command": shlex.join(["python", "research/study/run.py", *[report.relative(a) for a in argv]]),
+
+def complete_seeds(steps, seeds):
+    """The seeds whose every step (stage 1, the arms, the evaluations) has finished."""
+    return [s for s in seeds if all(os.path.exists(os.path.join(folder, DONE))
+                                    for _, label, folder, _ in steps if label.startswith(f"seed {s} "))]
+
+
+def publish_evaluation(folder, dest, out):
+    """One finished evaluation's metrics, copied to DEST/evaluations/seedS/ARM-MODE.metrics.json at
+    once, so that a study run one seed (or one arm) at a time can be committed as it goes."""
+    found = sorted(glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True))
+    if not found:
+        return
+    target = os.path.join(dest, "evaluations", os.path.relpath(os.path.dirname(folder), out).split(os.sep)[0])
+    os.makedirs(target, exist_ok=True)
+    shutil.copy(found[-1], os.path.join(target, os.path.basename(folder) + ".metrics.json"))
+    report.make_relative(os.path.join(target, os.path.basename(folder) + ".metrics.json"))
+
+
+def write_report(c):
+    """RESULTS.md, results.json, timings.json and figures/ of the seeds complete so far (published
+    with --publish); False when no seed is complete yet."""
+    args, out = c["args"], c["out"]
+    seeds = complete_seeds(c["steps"], args.seeds)
+    if not seeds:
+        print("no seed has finished yet: nothing to report", file=sys.stderr)
+        return False
+    rows = report.collect_rows(out, args.arms, seeds, c["paths"]["test"])
+    results = report.results_json(rows, c["baselines"], args.arms, seeds, c["test"])
+    wall = time.time() - c["t_start"]
+    ctx = {"sizes": c["sizes"], "scale": args.scale, "split": split.describe(c["manifest"]), "manifest": c["manifest"],
+           "seeds": seeds, "seeds_requested": args.seeds, "arms": args.arms, "machine": report.machine(),
+           "wall_s": wall, "steps_s": sum(t["wall_s"] for t in c["timings"]), "timings": c["timings"],
+           "command": shlex.join(["python", "research/study/run.py", *[report.relative(a) for a in c["argv"]]]),
            "out": out, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "paths": paths}
-    results.update({"sizes": sizes, "split": report.relative_manifest(manifest), "machine": ctx["machine"],
-                    "wall_s": round(ctx["steps_s"], 1), "command": ctx["command"], "finished": ctx["finished"]})
+           "paths": c["paths"]}
+    results.update({"sizes": c["sizes"], "split": report.relative_manifest(c["manifest"]), "machine": ctx["machine"],
+                    "wall_s": round(ctx["steps_s"], 1), "command": ctx["command"], "finished": ctx["finished"],
+                    "seeds_complete": seeds, "seeds_requested": list(args.seeds)})
     ctx["figures"] = report.write_figures(rows, results, ctx)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=1)
+        json.dump(c["timings"], f, indent=1)
     results_md = os.path.join(out, "RESULTS.md")
     with open(results_md, "w") as f:
         f.write(report.render(results, rows, ctx))
-    print(f"wrote {results_md} and results.json ({wall / 60:.1f} min)")
+    print(f"wrote {results_md} and results.json: {len(seeds)} of {len(args.seeds)} seeds complete "
+          f"({wall / 60:.1f} min)", flush=True)
     if args.publish:
         report.publish(out, os.path.abspath(args.publish), ctx["figures"])
-        print(f"copied RESULTS.md, results.json and figures/ to {args.publish}")
-    return 0
+        print(f"copied RESULTS.md, results.json and figures/ to {args.publish}", flush=True)
+    return True
 
 
 if __name__ == "__main__":

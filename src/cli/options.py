@@ -274,6 +274,10 @@ def _add_generation_options(p):
     g.add_argument("--retrieve_only", action="store_true",
                    help="evaluate.py: retrieval only (the reader is never run): results hold the retrieved stories, "
                         "metrics are the retrieval statistics (default: off)")
+    g.add_argument("--eval_stories", choices=("retrieved", "random"), default="retrieved",
+                   help="the stories evaluation fuses: the retriever's top ones, or random corpus stories (an "
+                        "ablation: what the retrieved stories are worth; --closed_book is the other one); "
+                        "training is unaffected")
     g.add_argument("--write_results", action="store_true", help="write one JSON line per evaluated example")
     g.add_argument("--dont_write_passages", action="store_true", help="leave retrieved passages out of the results")
 
@@ -286,6 +290,9 @@ def _check_generation_options(opts):
                          "lower it or raise --generation_max_length")
     if opts.retrieve_only and opts.closed_book:
         raise flag_error("--retrieve_only", "needs retrieval but --closed_book has none", "drop --closed_book, pass --passages")
+    if opts.eval_stories == "random" and opts.closed_book:
+        raise flag_error("--eval_stories", "random stories are fused, but --closed_book fuses none",
+                         "use one ablation at a time: drop --closed_book or --eval_stories random")
 
 
 def _add_retriever_training_options(p):
@@ -493,7 +500,7 @@ EVALUATION_OPTIONS = {
     "closed_book", "retriever_model_path", "retriever_from", "generation_max_length", "generation_min_length",
     "generation_num_beams", "generation_no_repeat_ngram_size", "index_mode", "faiss_index_type", "faiss_code_size",
     "per_gpu_embedder_batch_size", "load_index_path", "save_index_path", "save_index_n_shards", "precision", "seed", "local_rank",
-    "passage_retriever_path",
+    "passage_retriever_path", "eval_stories", "retrieve_only",
 }
 
 def add_chat_options(p):

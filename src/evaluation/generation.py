@@ -16,9 +16,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from src.data.prompts import reference_answer
+from src.data.prompts import reference_answer, split_persona_context
 from src.data.sampler import eval_shard, interleave_results
-from src.evaluation.metrics import compute_metrics
+from src.evaluation.metrics import compute_metrics, copy_shares, per_example_scores
 from src.infra import distributed
 from src.infra.errors import UsageError
 from src.model.reader import dropout_disabled
@@ -111,8 +111,10 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                     row["generation"] = gen
                     row["reply_nll"], row["reply_tokens"] = float(nll[j]), int(tokens[j])
                 if b.passages is not None:
-                    row["passages"] = [{"id": p["id"], "title": p["title"], "score": float(s)}
+                    row["passages"] = [{"id": p["id"], "title": p["title"], "score": float(s) if math.isfinite(s) else None}
                                        for p, s in zip(b.passages[j], b.retrieval_scores[j].tolist())]
+                    if not opts.closed_book:  # the stories the reader was given (for copy_story)
+                        row["fused_texts"] = [f"{p.get('title') or ''} {p['text']}" for p in b.passages[j][:opts.n_context]]
                 if ex.get("story_id") is not None:
                     row["story_id"] = ex["story_id"]
                 rows.append(row)
@@ -120,6 +122,8 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
     metrics = None
     if info.is_main and opts.retrieve_only:
         ordered = interleave_results([g[0] for g in gathered], len(examples))
+        for r in ordered:
+            r.pop("fused_texts", None)
         metrics = {"n": len(ordered), **retrieval_statistics(ordered, opts.retriever_n_context)}
         if results_path:
             _write_results(results_path, ordered, opts, metrics)
@@ -132,7 +136,15 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
                         "first) and --generation_min_length")
         total_n = sum(g[2] for g in gathered)
         gens, refs = [r["generation"] for r in ordered], [r["answers"][0] for r in ordered]
-        metrics["reward"] = grpo_reward(gens, refs, **reward_options(opts))["reward"].mean().item()
+        rewards = grpo_reward(gens, refs, **reward_options(opts))["reward"].tolist()
+        metrics["reward"] = sum(rewards) / max(len(rewards), 1)
+        fused = [r.pop("fused_texts", []) for r in ordered]
+        personas = [split_persona_context(r["query"])[0] for r in ordered]
+        metrics.update(copy_shares(gens, personas, fused if any(fused) else None))
+        # per example, for paired comparisons of two runs on the same examples (research/study)
+        per = per_example_scores(gens, refs)
+        for r, f1, rouge_l, reward in zip(ordered, per["f1"], per["rougeL"], rewards):
+            r["f1"], r["rougeL"], r["reward"] = f1, rouge_l, reward
         metrics["eval_loss"] = sum(g[1] for g in gathered) / max(total_n, 1)
         # per-token perplexity of the gold replies (ConvAI2's metric; a constant reply cannot game it)
         mean_nll = sum(r["reply_nll"] for r in ordered) / max(1, sum(r["reply_tokens"] for r in ordered))
@@ -162,7 +174,8 @@ def _write_results(path, ordered, opts, metrics):
 
 def retrieval_statistics(rows, k):
     """Mean top-1 score and, where examples record their relevant story, recall@1 and recall@k."""
-    stats = {"retrieval/top1_score": sum(r["passages"][0]["score"] for r in rows) / max(len(rows), 1)}
+    top1 = [r["passages"][0]["score"] for r in rows if r["passages"][0]["score"] is not None]
+    stats = {"retrieval/top1_score": sum(top1) / len(top1)} if top1 else {}  # none for random stories
     relevant = [r.get("story_id") for r in rows]
     if any(s is not None for s in relevant):
         retrieved = [[p["id"] for p in r["passages"]] for r in rows]

@@ -15,6 +15,10 @@ can never disagree. Definitions (lapdog-behaviour.md, "Evaluation and metrics"):
   x100: the degenerate repetition of an untrained reader;
 - ``generic``: the share of predictions equal to the most frequent prediction, x100 (a constant
   reply scores 100): a reader collapsed to one reply.
+- ``copy_persona`` / ``copy_story`` (``copy_shares``, where the sources are known: evaluation):
+  the share of predictions that repeat ``COPY_RUN`` (8) or more consecutive words of the persona /
+  of a fused story verbatim, x100 (lowercased, punctuation split off): a reader that copies its
+  input instead of replying. A prediction shorter than 8 words is never counted.
 
 Next to them, clearly separate (``compute_standard_metrics``, keys prefixed ``rs_`` / ``nltk_``),
 the implementations most dialogue papers report; the same "R:" stripping comes first:
@@ -96,6 +100,34 @@ def has_repeat(text: str, times: int = 3) -> bool:
     """True when one whitespace token comes ``times`` times in a row in ``text`` ("i am a a a")."""
     tokens = text.split()
     return any(len(set(tokens[i:i + times])) == 1 for i in range(len(tokens) - times + 1))
+
+
+COPY_RUN = 8  # consecutive words in common that make a reply a verbatim copy of its source
+
+
+def _copy_words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def copies_verbatim(prediction: str, source: str, run: int = COPY_RUN) -> bool:
+    """True when ``prediction`` holds ``run`` consecutive words of ``source`` (lowercased, punctuation
+    split off, so "dog." in a story matches "dog ." in a reply)."""
+    pred, src = _copy_words(strip_speaker(prediction)), _copy_words(source)
+    if len(pred) < run or len(src) < run:
+        return False
+    grams = {tuple(src[i:i + run]) for i in range(len(src) - run + 1)}
+    return any(tuple(pred[i:i + run]) in grams for i in range(len(pred) - run + 1))
+
+
+def copy_shares(generations: list[str], personas: list[str], stories: list[list[str]] | None = None) -> dict:
+    """``copy_persona`` (and ``copy_story`` when ``stories`` is given: each example's fused story
+    texts): the share of ``generations`` copying ``COPY_RUN`` words of that source verbatim, x100."""
+    n = max(len(generations), 1)
+    out = {"copy_persona": 100.0 * sum(copies_verbatim(g, p) for g, p in zip(generations, personas)) / n}
+    if stories is not None:
+        out["copy_story"] = 100.0 * sum(any(copies_verbatim(g, s) for s in ss)
+                                        for g, ss in zip(generations, stories)) / n
+    return out
 
 
 def generic_share(texts: list[str]) -> float:

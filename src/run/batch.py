@@ -3,6 +3,8 @@
 Built outside the DDP-wrapped forward because retrieval (an index search, and with
 --query_side_retriever_training the read-back of the stories' stored embeddings) is a collective."""
 
+import torch
+
 from src.data.prompts import encoder_inputs, reader_query, reader_target
 from src.objectives.schedule import augments_candidates, training_kind
 
@@ -32,6 +34,9 @@ def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, devic
         b["retrieval_queries"] = retrieval.query_texts(examples, rng)
         k = opts.grpo_retriever_pool_size if (train and opts.grpo_train_retriever) else opts.retriever_n_context
         passages, scores, rows = retrieval.search(retriever, b["retrieval_queries"], k)
+        if not train and opts.eval_stories == "random":  # the ablation: as many random corpus stories
+            passages, rows = retrieval.augment(passages, rows, 1.0, rng, mode="replace_bottom")
+            scores = torch.full_like(scores, float("nan"))  # the retriever did not choose them
         if augments_candidates(opts, step, train):
             passages, rows = retrieval.augment(passages, rows, opts.add_random_retrieval, rng,
                                                mode=opts.add_random_retrieval_mode)
