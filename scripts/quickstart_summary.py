@@ -39,7 +39,7 @@ def main(argv=None):
     if a.seconds is not None:
         print(f"wall time {a.seconds // 60} min {a.seconds % 60} s; curves: {os.path.join(a.out, 'curves.png')}")
     missed = acceptance(rows)
-    print("project bar (README, Results): " + ("met" if not missed else "missed: " + "; ".join(missed)))
+    print("project bar (results/quickstart.md): " + ("met" if not missed else "missed: " + "; ".join(missed)))
     print(json.dumps(rows))
     return 0
 

@@ -61,4 +61,4 @@ def test_single_run_ends_with_the_json_line_after_the_bar(tmp_path):
     assert rc == 0
     lines = stdout.strip().splitlines()
     assert json.loads(lines[-1]) == with_value("lapdog", "recall@1", 3.0)
-    assert lines[-2].startswith("project bar (README, Results): missed: lapdog recall@1 3.0")
+    assert lines[-2].startswith("project bar (results/quickstart.md): missed: lapdog recall@1 3.0")

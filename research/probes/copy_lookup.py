@@ -12,11 +12,10 @@ words with KEY inserted at a random place), the target the word after KEY. Held-
 accuracy is printed every ``--eval_every`` steps; chance is 1/800 (and 1/6 for a model that
 learned "one of the input words" but not which).
 
-Measured on the quickstart's 1.3M-parameter reader shape (128 wide, 2+2 layers, batch 64; the
-table is in the README, "Why, measured"): at lr 5e-4 the lookup forms abruptly and reaches 1.00 by
-step 800 (seeds 0, 2) or 1,250 (seed 1); at 1e-3 and at 2e-3, the quickstart's stage-1 peak rate,
-it stays at 0.00 through 1,000 steps. The last stdout
-line is one JSON object.
+Measured on the quickstart's 1.3M-parameter reader shape (128 wide, 2+2 layers, batch 64): at lr
+5e-4 the lookup forms abruptly and reaches 1.00 by step 800 (seeds 0, 2) or 1,250 (seed 1); at
+1e-3 and at 2e-3, the quickstart's stage-1 peak rate, it stays at 0.00 through 1,000 steps. The
+last stdout line is one JSON object.
 """
 
 import argparse

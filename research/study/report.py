@@ -31,7 +31,8 @@ CONTROL = ("control", "retrieval")
 # The control's targets (the bar set for the study): the paper's T5-small SFT on ConvAI2 valid, and a reader
 # that talks (distinct bigrams, no "a a a").
 TARGETS = {"f1": (">=", 13.9), "rougeL": (">=", 14.2), "dist2": (">=", 10.0), "repeat3": ("<", 2.0)}
-SUMMARY_KEYS = ("f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward", "repeat3", "generic", "length_ratio")
+SUMMARY_KEYS = ("f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward", "repeat3", "generic", "length_ratio",
+                "copy_persona", "copy_story")
 CI_KEYS = ("f1", "rougeL", "reward")
 BASELINE_NAMES = {"constant": "best constant reply (chosen on train by F1)",
                   "nearest_neighbour": "nearest-neighbour reply (TF-IDF on the last utterance, from train)",
@@ -123,7 +124,7 @@ def collect_rows(out, arms, seeds, test_path):
         for arm, mode in evaluations(arms):
             gens, refs, own = read_eval(_eval_dir(out, seed, arm, mode), name)
             metrics, per = scores_of(gens, refs)
-            metrics.update({k: own[k] for k in ("ppl", "eval_loss") if k in own})
+            metrics.update({k: own[k] for k in ("ppl", "eval_loss", "copy_persona", "copy_story") if k in own})
             metrics.update({k: v for k, v in own.items() if k.startswith("recall@") or k == "retrieval/top1_score"})
             rows.append({"arm": arm, "eval": mode, "seed": seed, "metrics": metrics, "per_example": per,
                          "generations": gens})
@@ -425,23 +426,25 @@ def render(results, rows, ctx):
               "Mean ± std over seeds. Δ vs control: the mean paired difference (arm − control, each seed against its "
               "own control) with its 95% bootstrap interval (10,000 resamples of the test examples, seeds pooled); "
               "✓ / ✗: the interval lies above / below 0. `generic`: share of replies equal to the arm's most frequent "
-              "reply; `repeat3`: share with a word three times in a row; `ppl`: per-token perplexity of the gold "
+              "reply; `repeat3`: share with a word three times in a row; `copy`: share repeating 8+ consecutive "
+              "words of the persona / of the fused story; `ppl`: per-token perplexity of the gold "
               "replies (the reader's tokens).", "",
-              "| arm | F1 | ROUGE-L | BLEU | Dist-1 | Dist-2 | ppl | reward | generic % | repeat3 % | "
-              "Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |",
-              "|---|" + "---:|" * 12]
+              "| arm | F1 | ROUGE-L | BLEU | Dist-1 | Dist-2 | ppl | reward | generic % | repeat3 % | copy % "
+              "persona / story | Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |",
+              "|---|" + "---:|" * 13]
     for arm, e in results["arms"].items():
         if e["eval"] != "retrieval" and arm != "control_closed_book":
             continue  # the ablations have a table of their own
         name = f"**{arm}**" if arm == "control" else arm
         lines.append(f"| {name} | {_ms(e, 'f1')} | {_ms(e, 'rougeL')} | {_ms(e, 'bleu')} | {_ms(e, 'dist1')} | "
                      f"{_ms(e, 'dist2')} | {_ms(e, 'ppl', 1)} | {_ms(e, 'reward', 3)} | {_f(e['generic_share'], 1)} | "
-                     f"{_ms(e, 'repeat3', 1)} | {_ci(e, 'f1')} | {_ci(e, 'rougeL')} | {_ci(e, 'reward', 3)} |")
+                     f"{_ms(e, 'repeat3', 1)} | {_f(e['mean'].get('copy_persona'), 1)} / {_f(e['mean'].get('copy_story'), 1)} | "
+                     f"{_ci(e, 'f1')} | {_ci(e, 'rougeL')} | {_ci(e, 'reward', 3)} |")
         flagged = {s: why for s, why in e["collapsed"].items() if why}
         for s, why in flagged.items():
             lines.append(f"| &nbsp;&nbsp;↳ seed {s} ⚠ collapsed: {why} | " + " | ".join(
                 _f(e["per_seed"][s].get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
-                for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | |")
+                for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | | |")
     lines += _ablation_table(results.get("ablations", {}))
     t = results["control_targets"]
     lines += ["", "**The control against its targets** (mean over seeds): " + "; ".join(

@@ -20,7 +20,12 @@
 
 Each step runs train.py / evaluate.py / scripts as a subprocess, logs to its folder, and is
 skipped when re-run after it finished (delete the folder to redo it); every command is appended
-to ``OUT/commands.sh``. ``--dry_run`` writes the split and prints the plan. ``--dialogues`` /
+to ``OUT/commands.sh``. **One seed at a time**: ``--seeds 0`` today, ``--seeds 0 1`` tomorrow (seed
+0's steps are reused): the report is rewritten for the seeds complete so far after each seed, and
+says how many of those requested it holds; with ``--publish DIR`` each evaluation's metrics go to
+``DIR/evaluations/seedS/ARM-MODE.metrics.json`` as it finishes and the report after each seed, so a
+long study is committed as it goes. ``--report_only`` writes the report of whatever is complete
+without running anything (after an interruption). ``--dry_run`` writes the split and prints the plan. ``--dialogues`` /
 ``--stories`` run it on other files (the test runs ``--scale tiny`` on the sample data).
 Missing data: one ``error: ...`` line, exit 2; a failed step: one line naming its log, exit 1.
 """
