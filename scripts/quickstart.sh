@@ -14,7 +14,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
-PY="$root/.venv/bin/python"
+PY="${PYTHON:-$root/.venv/bin/python}"  # PYTHON: another interpreter (the recipe test records the commands)
 : "${SEED:=0}" "${S1_STEPS:=600}" "${S2_STEPS:=100}" "${S1_BS:=16}" "${S2_BS:=32}" "${NPROC:=1}"
 : "${OUT:=runs/quickstart-seed$SEED}" "${EVAL_N:=200}" "${TEXT_MAXLEN:=192}"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
