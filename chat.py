@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from src.cli import options, preflight  # noqa: E402
 from src.data.dialogues import load_passages  # noqa: E402
 from src.data.prompts import dialogue_question, normalize_persona, normalize_utterance, persona_sentences  # noqa: E402
+from src.evaluation.generation import decoding_options  # noqa: E402
 from src.infra import distributed, exits, safety  # noqa: E402
 from src.infra.errors import flag_error  # noqa: E402
 from src.model.reader import FiDReader  # noqa: E402
@@ -122,9 +123,7 @@ class Chat:
         question = dialogue_question(self.persona, self.turns, o.context_turns)
         b = make_batch([{"question": question, "answers": [""]}], [""], self.reader, self.retrieval, self.retriever, o,
                        self.rng, self.info.device, train=False)
-        answer = self.reader.generate_text(b.input_ids, b.attention_mask, max_length=o.generation_max_length,
-                                           min_length=o.generation_min_length, num_beams=o.generation_num_beams,
-                                           no_repeat_ngram=o.generation_no_repeat_ngram_size)[0]
+        answer = self.reader.generate_text(b.input_ids, b.attention_mask, **decoding_options(o))[0]
         self.turns.append(("R", answer))
         stories = [] if b.passages is None else list(zip(b.passages[0], b.retrieval_scores[0].tolist()))
         return question, answer, stories

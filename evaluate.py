@@ -21,7 +21,8 @@ if __name__ == "__main__":
     interrupt.quiet_start()  # Ctrl-C while torch loads: one line, not a traceback from an import
 
 from src.cli import options, preflight  # noqa: E402
-from src.data.dialogues import load_dialogues, load_passages  # noqa: E402
+from src.data.denoising import eval_examples  # noqa: E402
+from src.data.dialogues import load_passages  # noqa: E402
 from src.evaluation.generation import evaluate, unused_output_paths  # noqa: E402
 from src.evaluation.metrics import format_metrics  # noqa: E402
 from src.infra import distributed, exits, safety  # noqa: E402
@@ -116,7 +117,8 @@ def evaluate_main(argv):
     options.validate_for_device(opts, info.device.type)
     names = preflight.eval_names(opts.eval_data)
     preflight.check_writable_dir(os.path.abspath(output_dir(opts, explicit)), "--checkpoint_dir")
-    evals = {name: load_dialogues(p)[: opts.max_eval_examples] for name, p in names.items()}
+    evals = {name: eval_examples(p, opts.task, opts.max_eval_examples, opts.mlm_noise_density,
+                                 opts.mlm_mean_noise_span_length) for name, p in names.items()}
     step = checkpoint.step_of(opts.model_path)
     if info.is_main:
         given = opts.given_model_path

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from src.cli import options, preflight  # noqa: E402
+from src.data.denoising import eval_examples, load_texts  # noqa: E402
 from src.data.dialogues import load_dialogues, load_passages  # noqa: E402
 from src.data.sampler import ShardedSampler  # noqa: E402
 from src.evaluation.generation import evaluate, output_paths  # noqa: E402
@@ -46,11 +47,13 @@ from src.run.step import StepRun, draw_batch, resumed_batch, train_step  # noqa:
 
 
 def load_data(opts, info):
-    train = [ex for path in opts.train_data for ex in load_dialogues(path)]
-    evals = {}
-    for name, path in preflight.eval_names(opts.eval_data).items():
-        exs = load_dialogues(path)
-        evals[name] = exs[: opts.max_eval_examples]
+    if opts.task == "mlm":  # texts, corrupted as they are drawn (src/run/step.py)
+        train = [{"text": t} for path in opts.train_data for t in load_texts(path)]
+    else:
+        train = [ex for path in opts.train_data for ex in load_dialogues(path)]
+    evals = {name: eval_examples(path, opts.task, opts.max_eval_examples, opts.mlm_noise_density,
+                                 opts.mlm_mean_noise_span_length)
+             for name, path in preflight.eval_names(opts.eval_data).items()}
     passages = None if opts.closed_book else load_passages(opts.passages, opts.max_passages)
     return train, evals, passages
 
@@ -280,6 +283,7 @@ def train_loop(opts, info, train, evals, passages, notes, tracker, resume_path, 
     first_eval = next(iter(preflight.eval_names(opts.eval_data)), None)
     early = EarlyStopping(opts.early_stopping_metric, opts.early_stopping_patience, first_eval)
     early.replay(distributed.broadcast_object(tracker.eval_history() if info.is_main else None))
+    keeps_best = bool(opts.early_stopping_patience or opts.keep_best)  # checkpoint/best: the best evaluation
     if early.should_stop():
         tracker.info(f"stopped early before: {early.describe()}")
     tracker.start_progress(step, opts.total_steps)
@@ -310,9 +314,9 @@ def train_loop(opts, info, train, evals, passages, notes, tracker, resume_path, 
                 improved, _ = early.update(step, run_evaluations(opts, info, model, retrieval, evals, step, tracker))
             model.train()
         if ((opts.save_freq and step % opts.save_freq == 0) or step == opts.total_steps or result.stop
-                or (opts.early_stopping_patience and (improved or early.should_stop()))):
+                or (keeps_best and improved) or (opts.early_stopping_patience and early.should_stop())):
             save(opts, info, step, model, optims, scheds, sampler, data_rng, tracker, batch.reuse_state(mu))
-        if improved and opts.early_stopping_patience and info.is_main:
+        if improved and keeps_best and info.is_main:
             checkpoint.mark_best(opts.checkpoint_dir, step)
         if early.should_stop():
             tracker.info(f"stopping early at step {step}: {early.describe()}; best: "

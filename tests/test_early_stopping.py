@@ -39,3 +39,16 @@ def test_run_stops_keeps_best_and_stays_stopped(tmp_path, tiny_models):
     assert json.load(open(ck / "summary.json"))["steps"] == 2
     p = run(cmd)
     assert "stopped early before" in p.stdout + p.stderr and not (root / "step-3").exists()
+
+
+def test_keep_best_points_best_at_the_lowest_dev_loss_and_runs_on(tmp_path, tiny_models):
+    ck = tmp_path / "run"
+    p = run(stage1(ck, tiny_models, steps=6, extra=["--eval_freq=2", "--save_freq=100", "--keep_best"]))
+    assert "stopping early" not in p.stdout + p.stderr
+    evals = [r for r in map(json.loads, open(ck / "metrics.jsonl")) if any(k.endswith("/eval_loss") for k in r)]
+    losses = {r["step"]: next(v for k, v in r.items() if k.endswith("/eval_loss")) for r in evals}
+    assert sorted(losses) == [2, 4, 6]
+    best = min(losses, key=lambda s: (losses[s], s))
+    root = ck / "checkpoint"
+    assert os.readlink(root / "best") == f"step-{best}" and os.readlink(root / "latest") == "step-6"
+    assert (root / f"step-{best}").is_dir()  # saved when it improved, though --save_freq is 100

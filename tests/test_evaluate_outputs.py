@@ -180,3 +180,40 @@ def test_every_recipes_checkpoint_can_be_evaluated_with_and_without_stories(tmp_
     assert evaluate.layered_options([*base, "--closed_book"])[0].closed_book
     random_stories, _ = evaluate.layered_options([*base, f"--passages={SAMPLE}/stories.jsonl", "--eval_stories=random"])
     assert random_stories.eval_stories == "random"
+
+
+def test_decoding_flags_reach_the_replies_and_sampling_is_seeded(tmp_path, tiny_models, capsys):
+    """evaluate.py's --generation_temperature / _top_p / _repetition_penalty decode the replies: the
+    same seed samples the same replies, a tiny nucleus gives the greedy ones, and the evaluation
+    leaves torch's random state as it found it (an in-loop evaluation must not move training's)."""
+    ck = fake_run(tmp_path / "run", tiny_models["reader"], [3])
+
+    def replies(*flags):
+        evaluate_cli(capsys, f"--model_path={ck / 'latest'}", "--write_results", "--generation_max_length=8", *flags)
+        newest = max((ck / n for n in os.listdir(ck) if n.endswith(".results.jsonl")), key=os.path.getmtime)
+        return [json.loads(line)["generation"] for line in open(newest)]
+
+    greedy = replies()
+    hot = replies("--generation_temperature=3", "--seed=5")
+    assert replies("--generation_temperature=3", "--seed=5") == hot
+    assert replies("--generation_temperature=3", "--seed=6") != hot or hot != greedy
+    assert replies("--generation_temperature=1", "--generation_top_p=0.000001") == greedy
+    penal = replies("--generation_repetition_penalty=5")
+    assert all(len(r.split()) == len(set(r.split())) for r in penal if r)  # 5x on any repeat: none here
+
+
+def test_sampled_evaluation_leaves_the_random_state_as_it_found_it():
+    import torch
+
+    from src.evaluation.generation import sampling_seeded
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with sampling_seeded(True, 7, torch.device("cpu")):
+        first = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), state)
+    with sampling_seeded(True, 7, torch.device("cpu")):
+        assert torch.equal(torch.rand(3), first)  # the same seed, the same draws
+    with sampling_seeded(False, 7, torch.device("cpu")):
+        torch.rand(1)  # greedy evaluation: nothing is forked or seeded
+    assert not torch.equal(torch.get_rng_state(), state)

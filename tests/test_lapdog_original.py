@@ -241,8 +241,9 @@ def test_every_original_option_is_accepted_or_refused_in_one_line():
     known = {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
     assert set(ORIGINAL_OPTIONS) <= known | {"local_rank"}
     make_opts("--save_optimizer", "--alpha", "1.0", "--filtering_overretrieve_ratio", "2", "--task", "qa")
+    assert make_opts("--task", "mlm", "--mlm_noise_density", "0.3").mlm_noise_density == 0.3  # Atlas's MLM task runs
     for name, value in [("alpha", "0.5"), ("main_port", "12345"), ("reader_causallm", "llama"),
-                        ("mlm_noise_density", "0.3"), ("use_file_passages", None)]:
+                        ("min_lm_context_ratio", "0.3"), ("use_file_passages", None)]:
         args = [f"--{name}"] + ([value] if value is not None else [])
         with pytest.raises(UsageError, match=f"--{name}: is not implemented: .* — drop it"):
             make_opts(*args)

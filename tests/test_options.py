@@ -73,6 +73,12 @@ def test_seed_metric_scale_factors_string():
     (BASE + ["--train_retriever", "--gold_score_mode", "emdr", "--retriever_signal", "evidence"], "--retriever_signal"),
     (GRPO + ["--grpo_train_retriever", "--grpo_retriever_estimator", "posterior",
              "--grpo_retriever_target_temperature", "0"], "--grpo_retriever_target_temperature"),
+    (BASE + ["--generation_repetition_penalty", "0"], "--generation_repetition_penalty"),
+    (BASE + ["--generation_temperature", "-1"], "--generation_temperature"),
+    (BASE + ["--generation_temperature", "0.7", "--generation_top_p", "1.5"], "--generation_top_p"),
+    (BASE + ["--generation_top_p", "0.9"], "--generation_top_p"),  # without sampling it would do nothing
+    (BASE + ["--generation_temperature", "0.7", "--generation_num_beams", "4"], "--generation_temperature"),
+    (BASE + ["--keep_best", "--eval_freq", "0"], "--keep_best"),
     (BASE + ["--precision", "fp64"], "command line"),
     (BASE + ["--no_such_flag"], "command line"),
 ])

@@ -84,3 +84,25 @@ def test_pretraining_lowers_heldout_span_corruption_loss(tmp_path, sample_vocab_
     print(f"seed {seed}: held-out loss {summary['initial_heldout_loss']:.3f} -> {summary['best_heldout_loss']:.3f}")
     assert summary["initial_heldout_loss"] - summary["best_heldout_loss"] > 2.0
     assert os.path.isfile(tmp_path / "p" / "reader" / "model.safetensors")
+
+
+def test_minilm_rows_at_384_are_minilms_own_up_to_one_shift_and_scale():
+    """At d_model 384 (MiniLM's width) each found piece's row is MiniLM's row, centred by the
+    table's mean and divided by one global scale: no projection, no mixing of dimensions."""
+    from safetensors.torch import load_file
+
+    from src.model.build import minilm_path
+
+    tok = build_reader_tokenizer()
+    emb, _ = minilm_word_embeddings(tok, 384)
+    vocab = [line.rstrip("\n") for line in open(os.path.join(minilm_path(), "vocab.txt"), encoding="utf-8")]
+    table = next(v for k, v in load_file(os.path.join(minilm_path(), "model.safetensors")).items()
+                 if k.endswith("word_embeddings.weight")).float()
+    words = ["dog", "cat", "tuesday", "happy", "##ing"]
+    ours = torch.stack([emb[tok.convert_tokens_to_ids(w)] for w in words])
+    theirs = torch.stack([table[vocab.index(w)] for w in words])
+    # ours = (theirs - c) / s: differences of rows are proportional, with one s for every pair and dimension
+    ratio = (theirs[1:] - theirs[0]) / (ours[1:] - ours[0])
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    shift = theirs - ours * ratio.mean()
+    assert torch.allclose(shift, shift[0].expand_as(shift), atol=1e-4)

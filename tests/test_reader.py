@@ -311,3 +311,51 @@ def test_decode_skips_specials_and_keeps_spaces(reader):
     text = "<extra_id_0> i'm good , thanks ! do you like dogs ?"
     ids = torch.tensor([reader.tokenizer(text)["input_ids"] + [0, 0]])
     assert reader.decode(ids) == ["i'm good , thanks ! do you like dogs ?"]
+
+
+def _step_logits(reader, ids, mask, prefix):
+    """Teacher-forced next-token logits [B, V] after the decoder start token and ``prefix`` [B, t]."""
+    hidden, fmask = reader.encode(ids, mask)
+    start = torch.full((ids.shape[0], 1), reader.decoder_start_token_id, dtype=torch.long)
+    dec = torch.cat([start, prefix], 1)
+    from transformers.modeling_outputs import BaseModelOutput
+    return reader.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=fmask,
+                        decoder_input_ids=dec).logits[:, -1]
+
+
+def test_repetition_penalty_is_ctrls_rule_step_by_step(reader):
+    """Greedy with penalty p takes, at every step, the argmax of the logits in which each token
+    already in the sequence (decoder start token included, as transformers counts it) has its logit
+    divided by p where positive and multiplied by p where negative."""
+    ids, mask, _ = batch_one(reader, n=2)
+    with torch.no_grad():
+        plain = reader.generate(ids, mask, max_length=10)
+        penal = reader.generate(ids, mask, max_length=10, repetition_penalty=3.0)
+        assert not torch.equal(plain, penal)  # the tiny random reader repeats tokens; the penalty stops it
+        for b in range(ids.shape[0]):
+            seq = penal[b]
+            for t in range(len(seq)):
+                if t > 0 and seq[t - 1] == reader.eos_token_id:
+                    break
+                logits = _step_logits(reader, ids[b:b + 1], mask[b:b + 1], seq[None, :t])[0]
+                seen = torch.tensor(sorted({reader.decoder_start_token_id, *seq[:t].tolist()}))
+                chosen = logits.clone()
+                chosen[seen] = torch.where(logits[seen] > 0, logits[seen] / 3.0, logits[seen] * 3.0)
+                assert chosen.argmax().item() == seq[t].item()
+
+
+def test_sampling_is_seeded_and_its_tiny_nucleus_is_greedy(reader):
+    ids, mask, _ = batch_one(reader, n=2)
+    greedy = reader.generate(ids, mask, max_length=10)
+    # a nucleus of (almost) no mass keeps only each step's most probable token: greedy decoding
+    assert torch.equal(reader.generate(ids, mask, max_length=10, temperature=1.0, top_p=1e-6), greedy)
+    draws = []
+    for seed in (0, 0, 1, 2, 3):
+        torch.manual_seed(seed)
+        draws.append(reader.generate(ids, mask, max_length=10, temperature=2.0))
+    assert torch.equal(draws[0], draws[1])  # same seed, same replies
+    assert any(not (d.shape == greedy.shape and torch.equal(d, greedy)) for d in draws[2:])
+    with pytest.raises(ValueError, match="do not combine"):
+        reader.generate(ids, mask, max_length=10, temperature=1.0, num_beams=2)
+    with pytest.raises(ValueError, match="top_p"):
+        reader.generate(ids, mask, max_length=10, temperature=1.0, top_p=0.0)

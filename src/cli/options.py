@@ -7,6 +7,7 @@ checkpoint's `options.json`, then what was given on its own command line (`expli
 
 import argparse
 import math
+import os
 import sys
 
 from src.cli.config import expand_config
@@ -21,7 +22,8 @@ from src.retrieval.index import RefreshSchedule
 NOT_INHERITED = {"model_path", "checkpoint_dir", "local_rank", "write_results", "name",
                  "eval_data", "use_wandb", "wandb_run_name", "load_index_path",
                  "save_index_path", "max_eval_examples", "posterior_passages", "posterior_fact_swap",
-                 "early_stopping_patience", "passage_retriever_path"}
+                 "early_stopping_patience", "keep_best", "passage_retriever_path",
+                 "task", "mlm_noise_density", "mlm_mean_noise_span_length"}  # a stage after MLM pretraining is qa
 
 
 def _add_run_options(p):
@@ -42,8 +44,15 @@ def _add_run_options(p):
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is used otherwise")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="autocast precision; fp16 needs a GPU, bf16 works on CPU and GPU")
-    g.add_argument("--task", default="qa", choices=["qa", "causal_chat"],
-                   help="qa (default), the only task implemented; accepted for LAPDOG command compatibility")
+    g.add_argument("--task", default="qa", choices=["qa", "mlm", "causal_chat"],
+                   help="qa: reply in the persona's voice (default); mlm: Atlas's masked-span pretraining of the "
+                        "reader on the texts of --train_data (dialogue or story jsonl; spans from --mlm_noise_density "
+                        "and --mlm_mean_noise_span_length), closed book or with retrieved stories; its checkpoint's "
+                        "reader/ is a --reader_model_type for stage 1. causal_chat is not implemented")
+    g.add_argument("--mlm_noise_density", type=float, default=0.15,
+                   help="--task mlm: the share of a text's words hidden (T5's noise density)")
+    g.add_argument("--mlm_mean_noise_span_length", type=float, default=3,
+                   help="--task mlm: the mean length of a hidden span, in words (T5's)")
 
 
 def _check_run_options(opts):
@@ -73,8 +82,33 @@ def _add_data_options(p):
                    help="what part of the dialogue is the retrieval query (forward is refused: not implemented)")
 
 
+def _check_mlm_options(opts):
+    if not 0 < opts.mlm_noise_density < 1:
+        raise flag_error("--mlm_noise_density", f"{opts.mlm_noise_density} is not in (0, 1)", "pass e.g. 0.15 (T5's)")
+    if opts.mlm_mean_noise_span_length < 1:
+        raise flag_error("--mlm_mean_noise_span_length", f"{opts.mlm_mean_noise_span_length} is below one word",
+                         "pass e.g. 3 (T5's)")
+    if opts.task != "mlm":
+        return
+    stage2 = [flag for flag, on in (("--reader_rl_learning", opts.reader_rl_learning), ("--use_grpo", opts.use_grpo),
+                                    ("--train_retriever", opts.train_retriever),
+                                    ("--grpo_train_retriever", opts.grpo_train_retriever),
+                                    ("--posterior_passages", opts.posterior_passages)) if on]
+    if stage2:
+        raise flag_error("--task", f"mlm trains the reader on masked spans alone, and {stage2[0]} asks for more",
+                         f"drop {stage2[0]} (pretrain with --task mlm, then run the stages from its reader)")
+    if not opts.closed_book and opts.passages:
+        same = [p for p in opts.train_data if os.path.exists(p) and os.path.exists(opts.passages)
+                and os.path.samefile(p, opts.passages)]
+        if same:
+            raise flag_error("--train_data", f"{same[0]} is also --passages: each story would retrieve itself and "
+                             "the reader would copy its hidden spans", "pass --closed_book, or dialogue texts to "
+                             "train on with the stories retrieved")
+
+
 def _check_data_options(opts):
     _require_at_least(opts, 1, "text_maxlength", "target_maxlength", "retriever_maxlength")
+    _check_mlm_options(opts)
     for name in ("max_passages", "max_eval_examples"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise flag_error(f"--{name}", "must be >= 1", "pass a positive integer or leave it out")
@@ -234,7 +268,12 @@ def _add_optim_options(p):
                         "first --eval_data file; each better one is saved and becomes checkpoint/best (0: off)")
     g.add_argument("--early_stopping_metric", default="eval_loss",
                    choices=["eval_loss", "ppl", "f1", "rougeL", "bleu", "reward"],
-                   help="the metric --early_stopping_patience watches (losses and ppl: lower is better)")
+                   help="the metric --early_stopping_patience and --keep_best watch (losses and ppl: lower is "
+                        "better); the dev loss by default, which a reader that repeats one sentence cannot game")
+    g.add_argument("--keep_best", action="store_true",
+                   help="save the checkpoint of each in-loop evaluation that improves --early_stopping_metric on "
+                        "the first --eval_data file and point checkpoint/best at it, without stopping early "
+                        "(--early_stopping_patience does it too; default: off)")
 
 
 def _check_optim_options(opts):
@@ -259,6 +298,9 @@ def _check_optim_options(opts):
     if opts.early_stopping_patience and not (opts.eval_freq and opts.eval_data):
         raise flag_error("--early_stopping_patience", "watches in-loop evaluations, but none runs",
                          "pass --eval_data and --eval_freq N (or drop --early_stopping_patience)")
+    if opts.keep_best and not (opts.eval_freq and opts.eval_data):
+        raise flag_error("--keep_best", "keeps the best in-loop evaluation, but none runs",
+                         "pass --eval_data and --eval_freq N (or drop --keep_best)")
 
 
 def _add_generation_options(p):
@@ -271,6 +313,16 @@ def _add_generation_options(p):
     g.add_argument("--generation_no_repeat_ngram_size", type=int, default=0,
                    help="evaluation and chat replies: no n-gram of tokens twice in one reply (0: off); the replies "
                         "that training scores (gold scores, pool rewards, GRPO samples) are decoded without it")
+    g.add_argument("--generation_repetition_penalty", type=float, default=1.0,
+                   help="evaluation and chat replies: > 1 divides the logit of every token already in the reply "
+                        "by it (CTRL's penalty, as transformers applies it; 1: off)")
+    g.add_argument("--generation_temperature", type=float, default=0.0,
+                   help="evaluation and chat replies: > 0 samples from softmax(logits / T) instead of greedy or "
+                        "beam search, seeded by --seed (in-loop evaluations leave training's random state as it "
+                        "was); 0: off")
+    g.add_argument("--generation_top_p", type=float, default=1.0,
+                   help="with --generation_temperature > 0: sample from the smallest set of tokens holding this "
+                        "much probability (nucleus sampling; 1: off)")
     g.add_argument("--retrieve_only", action="store_true",
                    help="evaluate.py: retrieval only (the reader is never run): results hold the retrieved stories, "
                         "metrics are the retrieval statistics (default: off)")
@@ -285,6 +337,20 @@ def _add_generation_options(p):
 def _check_generation_options(opts):
     _require_at_least(opts, 1, "generation_max_length", "generation_num_beams")
     _require_at_least(opts, 0, "generation_min_length", "generation_no_repeat_ngram_size")
+    if opts.generation_repetition_penalty <= 0:
+        raise flag_error("--generation_repetition_penalty", f"{opts.generation_repetition_penalty} must be > 0",
+                         "pass 1 (off) or a penalty above 1, e.g. 1.2")
+    if opts.generation_temperature < 0:
+        raise flag_error("--generation_temperature", f"{opts.generation_temperature} must be >= 0",
+                         "pass 0 (greedy or beam search) or a sampling temperature, e.g. 0.7")
+    if not 0 < opts.generation_top_p <= 1:
+        raise flag_error("--generation_top_p", f"{opts.generation_top_p} is not in (0, 1]", "pass e.g. 0.9 (1: off)")
+    if opts.generation_temperature == 0 and opts.generation_top_p < 1:
+        raise flag_error("--generation_top_p", "only acts when sampling, and --generation_temperature is 0",
+                         "pass --generation_temperature > 0 as well, or drop --generation_top_p")
+    if opts.generation_temperature > 0 and opts.generation_num_beams > 1:
+        raise flag_error("--generation_temperature", "samples, and --generation_num_beams asks for beam search",
+                         "pick one: --generation_temperature 0 or --generation_num_beams 1")
     if opts.generation_min_length > opts.generation_max_length:
         raise flag_error("--generation_min_length", "is larger than --generation_max_length",
                          "lower it or raise --generation_max_length")
@@ -444,8 +510,6 @@ UNIMPLEMENTED = {
     "filtering_overretrieve_ratio": (dict(type=int, default=2),
                                      "only Atlas's kilt/fever tasks filter retrieved passages; --task qa does not"),
     "use_file_passages": (dict(action="store_true"), "stories always come from the --passages index"),
-    "mlm_noise_density": (dict(type=float, default=0.15), "Atlas's MLM task is not implemented (--task qa only)"),
-    "mlm_mean_noise_span_length": (dict(type=float, default=3), "Atlas's MLM task is not implemented"),
     "min_words_per_lm_instance": (dict(type=int, default=None), "Atlas's LM/MLM tasks are not implemented"),
     "min_lm_context_ratio": (dict(type=float, default=0.5), "Atlas's LM task is not implemented"),
     "max_lm_context_ratio": (dict(type=float, default=0.5), "Atlas's LM task is not implemented"),
@@ -471,8 +535,8 @@ def _check_unimplemented(opts):
     if opts.retriever_from == "forward":
         raise flag_error("--retriever_from", "forward (a retrieval query generated by the reader) is not implemented",
                          "use persona, context, all or persona_rand")
-    if opts.task != "qa":
-        raise flag_error("--task", f"{opts.task} (the causal-LM chat task) is not implemented", "use --task qa")
+    if opts.task == "causal_chat":
+        raise flag_error("--task", "causal_chat (the causal-LM chat task) is not implemented", "use --task qa or mlm")
 
 
 def _add_reliability_options(p):
@@ -498,9 +562,11 @@ EVALUATION_OPTIONS = {
     "config", "model_path", "eval_data", "max_eval_examples", "passages", "max_passages", "checkpoint_dir",
     "write_results", "dont_write_passages", "per_gpu_eval_batch_size", "n_context", "retriever_n_context",
     "closed_book", "retriever_model_path", "retriever_from", "generation_max_length", "generation_min_length",
-    "generation_num_beams", "generation_no_repeat_ngram_size", "index_mode", "faiss_index_type", "faiss_code_size",
+    "generation_num_beams", "generation_no_repeat_ngram_size", "generation_repetition_penalty",
+    "generation_temperature", "generation_top_p", "index_mode", "faiss_index_type", "faiss_code_size",
     "per_gpu_embedder_batch_size", "load_index_path", "save_index_path", "save_index_n_shards", "precision", "seed", "local_rank",
-    "passage_retriever_path", "eval_stories", "retrieve_only",
+    "passage_retriever_path", "eval_stories", "retrieve_only", "task", "mlm_noise_density",
+    "mlm_mean_noise_span_length",
 }
 
 def add_chat_options(p):
@@ -534,7 +600,8 @@ CHAT_OPTIONS = {
     "config", "model_path", "persona", "persona_file", "once", "show_stories", "context_turns", "show_prompt",
     "passages", "max_passages", "n_context", "retriever_n_context", "closed_book", "retriever_model_path",
     "retriever_from", "generation_max_length", "generation_min_length", "generation_num_beams",
-    "generation_no_repeat_ngram_size", "index_mode", "faiss_index_type", "load_index_path", "save_index_path",
+    "generation_no_repeat_ngram_size", "generation_repetition_penalty",
+    "generation_temperature", "generation_top_p", "index_mode", "faiss_index_type", "load_index_path", "save_index_path",
     "per_gpu_embedder_batch_size", "seed",
 }
 

@@ -10,9 +10,17 @@ T5's recipe, on whitespace words (the corpora here are space-tokenized):
 
 ``pretraining_texts`` turns dialogue files (each example: its persona, its context and the reply)
 and story corpora (title and text) into one list of texts.
+
+``mlm_example`` is Atlas's MLM task in train.py (``--task mlm``): one text becomes a reader
+example whose prompt is the corrupted text itself and whose target the hidden spans; training
+draws new spans each time a text comes round, evaluation scores fixed ones (``mlm_eval_examples``).
 """
 
+import json
+import random
+
 from src.data.dialogues import load_dialogues, load_passages
+from src.infra.errors import UsageError
 
 N_SENTINELS = 10  # <extra_id_0> ... <extra_id_9>, the reader tokenizer's sentinels
 
@@ -37,9 +45,11 @@ def _segments(total, count, rng):
 def span_corruption(words, rng, density=0.15, mean_span=3.0):
     """(input, target) strings: spans of ``words`` replaced by sentinels, the target the hidden spans.
 
-    ``words`` needs at least 2 entries; round(density·n) words are hidden (at least 1 and at most
-    n − 1), in round(hidden / mean_span) spans (at least 1, at most N_SENTINELS), each hidden span
-    preceded by a kept one."""
+    T5's definition (``random_spans_noise_mask``): ``words`` needs at least 2 entries;
+    round(density·n) words are hidden (at least 1 and at most n − 1), in round(hidden / mean_span)
+    spans (at least 1); the hidden and the kept words are each cut into that many non-empty runs
+    at random, and the runs alternate, a kept one first. Beyond T5: at most N_SENTINELS spans
+    (the reader tokenizer has 10 sentinels) and at most n − hidden (each needs a kept run)."""
     n = len(words)
     if n < 2:
         raise ValueError(f"span_corruption needs at least 2 words, got {n}")
@@ -81,3 +91,57 @@ def denoising_pair(text, rng, objective="mix", window=48):
     words += ["."] * (4 - len(words))
     kind = rng.choice(("span", "prefix")) if objective == "mix" else objective
     return span_corruption(words, rng) if kind == "span" else prefix_lm(words, rng)
+
+
+MLM_WINDOW = 64  # words per MLM example: a story (~45 words) whole, a long dialogue prompt a random window
+
+
+def mlm_example(text, rng, density=0.15, mean_span=3.0, window=MLM_WINDOW):
+    """A reader example of Atlas's MLM task from one text: ``question`` the text (a random window of
+    at most ``window`` words) with its spans replaced by sentinels, ``answers`` the target after its
+    leading ``<extra_id_0>`` (``reader_target`` puts it back), ``retrieval_query`` the corrupted text
+    without sentinels (what Atlas retrieves with), ``task`` "mlm" (the prompt is the text itself)."""
+    words = text.split()
+    if len(words) > window:
+        start = rng.randint(0, len(words) - window)
+        words = words[start:start + window]
+    words += ["."] * (2 - len(words))
+    source, target = span_corruption(words, rng, density, mean_span)
+    kept = " ".join(w for w in source.split() if not w.startswith("<extra_id_"))
+    return {"question": source, "answers": [target[len("<extra_id_0> "):]], "retrieval_query": kept, "task": "mlm"}
+
+
+HELDOUT_SEED = 12345  # the evaluation's spans do not depend on --seed
+
+
+def mlm_eval_examples(texts, density=0.15, mean_span=3.0):
+    """Fixed MLM examples for evaluation: text i is corrupted with its own generator, so the same
+    texts give the same spans in every run and on every process."""
+    return [mlm_example(t, random.Random(HELDOUT_SEED * 1_000_003 + i), density, mean_span)
+            for i, t in enumerate(texts)]
+
+
+def load_texts(path):
+    """The texts of one jsonl file for the MLM task: a dialogue file (lines with ``question`` and
+    ``answers``: ``question R: reply``) or a story corpus (lines with ``text``: ``title . text``),
+    told apart by its first line."""
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    try:
+        keys = set(json.loads(first)) if first else set()
+    except (json.JSONDecodeError, TypeError):
+        keys = set()
+    if "question" in keys:
+        return pretraining_texts(dialogue_files=[path])
+    if "text" in keys:
+        return pretraining_texts(story_files=[path])
+    raise UsageError(f"{path}: --task mlm reads dialogue lines (question, answers) or story lines (text), but its "
+                     f"first line has {sorted(keys) or 'no JSON object'} — pass a dialogue or story jsonl file")
+
+
+def eval_examples(path, task="qa", limit=None, density=0.15, mean_span=3.0):
+    """The first ``limit`` evaluation examples of ``path`` for ``task``: dialogues as they are
+    (``qa``), or fixed MLM examples of the file's texts (``mlm``)."""
+    if task == "mlm":
+        return mlm_eval_examples(load_texts(path)[:limit], density, mean_span)
+    return load_dialogues(path)[:limit]

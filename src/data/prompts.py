@@ -17,6 +17,12 @@ def reader_query(question):
     return f"dialog with R's persona: {question} R: <extra_id_0>"
 
 
+def reader_prompt(example):
+    """The reader prompt of an example: LAPDOG's for a dialogue; an MLM example (``task`` "mlm",
+    src/data/denoising.py) is its corrupted text as it stands, sentinels included."""
+    return example["question"] if example.get("task") == "mlm" else reader_query(example["question"])
+
+
 def reader_target(answer):
     """The reader target (the tokenizer appends EOS)."""
     return f"<extra_id_0> {answer}"

@@ -6,6 +6,7 @@ Retrieval searches are collective, so every rank runs the same number of batches
 fewer examples search with empty batches).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,29 @@ def unused_output_paths(directory, step, name, tag="evaluate"):
         n += 1
 
 
+def decoding_options(opts):
+    """``FiDReader.generate_text``'s keyword options from the --generation_* flags: how evaluation and
+    chat decode replies."""
+    return dict(max_length=opts.generation_max_length, min_length=opts.generation_min_length,
+                num_beams=opts.generation_num_beams, no_repeat_ngram=opts.generation_no_repeat_ngram_size,
+                repetition_penalty=opts.generation_repetition_penalty, temperature=opts.generation_temperature,
+                top_p=opts.generation_top_p)
+
+
+@contextlib.contextmanager
+def sampling_seeded(active, seed, device):
+    """While ``active`` (sampled replies): torch's RNG seeded with ``seed``, so an evaluation samples
+    the same replies every time, and restored afterwards, so an in-loop evaluation leaves training's
+    random stream where it was."""
+    if not active:
+        yield
+        return
+    cuda = [device] if getattr(device, "type", "cpu") == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 def reply_nll(reader, batch):
     """([B] summed NLL, [B] token count) of each gold reply, teacher-forced: its words and EOS, not
     the ``<extra_id_0>`` sentinel that starts every target (always first, it would flatter the
@@ -86,7 +110,7 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
     n_batches = max(math.ceil(len(eval_shard(len(examples), r, info.world)) / bs) for r in range(info.world))
     rng = random.Random(opts.seed)
     rows, loss_sum, loss_n = [], 0.0, 0
-    with dropout_disabled(reader):
+    with dropout_disabled(reader), sampling_seeded(opts.generation_temperature > 0, opts.seed + info.rank, info.device):
         # no bar where stderr is not a terminal (a log file would get every redraw)
         for i in tqdm(range(n_batches), desc=desc, disable=not info.is_main or not sys.stderr.isatty(), leave=False):
             idx = mine[i * bs:(i + 1) * bs]
@@ -102,9 +126,7 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
             else:
                 nll, tokens, loss = reply_nll(reader, b)
                 loss_sum, loss_n = loss_sum + loss.item() * len(exs), loss_n + len(exs)
-                gens = reader.generate_text(b.input_ids, b.attention_mask, max_length=opts.generation_max_length,
-                                            min_length=opts.generation_min_length, num_beams=opts.generation_num_beams,
-                                            no_repeat_ngram=opts.generation_no_repeat_ngram_size)
+                gens = reader.generate_text(b.input_ids, b.attention_mask, **decoding_options(opts))
             for j, ex, gen in zip(range(len(exs)), exs, gens):
                 row = {"query": ex["question"], "answers": ex["answers"]}
                 if gen is not None:
@@ -139,8 +161,9 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
         rewards = grpo_reward(gens, refs, **reward_options(opts))["reward"].tolist()
         metrics["reward"] = sum(rewards) / max(len(rewards), 1)
         fused = [r.pop("fused_texts", []) for r in ordered]
-        personas = [split_persona_context(r["query"])[0] for r in ordered]
-        metrics.update(copy_shares(gens, personas, fused if any(fused) else None))
+        if opts.task != "mlm":  # an MLM prompt is a text with no persona, its target spans of that text
+            personas = [split_persona_context(r["query"])[0] for r in ordered]
+            metrics.update(copy_shares(gens, personas, fused if any(fused) else None))
         # per example, for paired comparisons of two runs on the same examples (research/study)
         per = per_example_scores(gens, refs)
         for r, f1, rouge_l, reward in zip(ordered, per["f1"], per["rougeL"], rewards):

@@ -311,27 +311,39 @@ class FiDReader(torch.nn.Module):
         after = (eos.cumsum(1) - eos) > 0
         return ids.masked_fill(after, self.pad_token_id)
 
-    def generate(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1, no_repeat_ngram=0):
+    def generate(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1, no_repeat_ngram=0,
+                 repetition_penalty=1.0, temperature=0.0, top_p=1.0):
         """[B, N, L] inputs -> [B, T] reply ids (no decoder start token, pad after EOS, T <
         ``max_length``): greedy when ``num_beams`` == 1 else beam search; length_penalty 1;
-        ``no_repeat_ngram`` n > 0: no n-gram of tokens twice in a reply (transformers' blocking)."""
+        ``no_repeat_ngram`` n > 0: no n-gram of tokens twice in a reply (transformers' blocking);
+        ``repetition_penalty`` > 1: the logit of every token already in the reply is divided by it
+        (multiplied where negative: CTRL's penalty, as transformers applies it); ``temperature`` > 0:
+        sampling from softmax(logits / temperature) (no top-k cut-off), ``top_p`` < 1 its nucleus,
+        with torch's global RNG (greedy and beam search ignore both)."""
         hidden, mask = self.encode(input_ids, attention_mask)
         return self.generate_from_states(hidden, mask, max_length, min_length=min_length, num_beams=num_beams,
-                                         source_ids=self.source_ids(input_ids), no_repeat_ngram=no_repeat_ngram)
+                                         source_ids=self.source_ids(input_ids), no_repeat_ngram=no_repeat_ngram,
+                                         repetition_penalty=repetition_penalty, temperature=temperature, top_p=top_p)
 
     def generate_from_states(self, hidden, mask, max_length, min_length=0, num_beams=1, source_ids=None,
-                             no_repeat_ngram=0):
+                             no_repeat_ngram=0, repetition_penalty=1.0, temperature=0.0, top_p=1.0):
         """Like ``generate`` but from cached encoder states ``hidden`` [B, S, d], ``mask`` [B, S]
         (``source_ids`` [B, S]: the encoder input ids, needed by a pointer reader only)."""
+        if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
+            raise ValueError(f"decoding needs temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0; got "
+                             f"{temperature}, {top_p}, {repetition_penalty}")
+        if temperature > 0 and num_beams > 1:
+            raise ValueError("sampling (temperature > 0) and beam search (num_beams > 1) do not combine: pick one")
+        sampled = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+            dict(do_sample=False)
         return self._generate(hidden, mask, source_ids=source_ids, max_length=max_length, min_length=min_length,
-                              num_beams=num_beams, do_sample=False, num_return_sequences=1,
-                              no_repeat_ngram_size=no_repeat_ngram)
+                              num_beams=num_beams, num_return_sequences=1, no_repeat_ngram_size=no_repeat_ngram,
+                              repetition_penalty=repetition_penalty, **sampled)
 
-    def generate_text(self, input_ids, attention_mask, max_length, min_length=0, num_beams=1, no_repeat_ngram=0):
-        """``decode(generate(...))``: B reply strings."""
+    def generate_text(self, input_ids, attention_mask, max_length, **decoding):
+        """``decode(generate(...))``: B reply strings (``decoding``: ``generate``'s keyword options)."""
         with torch.no_grad():
-            ids = self.generate(input_ids, attention_mask, max_length, min_length=min_length, num_beams=num_beams,
-                                no_repeat_ngram=no_repeat_ngram)
+            ids = self.generate(input_ids, attention_mask, max_length, **decoding)
         return self.decode(ids)
 
     @torch.no_grad()

@@ -73,7 +73,9 @@ class StoryRetrieval:
         return retriever_trained(o) and not retriever_frozen_at(o, step) and self.schedule.should_refresh(step)
 
     def query_texts(self, examples, rng):
-        return [retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]
+        # an example may carry its own query (an MLM example: its text without the sentinels)
+        return [ex["retrieval_query"] if "retrieval_query" in ex else
+                retrieval_query(ex["question"], self.opts.retriever_from, rng) for ex in examples]
 
     @torch.no_grad()
     def search(self, retriever, query_texts, k):

@@ -5,7 +5,7 @@ Built outside the DDP-wrapped forward because retrieval (an index search, and wi
 
 import torch
 
-from src.data.prompts import encoder_inputs, reader_query, reader_target
+from src.data.prompts import encoder_inputs, reader_prompt, reader_query, reader_target
 from src.objectives.schedule import augments_candidates, training_kind
 
 
@@ -26,7 +26,7 @@ class Batch(dict):
 def make_batch(examples, answers, reader, retrieval, retriever, opts, rng, device, train=True, step=0):
     """Texts, retrieved stories and reader tensors for a micro-batch (retrieval is collective).
     ``step``: the optimizer step the batch is for (candidate augmentation depends on it)."""
-    queries = [reader_query(ex["question"]) for ex in examples]
+    queries = [reader_prompt(ex) for ex in examples]
     b = Batch(queries=queries, answers=answers, examples=examples, passages=None, retrieval_queries=None)
     b["labels"] = reader.tokenize_targets([reader_target(a) for a in answers], opts.target_maxlength).to(device)
     posterior = train and opts.posterior_passages and training_kind(opts, 0) in ("sft", "lapdog")

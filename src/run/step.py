@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from src.data.denoising import mlm_example
 from src.data.prompts import pick_answer
 from src.infra import distributed, interrupt, safety
 from src.infra.tracking import Tracker
@@ -85,6 +86,9 @@ def draw_batch(run, step, train, sampler, data_rng, retrieval):
     micro = []
     for _ in range(opts.accumulation_steps):
         exs = [train[i] for i in sampler.next_batch()]
+        if opts.task == "mlm":  # new spans each time a text comes round, as T5 and Atlas corrupt on the fly
+            exs = [mlm_example(ex["text"], data_rng, opts.mlm_noise_density, opts.mlm_mean_noise_span_length)
+                   for ex in exs]
         answers = [pick_answer(ex, data_rng) for ex in exs]
         micro.append(make_batch(exs, answers, model.reader, retrieval, model.retriever, opts, data_rng,
                                 run.info.device, step=step))

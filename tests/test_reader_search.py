@@ -1,0 +1,50 @@
+"""research/reader/record.py: the reader search's lab note, results.json and table from a run folder."""
+
+import json
+import os
+
+from research.reader import record
+
+
+def fake_run(root):
+    os.makedirs(root / "checkpoint" / "step-500")
+    os.symlink("step-500", root / "checkpoint" / "best")
+    (root / "summary.json").write_text(json.dumps({"elapsed_s": 600.0}))
+    evals = [{"step": s, "eval/dev/eval_loss": loss, "eval/dev/ppl": 2.718 ** loss, "eval/dev/f1": 5.0,
+              "eval/dev/rougeL": 6.0, "eval/dev/dist1": 1.0, "eval/dev/dist2": 2.0, "eval/dev/repeat3": 0.0,
+              "eval/dev/generic": 90.0} for s, loss in ((250, 4.5), (500, 4.2))]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 50, "loss/reader": 5}] + evals))
+    for name, dist2 in (("greedy", 0.5), ("sample_p0.9", 12.0)):
+        d = root / f"dev_{name}"
+        d.mkdir()
+        rows = [{"query": f"persona: i like tea. context:  Q: hi {i} ?", "answers": ["hello ."],
+                 "generation": f"reply {i}"} for i in range(6)]
+        (d / "r.results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {"ppl": 60.0, "f1": 14.0, "rougeL": 15.0, "dist1": 5.0, "dist2": dist2, "repeat3": 0.0,
+                   "generic": 5.0 if dist2 > 10 else 50.0}
+        (d / "evaluate-step-500.dev.metrics.json").write_text(json.dumps(
+            {"n_examples": 6, "results": str(d / "r.results.jsonl"), "metrics": metrics}))
+
+
+def test_record_writes_the_note_the_table_and_the_targets(tmp_path, monkeypatch):
+    monkeypatch.setattr(record, "OUT_DIR", str(tmp_path / "out"))
+    fake_run(tmp_path / "run")
+    assert record.main([str(tmp_path / "run"), "--name", "a", "--command", "bash research/reader/run.sh a",
+                        "--train", "train.jsonl", "--decodings", "greedy", "sample_p0.9"]) == 0
+    note = open(tmp_path / "out" / "a.md").read()
+    assert "best dev loss at step 500" in note and "| 250 | 4.500 |" in note
+    assert "| sample_p0.9 | 60.0 | 14.00 | 15.00 | 5.00 | 12.00 | 0.0 | 5.0 | 5 of 5 |" in note
+    assert "| greedy | 60.0 | 14.00 | 15.00 | 5.00 | 0.50 | 0.0 | 50.0 | 3 of 5 |" in note
+    assert note.count("reply: reply") == 10 and "Q: hi 0 ?" in note  # five replies per decoding
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["recipe"] is None and [r["name"] for r in saved["runs"]] == ["a"]
+    # recording the run again replaces it; another run is added beside it
+    record.main([str(tmp_path / "run"), "--name", "a", "--decodings", "greedy"])
+    record.main([str(tmp_path / "run"), "--name", "b", "--decodings", "greedy"])
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert [r["name"] for r in saved["runs"]] == ["a", "b"] and len(saved["runs"][0]["decodings"]) == 1
+    table = open(tmp_path / "out" / "RESULTS.md").read()
+    assert table.count("| [a](a.md) | 500 | 4.200 | greedy |") == 1
+    assert os.path.isfile(tmp_path / "out" / "curves.png")
+    assert record.meets({"dist2": 10, "generic": 9.9, "repeat3": 1, "f1": 13.8, "rougeL": 20}) == {
+        "dist2": True, "generic": True, "repeat3": True, "f1": False, "rougeL": True}
