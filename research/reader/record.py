@@ -51,9 +51,13 @@ def dev_curve(run_dir):
 
 def decoding_result(run_dir, name):
     folder = os.path.join(run_dir, f"dev_{name}")
-    metrics_file = sorted(glob.glob(os.path.join(folder, "*.metrics.json")), key=os.path.getmtime)[-1]
-    saved = json.load(open(metrics_file))
-    rows = [json.loads(line) for line in open(saved["results"])]
+    # evaluate.py writes into FOLDER/results/ (or FOLDER/ itself): the newest evaluation there
+    found = glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True)
+    if not found:
+        raise SystemExit(f"error: {folder}: no *.metrics.json — run evaluate.py into it first (research/reader/run.sh)")
+    saved = json.load(open(max(found, key=os.path.getmtime)))
+    results = saved["results"] if os.path.isabs(saved["results"]) else os.path.join(ROOT, saved["results"])
+    rows = [json.loads(line) for line in open(results)]
     samples = [{"last_utterance": last_utterance(r["query"]), "gold": r["answers"][0], "reply": r["generation"]}
                for r in rows[:5]]
     return {"decoding": name, "flags": DECODINGS[name], "n": saved["n_examples"],
@@ -93,7 +97,8 @@ def write_summary(runs):
     lines = ["# Reader search (dev split only)", "",
              "Targets on dev: Dist-2 ≥ 10, top reply's share < 10 %, triple repeats < 2 %, F1 ≥ 13.9, "
              "ROUGE-L ≥ 14.2 (the paper's pretrained T5-small SFT); perplexity as low as the budget allows "
-             "(a unigram model: e^5.75 ≈ 314). One lab note per run beside this file; made by "
+             "(a unigram model: e^5.75 ≈ 314). The lab log of each chunk: [LOG.md](LOG.md). "
+             "One lab note per run beside this file; made by "
              "`research/reader/run.sh` and `research/reader/record.py`.", "",
              "| run | best step | dev loss | decoding | ppl | F1 | ROUGE-L | Dist-2 | triple repeats % | top reply % |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]

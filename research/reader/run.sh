@@ -40,5 +40,5 @@ for d in $DECODINGS; do
     $("$PY" research/reader/record.py --flags "$d") > "$RUN/dev_$d.log" 2>&1
   touch "$RUN/dev_$d/done"
 done
-"$PY" research/reader/record.py "$RUN" --name "$NAME" --command "bash research/reader/run.sh $NAME $*" \
+"$PY" research/reader/record.py "$RUN" --name "$NAME" --command "STEPS=$STEPS TRAIN=$TRAIN bash research/reader/run.sh $NAME $*" \
   --train "$TRAIN" --decodings $DECODINGS
