@@ -409,16 +409,17 @@ def test_gpu_faiss_search_matches_cpu(tmp_path):
     if where != "gpu":
         pytest.skip(f"no GPU FAISS here: {why}")
     x, q = _clustered(20000, 64, 100, 64)
+    dev = torch.device("cuda:0")
     for kind in ("flat", "ivfflat", "ivfsq", "ivfpq"):
-        gpu = PassageIndex(64, mode="faiss", faiss_index_type=kind, device="cuda:0").build(x)
+        gpu = PassageIndex(64, mode="faiss", faiss_index_type=kind, device=str(dev)).build(x)
         cpu = PassageIndex(64, mode="faiss", faiss_index_type=kind).build(x)
         assert gpu.faiss_on == "gpu", kind
-        got, want = gpu.search(q.cuda(), 10)[1].cpu(), cpu.search(q, 10)[1]
+        got, want = gpu.search(q.to(dev), 10)[1].cpu(), cpu.search(q, 10)[1]
         overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want)) / want.numel()
         assert overlap >= (0.99 if kind == "flat" else 0.8), (kind, overlap)
         assert gpu.memory_bytes() > 0  # serialized through index_gpu_to_cpu
-        rows = torch.randint(20000, (8, 4)).cuda()
+        rows = torch.randint(20000, (8, 4), device=dev)
         assert torch.equal(gpu.lookup(rows).cpu(), x[rows.cpu()])
     gpu.save(str(tmp_path / "saved"))
-    back = PassageIndex.load(str(tmp_path / "saved"), device="cuda:0")
-    assert back.faiss_on == "gpu" and back.search(q.cuda(), 10)[1].shape == (64, 10)
+    back = PassageIndex.load(str(tmp_path / "saved"), device=str(dev))
+    assert back.faiss_on == "gpu" and back.search(q.to(dev), 10)[1].shape == (64, 10)

@@ -6,8 +6,8 @@ import json
 from helpers import SAMPLE, run_script
 
 from src.data.dialogues import load_dialogues
-from src.data.partner_turns import context_turns, partner_turn_examples
-from src.data.prompts import reader_query
+from src.data.partner_turns import partner_turn_examples
+from src.data.prompts import context_turns, reader_query
 
 EXAMPLES = [
     {"question": "persona: i like tea. context:  Q: hi , how are you ?", "answers": ["good , you ?"]},

@@ -7,18 +7,7 @@ them from training dialogues only, once each, and drops any whose reply equals a
 evaluation files (so that no dev or test target is trained on).
 """
 
-import re
-
-from src.data.prompts import split_persona_context
-
-_TAGGED = re.compile(r"\b([QR]):\s")
-
-
-def context_turns(question):
-    """[(speaker, text)] of a question's context, oldest first."""
-    _, context = split_persona_context(question)
-    parts = _TAGGED.split(" " + context)
-    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2) if parts[i + 1].strip()]
+from src.data.prompts import context_turns, split_persona_context
 
 
 def _as_question(turns):

@@ -76,15 +76,20 @@ def split_persona_context(question):
     return question[p + len("persona:"):c].strip(), question[c + len("context:"):].strip()
 
 
-_TURN = re.compile(r"\b[QR]:\s")
+_TURN = re.compile(r"\b([QR]):\s")
+
+
+def context_turns(question):
+    """[(speaker "Q" or "R", text)] of a question's context, oldest first (turns with no words left out)."""
+    parts = _TURN.split(split_persona_context(question)[1])
+    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2) if parts[i + 1].strip()]
 
 
 def last_utterance(question):
     """The context's last turn (the words after its last ``Q:`` or ``R:`` tag), or the whole
     context when it has no tag: what a reply answers."""
-    context = split_persona_context(question)[1]
-    turns = [t.strip() for t in _TURN.split(context) if t.strip()]
-    return turns[-1] if turns else context
+    turns = context_turns(question)
+    return turns[-1][1] if turns else split_persona_context(question)[1]
 
 
 # A sentence ends at . ! or ? followed by whitespace; ConvAI2 writes both "dogs. i" and "dogs . i",

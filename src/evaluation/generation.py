@@ -72,7 +72,7 @@ def sampling_seeded(active, seed, device):
     if not active:
         yield
         return
-    cuda = [device] if getattr(device, "type", "cpu") == "cuda" else []
+    cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         yield
