@@ -52,3 +52,6 @@ def test_keep_best_points_best_at_the_lowest_dev_loss_and_runs_on(tmp_path, tiny
     root = ck / "checkpoint"
     assert os.readlink(root / "best") == f"step-{best}" and os.readlink(root / "latest") == "step-6"
     assert (root / f"step-{best}").is_dir()  # saved when it improved, though --save_freq is 100
+    # summary.json names the same evaluation (it used to report the best F1's whatever the run kept)
+    summary = json.load(open(ck / "summary.json"))
+    assert [(b["step"], b["eval_loss"]) for b in summary["best_eval"].values()] == [(best, losses[best])]

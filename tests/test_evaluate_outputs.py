@@ -171,8 +171,10 @@ def test_closed_book_evaluation_of_a_retriever_trained_checkpoint(tmp_path, tiny
 def test_every_recipes_checkpoint_can_be_evaluated_with_and_without_stories(tmp_path, tiny_models, recipe):
     import evaluate
 
+    # (with an in-loop evaluation: a recipe may keep its best one, stage1_convai2.yaml does)
     opts = options.validate(options.parse(["--config", os.path.join(ROOT, "configs", recipe), "--train_data", "t.jsonl",
-                                           "--passages", f"{SAMPLE}/stories.jsonl"])[0])
+                                           "--passages", f"{SAMPLE}/stories.jsonl", "--eval_data", "v.jsonl",
+                                           "--eval_freq", "5"])[0])
     step = tmp_path / "checkpoint" / "step-1"
     shutil.copytree(tiny_models["reader"], step / "reader")
     (step / "options.json").write_text(json.dumps(options.to_json_dict(opts)))

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from research.reader import record
 
 
@@ -48,3 +50,21 @@ def test_record_writes_the_note_the_table_and_the_targets(tmp_path, monkeypatch)
     assert os.path.isfile(tmp_path / "out" / "curves.png")
     assert record.meets({"dist2": 10, "generic": 9.9, "repeat3": 1, "f1": 13.8, "rougeL": 20}) == {
         "dist2": True, "generic": True, "repeat3": True, "f1": False, "rougeL": True}
+
+
+def test_choose_sets_the_recipe_and_dev_numbers_and_a_later_record_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(record, "OUT_DIR", str(tmp_path / "out"))
+    fake_run(tmp_path / "run")
+    record.main([str(tmp_path / "run"), "--name", "a", "--decodings", "greedy", "sample_p0.9"])
+    assert record.main(["--choose", "a", "sample_p0.9", "--recipe", "configs/stage1_reads.yaml"]) == 0
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["recipe"] == "configs/stage1_reads.yaml"
+    assert saved["dev"]["run"] == "a" and saved["dev"]["dist2"] == 12.0 and saved["dev"]["f1"] == 14.0
+    assert saved["dev"]["flags"] == record.DECODINGS["sample_p0.9"] and all(saved["dev"]["targets_met"].values())
+    record.main([str(tmp_path / "run"), "--name", "b", "--decodings", "greedy"])
+    assert json.load(open(tmp_path / "out" / "results.json"))["recipe"] == "configs/stage1_reads.yaml"
+    for argv, says in ((["--choose", "zzz", "greedy", "--recipe", "configs/stage1_reads.yaml"], "no recorded run"),
+                       (["--choose", "a", "beam4_no_repeat3", "--recipe", "configs/stage1_reads.yaml"], "no decoding"),
+                       (["--choose", "a", "greedy", "--recipe", "configs/nope.yaml"], "does not exist")):
+        with pytest.raises(SystemExit, match=says):
+            record.main(argv)

@@ -134,13 +134,20 @@ def test_plan_every_arm_from_the_best_stage1_with_the_same_steps_and_batch_and_t
 
 @pytest.mark.parametrize("scale", ["tiny", "cpu", "gpu"])
 def test_every_command_passes_train_and_evaluate_option_checks(scale):
+    """Every command of the plan, the MLM pretraining (tiny, gpu) included; every evaluation, in-loop
+    or on test, decodes as configs/decoding_convai2.yaml says; stage 1 keeps its lowest dev loss."""
+    import yaml
+
+    decoding = yaml.safe_load(open(os.path.join(ROOT, study_plan.DECODING)))
     sizes = study_plan.sizes_of(scale)
     for kind, label, _, cmd in study_plan.plan(list(study_plan.ARMS), [0], PATHS, sizes, "out"):
-        if kind == "pretrain":
-            continue
         opts, _ = options.parse([os.path.join(ROOT, c) if c.startswith("configs/") else c for c in cmd[1:]])
         options.validate(opts)
         assert opts.total_steps >= 1, label
+        if kind != "pretrain":
+            assert {k: getattr(opts, k) for k in decoding} == decoding and decoding["generation_temperature"] > 0, label
+        if "stage 1" in label:
+            assert opts.keep_best and opts.early_stopping_metric == "eval_loss", label
 
 
 # ---- numbers and report ---------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def test_dry_run_writes_the_split_only(tmp_path):
     rc, out, err = run_script("research/study/run.py", "--dry_run", "--scale", "tiny", "--dialogues", tmp_path / "d.jsonl",
                               "--stories", f"{SAMPLE}/stories.jsonl", "--out", tmp_path / "o", "--seeds", "0")
     assert rc == 0, err
-    assert "pretraining (shared): scripts/pretrain_reader.py" in out and "seed 0 eval control (closed_book)" in out
+    assert "pretraining (shared): train.py --task=mlm --closed_book" in out and "seed 0 eval control (closed_book)" in out
     assert sorted(os.listdir(tmp_path / "o")) == ["split"]
 
 

@@ -292,6 +292,14 @@ def test_progress_bar_summary_and_resumed_history(tmp_path, clean_env, capsys):
     assert summary["last_eval"] == {"step": 5, "eval/valid/f1": 8.0, "eval/valid/bleu": 2.0}
     assert summary["best_eval"] == {"valid": {"step": 3, "f1": 10.0, "metrics": {"f1": 10.0, "bleu": 1.0}}}
     assert "finished: 6 steps in" in (ckpt / "run.log").read_text()
+    with Tracker(ckpt, "run", {}) as tr:  # the best by a metric where lower is better (a loss)
+        tr.log(7, {"eval/valid/eval_loss": 3.0})
+        tr.log(8, {"eval/valid/eval_loss": 2.5})
+        tr.log(9, {"eval/valid/eval_loss": 2.7})
+        assert tr.best_eval("eval_loss")["valid"]["step"] == 7  # highest, unless told
+        tr.finish(9, 10, "eval_loss", lower_is_better=True)
+    assert json.loads((ckpt / "summary.json").read_text())["best_eval"]["valid"]["step"] == 8
+    assert "best valid eval_loss 2.5 at step 8" in (ckpt / "run.log").read_text()
 
 
 def test_speed_and_eta_leave_evaluations_out(tmp_path, clean_env, capsys, monkeypatch):

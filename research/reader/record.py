@@ -3,6 +3,8 @@ curves.png. Dev split only.
 
     python research/reader/record.py RUN_DIR --name NAME --command "..." --train FILE --decodings greedy ...
     python research/reader/record.py --flags sample_p0.9      # evaluate.py's flags for one decoding
+    python research/reader/record.py --choose NAME DECODING --recipe configs/FILE.yaml
+                                                             # the chosen reader: results.json's recipe and dev
 
 RUN_DIR is a train.py run (metrics.jsonl, checkpoint/best) whose best checkpoint was evaluated on dev
 into RUN_DIR/dev_<decoding>/ (research/reader/run.sh). A run recorded again replaces its entry.
@@ -25,6 +27,11 @@ DECODINGS = {
     "no_repeat3": ["--generation_no_repeat_ngram_size=3"],
     "penalty1.3": ["--generation_repetition_penalty=1.3", "--generation_no_repeat_ngram_size=3"],
     "sample_p0.9": ["--generation_temperature=0.7", "--generation_top_p=0.9"],
+    # the temperature / top-p sweep around sample_p0.9 (chunk 2 of the search)
+    "sample_t0.5_p0.9": ["--generation_temperature=0.5", "--generation_top_p=0.9"],
+    "sample_t1.0_p0.9": ["--generation_temperature=1.0", "--generation_top_p=0.9"],
+    "sample_t0.7_p0.8": ["--generation_temperature=0.7", "--generation_top_p=0.8"],
+    "sample_t0.7_p0.95": ["--generation_temperature=0.7", "--generation_top_p=0.95"],
     "beam4_no_repeat3": ["--generation_num_beams=4", "--generation_no_repeat_ngram_size=3"],
 }
 KEYS = ("ppl", "f1", "rougeL", "dist1", "dist2", "repeat3", "generic")
@@ -88,12 +95,32 @@ def lab_note(run):
     return "\n".join(lines) + "\n"
 
 
-def write_summary(runs):
-    """results.json (the chosen recipe stays null until a reader is chosen) and RESULTS.md."""
+def choose(name, decoding, recipe):
+    """results.json's recipe and dev numbers: one recorded run's best checkpoint with one decoding."""
+    path = os.path.join(OUT_DIR, "results.json")
+    saved = json.load(open(path))
+    run = next((r for r in saved["runs"] if r["name"] == name), None)
+    if run is None:
+        raise SystemExit(f"error: --choose: no recorded run '{name}' in {path} — record it first")
+    found = next((d for d in run["decodings"] if d["decoding"] == decoding), None)
+    if found is None:
+        raise SystemExit(f"error: --choose: run '{name}' has no decoding '{decoding}' — "
+                         f"pick from {', '.join(d['decoding'] for d in run['decodings'])}")
+    if not os.path.isfile(os.path.join(ROOT, recipe)):
+        raise SystemExit(f"error: --recipe: {recipe} does not exist")
+    dev = {"run": name, "decoding": decoding, "flags": found["flags"], "n": found["n"], **found["metrics"],
+           "targets_met": meets(found["metrics"])}
+    write_summary(saved["runs"], recipe=recipe, dev=dev)
+    return dev
+
+
+def write_summary(runs, recipe=None, dev=None):
+    """results.json (recipe and dev: the chosen reader, null until one is chosen, kept when a run is
+    recorded afterwards) and RESULTS.md."""
     path = os.path.join(OUT_DIR, "results.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
-    json.dump({"recipe": old.get("recipe"), "dev": old.get("dev"), "targets": TARGETS, "runs": runs},
-              open(path, "w"), indent=1)
+    json.dump({"recipe": recipe or old.get("recipe"), "dev": dev or old.get("dev"), "targets": TARGETS,
+               "runs": runs}, open(path, "w"), indent=1)
     lines = ["# Reader search (dev split only)", "",
              "Targets on dev: Dist-2 ≥ 10, top reply's share < 10 %, triple repeats < 2 %, F1 ≥ 13.9, "
              "ROUGE-L ≥ 14.2 (the paper's pretrained T5-small SFT); perplexity as low as the budget allows "
@@ -139,9 +166,16 @@ def main(argv=None):
     p.add_argument("--command")
     p.add_argument("--train")
     p.add_argument("--decodings", nargs="+", default=list(DECODINGS))
+    p.add_argument("--choose", nargs=2, metavar=("NAME", "DECODING"), help="set the chosen reader in results.json")
+    p.add_argument("--recipe", help="with --choose: the recipe file in configs/")
     a = p.parse_args(argv)
     if a.flags:
         print(" ".join(DECODINGS[a.flags]))
+        return 0
+    if a.choose:
+        if not a.recipe:
+            p.error("--choose needs --recipe configs/FILE.yaml")
+        print(json.dumps(choose(*a.choose, a.recipe)))
         return 0
     summary = json.load(open(os.path.join(a.run_dir, "summary.json")))
     best = os.readlink(os.path.join(a.run_dir, "checkpoint", "best"))

@@ -5,7 +5,9 @@
 #   bash research/reader/run.sh NAME [train.py flags ...]
 # Environment: DATA (../shared/data), OUT (runs/reader), STEPS (1500), TRAIN (the split's train.jsonl;
 # e.g. $OUT/train_both.jsonl for both speakers' turns), READER (a reader folder; default: built here),
-# DEV_N (500 dev examples), DECODINGS (names from research/reader/record.py's DECODINGS), SETUP_ONLY=1.
+# DEV_N (500 dev examples), DECODINGS (names from research/reader/record.py's DECODINGS), SETUP_ONLY=1,
+# PRETRAIN_STEPS (0: none; N: first N steps of train.py --task mlm, closed book, batch 64, on the stories and
+# the split's train dialogues, into $OUT/mlm_N; stage 1 then starts from its best reader).
 # A finished step is skipped when the command is run again (delete its folder to redo it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -24,6 +26,17 @@ export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
   --init_embeddings minilm --vocab_from "$OUT/split/train.jsonl" "$S" --d_model 256 --d_ff 1024 --num_layers 4 \
   --num_heads 4 --d_kv 64
 [ "${SETUP_ONLY:-0}" = 1 ] && exit 0  # the split, the extra turns and the reader only (before runs side by side)
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-0}"
+if [ "$PRETRAIN_STEPS" -gt 0 ]; then
+  MLM="$OUT/mlm_$PRETRAIN_STEPS"
+  [ -f "$MLM/summary.json" ] || "$PY" train.py --task mlm --closed_book --train_data "$S" "$OUT/split/train.jsonl" \
+    --eval_data="$OUT/split/dev.jsonl" --max_eval_examples=200 --reader_model_type="$OUT/models/reader" \
+    --per_gpu_batch_size=64 --per_gpu_eval_batch_size=50 --total_steps="$PRETRAIN_STEPS" \
+    --eval_freq=$((PRETRAIN_STEPS / 4)) --save_freq=100000 --log_freq=50 --keep_best --lr=1e-3 --warmup_steps=50 \
+    --text_maxlength=128 --target_maxlength=32 --checkpoint_dir="$MLM" --name="reader_mlm_$PRETRAIN_STEPS" \
+    > "$MLM.log" 2>&1 || { echo "pretraining failed: see $MLM.log" >&2; exit 1; }
+  READER="${READER:-$MLM/checkpoint/best/reader}"
+fi
 TRAIN="${TRAIN:-$OUT/split/train.jsonl}" READER="${READER:-$OUT/models/reader}"
 RUN="$OUT/$NAME"
 if [ ! -f "$RUN/summary.json" ]; then
@@ -40,5 +53,6 @@ for d in $DECODINGS; do
     $("$PY" research/reader/record.py --flags "$d") > "$RUN/dev_$d.log" 2>&1
   touch "$RUN/dev_$d/done"
 done
-"$PY" research/reader/record.py "$RUN" --name "$NAME" --command "STEPS=$STEPS TRAIN=$TRAIN bash research/reader/run.sh $NAME $*" \
+"$PY" research/reader/record.py "$RUN" --name "$NAME" \
+  --command "PRETRAIN_STEPS=$PRETRAIN_STEPS STEPS=$STEPS TRAIN=$TRAIN bash research/reader/run.sh $NAME $*" \
   --train "$TRAIN" --decodings $DECODINGS

@@ -14,15 +14,14 @@ from src.infra.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Stage 1: the reader reads the posterior story of each target (no relevance labels), early
-# stopping on the dev F1 (on dev, stopping on the loss kept later checkpoints whose greedy replies
-# were worse: results/study/RESULTS.md, "The reader"). The recipe's fact swap is for the sample data's single-word facts;
-# on ConvAI2 it turns "i have a dog" into "i have a <random rare word>" (chosen on dev:
-# results/study/RESULTS.md, "Reader").
-STAGE1 = {"config": "configs/stage1_reads.yaml",
-          "flags": ["--posterior_fact_swap={fact_swap}", "--lr={s1_lr}", "--warmup_steps={s1_warmup}",
-                    "--early_stopping_patience={patience}", "--early_stopping_metric={s1_stop_metric}",
+# Stage 1: the reader reads the posterior story of each target (no relevance labels); the lowest
+# dev loss is kept (F1 could not tell a reader that talks from one that says one sentence) — the
+# reader search's recipe (results/reader/RESULTS.md). Its lr and warmup go with the reader's size.
+STAGE1 = {"config": "configs/stage1_convai2.yaml",
+          "flags": ["--lr={s1_lr}", "--warmup_steps={s1_warmup}", "--early_stopping_patience={patience}",
                     "--precision={s1_precision}"]}
+# How every reader answers: in-loop evaluations (stage 1 and the arms) and every evaluation on test.
+DECODING = "configs/decoding_convai2.yaml"
 
 ARMS = {
     "control": {"config": "configs/control.yaml", "about": "stage 1 continued: reader SFT on posterior stories",
@@ -51,19 +50,21 @@ _CPU_READER = ["--d_model=256", "--d_ff=1024", "--num_layers=4", "--num_heads=4"
 SCALES = {
     "tiny": dict(reader_sizes=["--d_model=32", "--d_ff=64", "--num_layers=1", "--num_heads=2", "--d_kv=16"],
                  pretrain_steps=4, pretrain_batch=8, s1_steps=6, s1_batch=4, s1_eval_freq=3, patience=1, s1_lr=1e-3,
-                 s1_stop_metric="f1", s2_steps=2, s2_batch=2, eval_freq=0, dev_n=6, eval_n=8, max_passages=40,
+                 s2_steps=2, s2_batch=2, eval_freq=0, dev_n=6, eval_n=8, max_passages=40,
                  text_maxlength=96, target_maxlength=16, generation_max_length=8, pool=4, fact_swap=0.0, eval_batch=8,
                  s1_precision="fp32", precision="fp32"),
     # pretrain_steps 0: the reader starts from its MiniLM-initialized embeddings (on dev, 750 steps of
-    # pretraining lowered the perplexity but made the greedy replies more generic: RESULTS.md, "The reader")
-    "cpu": dict(reader_sizes=_CPU_READER, pretrain_steps=0, pretrain_batch=64, s1_steps=800, s1_batch=32,
-                s1_eval_freq=200, patience=2, s1_lr=1e-3, s1_stop_metric="f1", s2_steps=60, s2_batch=8,
+    # pretraining lowered the perplexity but made the greedy replies more generic: RESULTS.md, "The reader").
+    # s1_steps 1200: the reader search's dev loss still fell at step 1,200 (results/reader/LOG.md, chunk 2);
+    # it adds about 12 min per seed to the timed 3 hours (800 steps then).
+    "cpu": dict(reader_sizes=_CPU_READER, pretrain_steps=0, pretrain_batch=64, s1_steps=1200, s1_batch=32,
+                s1_eval_freq=200, patience=2, s1_lr=1e-3, s2_steps=60, s2_batch=8,
                 eval_freq=30, dev_n=200, eval_n=None, max_passages=None, text_maxlength=192, target_maxlength=32,
                 generation_max_length=32, pool=8, fact_swap=0.0, eval_batch=50, s1_precision="bf16",
                 precision="fp32"),
     "gpu": dict(reader_sizes=["--d_model=512", "--d_ff=2048", "--num_layers=6", "--num_heads=8", "--d_kv=64"],
                 pretrain_steps=10000, pretrain_batch=128, s1_steps=8000, s1_batch=64, s1_eval_freq=500, patience=3,
-                s1_lr=5e-4, s1_stop_metric="f1", s2_steps=600, s2_batch=32, eval_freq=100, dev_n=769, eval_n=None,
+                s1_lr=5e-4, s2_steps=600, s2_batch=32, eval_freq=100, dev_n=769, eval_n=None,
                 max_passages=None, text_maxlength=256, target_maxlength=32, generation_max_length=32, pool=32,
                 fact_swap=0.0, eval_batch=128, s1_precision="bf16", precision="bf16"),
 }
@@ -102,9 +103,11 @@ def fill(flags, sizes):
 
 
 def _common(paths, sizes, seed, run_dir, name):
-    """What every training run shares: data, models, lengths, precision, the in-loop dev set."""
-    out = [f"--seed={seed}", f"--name={name}", f"--checkpoint_dir={run_dir}", f"--train_data={paths['train']}",
-           f"--eval_data={paths['dev']}", f"--max_eval_examples={sizes['dev_n']}", f"--passages={paths['stories']}",
+    """What every training run shares: data, models, lengths, precision, the in-loop dev set and its
+    decoding (which touches evaluation only: training's scored replies do not read it)."""
+    out = ["--config", DECODING, f"--seed={seed}", f"--name={name}", f"--checkpoint_dir={run_dir}",
+           f"--train_data={paths['train']}", f"--eval_data={paths['dev']}", f"--max_eval_examples={sizes['dev_n']}",
+           f"--passages={paths['stories']}",
            f"--retriever_model_path={paths['retriever']}", f"--text_maxlength={sizes['text_maxlength']}",
            f"--target_maxlength={sizes['target_maxlength']}",
            f"--generation_max_length={sizes['generation_max_length']}", f"--precision={sizes['precision']}",
@@ -116,10 +119,18 @@ def _common(paths, sizes, seed, run_dir, name):
 
 
 def pretrain_command(paths, sizes, out_dir):
-    return ["scripts/pretrain_reader.py", f"--reader={paths['reader_init']}", f"--out={out_dir}",
-            "--dialogues", paths["train"], "--stories", paths["stories"], f"--steps={sizes['pretrain_steps']}",
-            f"--batch={sizes['pretrain_batch']}", f"--precision={sizes['precision']}",
-            f"--eval_every={max(1, sizes['pretrain_steps'] // 6)}", f"--warmup={max(1, sizes['pretrain_steps'] // 15)}"]
+    """Atlas's MLM task in train.py, closed book: T5 span corruption over the stories and the train
+    split's dialogue texts; the held-out span loss on the dev dialogues' texts picks checkpoint/best,
+    whose reader/ starts stage 1."""
+    steps = sizes["pretrain_steps"]
+    return ["train.py", "--task=mlm", "--closed_book", "--train_data", paths["stories"], paths["train"],
+            f"--eval_data={paths['dev']}", f"--max_eval_examples={sizes['dev_n']}",
+            f"--reader_model_type={paths['reader_init']}", f"--checkpoint_dir={out_dir}", "--name=study_pretraining",
+            f"--total_steps={steps}", f"--per_gpu_batch_size={sizes['pretrain_batch']}", "--lr=1e-3",
+            f"--warmup_steps={max(1, steps // 15)}", f"--eval_freq={max(1, steps // 6)}", f"--save_freq={steps}",
+            f"--log_freq={max(1, steps // 60)}", "--keep_best", f"--text_maxlength={sizes['text_maxlength']}",
+            f"--target_maxlength={sizes['target_maxlength']}", f"--precision={sizes['precision']}",
+            f"--per_gpu_eval_batch_size={sizes['eval_batch']}", "--seed=0"]
 
 
 def stage1_command(paths, sizes, seed, run_dir):
@@ -141,9 +152,9 @@ def arm_command(name, paths, sizes, seed, stage1_ckpt, run_dir):
 
 
 def eval_command(ckpt, mode, paths, sizes, seed, eval_dir):
-    cmd = ["evaluate.py", f"--model_path={ckpt}", f"--eval_data={paths['test']}", "--write_results",
-           f"--checkpoint_dir={eval_dir}", f"--per_gpu_eval_batch_size={sizes['eval_batch']}", f"--seed={seed}",
-           "--generation_length_penalty=1.0", f"--precision={sizes['precision']}"]
+    cmd = ["evaluate.py", "--config", DECODING, f"--model_path={ckpt}", f"--eval_data={paths['test']}",
+           "--write_results", f"--checkpoint_dir={eval_dir}", f"--per_gpu_eval_batch_size={sizes['eval_batch']}",
+           f"--seed={seed}", "--generation_length_penalty=1.0", f"--precision={sizes['precision']}"]
     if sizes["eval_n"]:
         cmd.append(f"--max_eval_examples={sizes['eval_n']}")
     if mode in ("retrieval", "random_story"):

@@ -17,7 +17,7 @@ import shutil
 import statistics
 import subprocess
 
-from research.study.plan import ARMS, STAGE1, evaluations, fill
+from research.study.plan import ARMS, DECODING, STAGE1, evaluations, fill
 from src.evaluation.baselines import baseline_replies
 from src.evaluation.bootstrap import paired_bootstrap_ci
 from src.evaluation.metrics import compute_metrics, per_example_scores
@@ -282,20 +282,24 @@ def plot_bars(results, path):
     return path
 
 
-def plot_pretraining(log_path, path):
+def plot_pretraining(metrics_path, path):
+    """The MLM pretraining's curve from its train.py metrics.jsonl: the held-out span loss (dev
+    texts, fixed spans) and the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    key = next((k for r in rows for k in r if k.startswith("eval/") and k.endswith("/eval_loss")), None)
+    held = [r for r in rows if key in r]
+    train = [r for r in rows if "loss/reader" in r]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([r["step"] for r in rows], [r["heldout_loss"] for r in rows], marker="o", label="held-out")
-    train = [r for r in rows if "train_loss" in r]
-    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], marker=".", label="train (window mean)")
+    ax.plot([r["step"] for r in held], [r[key] for r in held], marker="o", label="held-out spans")
+    ax.plot([r["step"] for r in train], [r["loss/reader"] for r in train], marker=".", label="train")
     ax.set_xlabel("step")
     ax.set_ylabel("token NLL")
-    ax.set_title("reader pretraining (span corruption + prefix LM)")
+    ax.set_title("reader pretraining (span corruption, train.py --task mlm)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -309,7 +313,7 @@ def write_figures(rows, results, ctx):
     A figure that cannot be drawn is left out with a warning: the numbers are the result."""
     out, fig_dir = ctx["out"], os.path.join(ctx["out"], "figures")
     jobs = [("bars", lambda p: plot_bars(results, p)),
-            *([("pretraining", lambda p: plot_pretraining(os.path.join(out, "pretrained", "pretrain_log.jsonl"), p))]
+            *([("pretraining", lambda p: plot_pretraining(os.path.join(out, "pretrained", "metrics.jsonl"), p))]
               if ctx["sizes"]["pretrain_steps"] else []),
             ("stage1", lambda p: plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in ctx["seeds"]], p,
                                            labels=[f"seed {s}" for s in ctx["seeds"]],
@@ -395,13 +399,13 @@ def render(results, rows, ctx):
               + (f" (first {sizes['max_passages']})" if sizes["max_passages"] else " (all)") + ".",
               "- **Reader**: `scripts/build_small_models.py --init_embeddings minilm "
               + " ".join(sizes["reader_sizes"]) + "`, vocabulary from the train split and the stories, "
-              + (f"pretrained {sizes['pretrain_steps']} steps × {sizes['pretrain_batch']} (`scripts/pretrain_reader.py`)"
+              + (f"pretrained {sizes['pretrain_steps']} steps × {sizes['pretrain_batch']} (`train.py --task mlm`)"
                  if sizes["pretrain_steps"] else "not pretrained (chosen on dev: [reader_selection.md](reader_selection.md))")
               + ", shared by all seeds. **Retriever**: all-MiniLM-L6-v2.",
-              f"- **Stage 1**: `configs/stage1_reads.yaml`, at most {sizes['s1_steps']} steps × {sizes['s1_batch']}, "
-              f"lr {sizes['s1_lr']}, posterior fact swap {sizes['fact_swap']}, dev {sizes['s1_stop_metric']} every "
-              f"{sizes['s1_eval_freq']} steps, early stopping patience {sizes['patience']}; every arm starts from its "
-              "best checkpoint.",
+              f"- **Stage 1**: `{STAGE1['config']}`, at most {sizes['s1_steps']} steps × {sizes['s1_batch']}, "
+              f"lr {sizes['s1_lr']}, dev loss every {sizes['s1_eval_freq']} steps, early stopping patience "
+              f"{sizes['patience']}; every arm starts from its best checkpoint (the lowest dev loss).",
+              f"- **Decoding**: `{DECODING}` in every evaluation, in-loop and on test.",
               f"- **Stage 2**: every arm {sizes['s2_steps']} steps × {sizes['s2_batch']} examples from that checkpoint, "
               f"the same examples in the same order; pools of {sizes['pool']} stories where an arm scores a pool; "
               "precision " + sizes["precision"] + ".",

@@ -8,7 +8,7 @@
    every choice of setting; test: only the reported tables.
 2. Baselines that need no model, on test, with the same metric code (src/evaluation/baselines.py).
 3. Shared by all seeds: a small reader built with MiniLM's word embeddings, pretrained on the
-   train split's dialogues and the stories (scripts/pretrain_reader.py), and the index of the
+   train split's dialogues and the stories (`train.py --task mlm`), and the index of the
    pretrained retriever. Per seed: stage 1 (early stopping on the dev loss), every arm from its
    best checkpoint with the same steps and examples, evaluation on test.
 4. ``OUT/RESULTS.md`` and ``OUT/results.json``: baselines, every arm's mean ± std over seeds,
@@ -161,7 +161,7 @@ def main(argv=None):
     paths = {"train": parts["train"]["path"], "dev": parts["dev"]["path"], "test": parts["test"]["path"],
              "stories": stories, "index": os.path.join(out, "index-pretrained-retriever"),
              "reader_init": os.path.join(out, "models", "reader"), "retriever": os.path.join(out, "models", "retriever"),
-             "reader": os.path.join(out, "pretrained", "reader") if sizes["pretrain_steps"] else
+             "reader": os.path.join(out, "pretrained", "checkpoint", "best", "reader") if sizes["pretrain_steps"] else
              os.path.join(out, "models", "reader")}
     steps = study_plan.plan(args.arms, args.seeds, paths, sizes, out)
     if args.dry_run:

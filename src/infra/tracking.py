@@ -468,8 +468,9 @@ class Tracker:
         (a resumed run's included: read back from metrics.jsonl)."""
         return [(step, dict(row)) for step, row in sorted(self._evals.items())]
 
-    def best_eval(self, metric=BEST_EVAL_METRIC):
-        """{eval name: {"step", metric: best value, "metrics": that evaluation}} over the run."""
+    def best_eval(self, metric=BEST_EVAL_METRIC, lower_is_better=False):
+        """{eval name: {"step", metric: best value, "metrics": that evaluation}} over the run (the
+        highest value, or the lowest with ``lower_is_better``: losses, perplexity)."""
         best = {}
         for step, row in sorted(self._evals.items()):
             for key, value in row.items():
@@ -478,7 +479,7 @@ class Tracker:
                 if len(parts) != 3 or parts[2] != metric or number is None or not math.isfinite(number):
                     continue
                 name = parts[1]
-                if name not in best or number > best[name][metric]:
+                if name not in best or (number < best[name][metric] if lower_is_better else number > best[name][metric]):
                     best[name] = {"step": step, metric: number,
                                   "metrics": {k.split("/", 2)[2]: v for k, v in row.items()
                                               if k.startswith(f"eval/{name}/")}}
@@ -695,15 +696,16 @@ class Tracker:
             f.write("\n")
         os.replace(tmp, path)  # never leave a half-written summary
 
-    def finish(self, step, total_steps=None):
+    def finish(self, step, total_steps=None, metric=BEST_EVAL_METRIC, lower_is_better=False):
         """The end of a run into ``summary.json``: steps, time, the final training values, the last
-        and the best evaluation (by ``BEST_EVAL_METRIC``); one line on the console."""
+        and the best evaluation (by ``metric``: the one the run kept its best checkpoint by; F1
+        unless told); one line on the console."""
         if not self.is_main:
             return
         self._check_open()
         self._close_bar()
         last = max(self._evals) if self._evals else None
-        best = self.best_eval()
+        best = self.best_eval(metric, lower_is_better)
         summary = {"name": self.run_name, "steps": int(step), "total_steps": total_steps,
                    "elapsed_s": round(self.elapsed(), 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "final": {k: _json_safe(v) for k, v in self._final.items()},
@@ -712,12 +714,12 @@ class Tracker:
                    "best_eval": {name: {**b, "metrics": {k: _json_safe(v) for k, v in b["metrics"].items()}}
                                  for name, b in best.items()}}
         self._update_summary_file(summary)
-        told = "; ".join(f"best {name} {BEST_EVAL_METRIC} {format_value(b[BEST_EVAL_METRIC])} at step {b['step']}"
+        told = "; ".join(f"best {name} {metric} {format_value(b[metric])} at step {b['step']}"
                          for name, b in best.items())
         self._logger.info(f"finished: {step} steps in {format_duration(self.elapsed())}"
                           f"{'; ' + told if told else ''}; {os.path.join(self.checkpoint_dir, 'summary.json')}")
         if self.wandb_run is not None:
-            self.wandb_run.summary.update({f"best/{name}/{BEST_EVAL_METRIC}": b[BEST_EVAL_METRIC]
+            self.wandb_run.summary.update({f"best/{name}/{metric}": b[metric]
                                            for name, b in best.items()})
 
     def _check_open(self):
