@@ -8,9 +8,10 @@
    every choice of setting; test: only the reported tables.
 2. Baselines that need no model, on test, with the same metric code (src/evaluation/baselines.py).
 3. Shared by all seeds: a small reader built with MiniLM's word embeddings, pretrained on the
-   train split's dialogues and the stories (`train.py --task mlm`), and the index of the
-   pretrained retriever. Per seed: stage 1 (early stopping on the dev loss), every arm from its
-   best checkpoint with the same steps and examples, evaluation on test.
+   train split's dialogues and the stories with `train.py --task mlm` (scales whose pretrain_steps
+   is not 0: tiny, gpu), and the index of the pretrained retriever. Per seed: stage 1
+   (configs/stage1_convai2.yaml: its lowest dev loss kept), every arm from its best checkpoint with
+   the same steps and examples, evaluation on test.
 4. ``OUT/RESULTS.md`` and ``OUT/results.json``: baselines, every arm's mean ± std over seeds,
    perplexity, the generic-reply share, paired bootstrap 95% intervals of each arm minus the
    control (per-example F1, ROUGE-L, reward; pooled over seeds), collapse flags, the control
