@@ -68,3 +68,44 @@ def test_choose_sets_the_recipe_and_dev_numbers_and_a_later_record_keeps_them(tm
                        (["--choose", "a", "greedy", "--recipe", "configs/nope.yaml"], "does not exist")):
         with pytest.raises(SystemExit, match=says):
             record.main(argv)
+
+
+def _dialogue_rows():
+    from src.data.prompts import dialogue_question
+    rows = []
+    for d, persona in enumerate([["i like cats."], ["i am a pilot."], ["i grow roses."]]):
+        for t in range(2):
+            turns = [("Q", f"hello {d} {t}"), ("R", f"reply {d} {t}"), ("Q", f"question {d} {t}")]
+            rows.append({"question": dialogue_question(persona, turns), "answers": [f"gold {d} {t}"]})
+    return rows
+
+
+@pytest.mark.parametrize("part", ["persona", "context", "both"])
+def test_shuffle_inputs_takes_the_part_from_another_dialogue_and_keeps_the_rest(part):
+    from research.reader.shuffle_inputs import shuffle_inputs
+    from src.data.prompts import split_persona_context
+    rows = _dialogue_rows()
+    for seed in range(5):
+        out = shuffle_inputs(rows, part, seed)
+        assert [r["answers"] for r in out] == [r["answers"] for r in rows]  # gold replies stay put
+        for old, new in zip(rows, out):
+            (p0, c0), (p1, c1) = split_persona_context(old["question"]), split_persona_context(new["question"])
+            own_persona = p0.split()[-1]
+            if part == "persona":
+                assert c1 == c0 and p1 != p0
+            elif part == "context":
+                assert p1 == p0 and c1 != c0 and c1.split()[2] != c0.split()[2]  # another dialogue's turns
+            else:
+                assert p1 != p0 and own_persona not in p1 and c1 != c0
+        if part == "persona":  # one persona per dialogue: both examples of a dialogue get the same one
+            new_personas = [split_persona_context(r["question"])[0] for r in out]
+            assert new_personas[0] == new_personas[1] and new_personas[2] == new_personas[3]
+
+
+def test_shuffle_inputs_refuses_one_dialogue_and_unknown_parts():
+    from research.reader.shuffle_inputs import shuffle_inputs
+    rows = _dialogue_rows()
+    with pytest.raises(ValueError, match="at least two dialogues"):
+        shuffle_inputs(rows[:2], "persona")
+    with pytest.raises(ValueError, match="part must be"):
+        shuffle_inputs(rows, "reply")

@@ -54,7 +54,8 @@ SCALES = {
                  text_maxlength=96, target_maxlength=16, generation_max_length=8, pool=4, fact_swap=0.0, eval_batch=8,
                  s1_precision="fp32", precision="fp32"),
     # pretrain_steps 0: the reader starts from its MiniLM-initialized embeddings (on dev, 750 steps of
-    # pretraining lowered the perplexity but made the greedy replies more generic: RESULTS.md, "The reader").
+    # pretraining lowered the perplexity but made the greedy replies more generic: RESULTS.md, "The reader";
+    # 400 MLM steps before 1,000 stage-1 steps ended where 1,200 stage-1 steps alone do: results/reader/LOG.md, chunk 3).
     # s1_steps 1200: the reader search's dev loss still fell at step 1,200 (results/reader/LOG.md, chunk 2);
     # it adds about 12 min per seed to the timed 3 hours (800 steps then).
     "cpu": dict(reader_sizes=_CPU_READER, pretrain_steps=0, pretrain_batch=64, s1_steps=1200, s1_batch=32,
