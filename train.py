@@ -39,7 +39,7 @@ from src.model.lapdog import LapdogModel  # noqa: E402
 from src.objectives.schedule import retriever_trained  # noqa: E402
 from src.retrieval.stories import StoryRetrieval  # noqa: E402
 from src.run import checkpoint, resume  # noqa: E402
-from src.run.early_stopping import LOWER_IS_BETTER, EarlyStopping  # noqa: E402
+from src.run.early_stopping import EarlyStopping  # noqa: E402
 from src.run.model_card import write_model_cards  # noqa: E402
 from src.run.models import load_models, passage_encoder, reference_models  # noqa: E402
 from src.run.optim import make_optimizers, optimizer_state  # noqa: E402
@@ -326,7 +326,8 @@ def train_loop(opts, info, train, evals, passages, notes, tracker, resume_path, 
                              f"stopped after step {step}, saved {checkpoint.step_dir(opts.checkpoint_dir, step)}")
     run.stopper.uninstall()
     # summary.json's best evaluation is the one checkpoint/best holds, when the run keeps one
-    tracker.finish(step, opts.total_steps, *((early.metric, early.metric in LOWER_IS_BETTER) if keeps_best else ()))
+    best_by = {"metric": early.metric, "lower_is_better": early.lower_is_better} if keeps_best else {}
+    tracker.finish(step, opts.total_steps, **best_by)
     tracker.close()
     distributed.cleanup()
     return 0

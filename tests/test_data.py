@@ -178,6 +178,12 @@ def test_split_persona_context():
         split_persona_context("no markers")
 
 
+def test_join_persona_context_is_the_inverse_of_the_split():
+    from src.data.prompts import join_persona_context
+    assert join_persona_context(*split_persona_context(Q)) == Q
+    assert join_persona_context("i fly.", "Q: hi") == "persona: i fly. context:  Q: hi"
+
+
 def test_retrieval_query_modes():
     rng = random.Random(0)
     assert retrieval_query(Q, "persona", rng) == "i like dogs. i am a nurse."

@@ -22,13 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from src.data.prompts import split_persona_context  # noqa: E402
+from src.data.prompts import join_persona_context, split_persona_context  # noqa: E402
 
 PARTS = ("persona", "context", "both")
-
-
-def question(persona, context):
-    return f"persona: {persona} context:  {context}"
 
 
 def shuffle_inputs(rows, part, seed=0):
@@ -47,13 +43,13 @@ def shuffle_inputs(rows, part, seed=0):
         rng.shuffle(order)  # each persona gives way to the next one in a random cycle: nobody keeps its own
         other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
         for row, (p, c) in zip(rows, split):
-            out.append({**row, "question": question(other[p], c)})
+            out.append({**row, "question": join_persona_context(other[p], c)})
         return out
     for row, (p, c) in zip(rows, split):
         j = rng.randrange(len(rows))
         while split[j][0] == p:  # another dialogue (terminates: at least two personas)
             j = rng.randrange(len(rows))
-        new = rows[j]["question"] if part == "both" else question(p, split[j][1])
+        new = rows[j]["question"] if part == "both" else join_persona_context(p, split[j][1])
         out.append({**row, "question": new})
     return out
 

@@ -176,5 +176,9 @@ def dialogue_question(persona, turns, context_turns=3):
     ``persona``: normalized sentences; ``turns``: [(speaker "Q" or "R", text)], oldest first, the
     last one Q's; the context keeps the newest ``context_turns`` of them (ConvAI2's keeps 3)."""
     window = turns[-context_turns:] if context_turns > 0 else []
-    context = " ".join(f"{speaker}: {text}" for speaker, text in window)
-    return f"persona: {' '.join(persona)} context:  {context}"
+    return join_persona_context(" ".join(persona), " ".join(f"{speaker}: {text}" for speaker, text in window))
+
+
+def join_persona_context(persona, context):
+    """``(P, C)`` -> ``"persona: P context:  C"``: the question format (``split_persona_context``'s inverse)."""
+    return f"persona: {persona} context:  {context}"

@@ -17,10 +17,14 @@ class EarlyStopping:
         self.metric, self.patience, self.key = metric, patience, f"eval/{eval_name}/{metric}"
         self.best_step, self.best, self.stale = None, None, 0
 
+    @property
+    def lower_is_better(self):
+        return self.metric in LOWER_IS_BETTER
+
     def _better(self, value):
         if self.best is None:
             return True
-        return value < self.best if self.metric in LOWER_IS_BETTER else value > self.best
+        return value < self.best if self.lower_is_better else value > self.best
 
     def update(self, step, results):
         """(improved, stop) after the evaluation ``results`` ({"eval/<name>/<metric>": value}) of
