@@ -275,3 +275,69 @@ def test_tiny_study_end_to_end(tmp_path):
     assert rc == 0 and "1 of 2 seeds complete" in stdout, stdout[-2000:] + err[-2000:]
     assert json.load(open(out / "results.json"))["seeds_complete"] == [0]
     assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()
+
+
+# ---- tuning on dev -------------------------------------------------------------------------------
+
+def test_tune_set_flags_and_run_names():
+    from research.study import tune
+
+    assert tune.set_flags(["lr=3e-5", "--grpo_kl_coeff=0.1"]) == ["--lr=3e-5", "--grpo_kl_coeff=0.1"]
+    for bad, why in ((["lr"], "KEY=VALUE"), (["=3"], "KEY=VALUE"), (["total_steps=5"], "size flags"),
+                     (["seed=3"], "size flags")):
+        with pytest.raises(UsageError, match=why):
+            tune.set_flags(bad)
+    # the same settings in another order are the same run
+    assert tune.run_name("grpo", ["lr=3e-5", "grpo_kl_coeff=0.1"]) == tune.run_name("grpo", ["grpo_kl_coeff=0.1", "lr=3e-5"])
+    assert tune.run_name("control", []) == "control"
+
+
+def test_tune_record_replaces_a_run_and_renders_its_last_evaluation(tmp_path):
+    from research.study import tune
+
+    def entry(name, f1):
+        return {"name": name, "arm": name.split(",")[0], "set": [], "seed": 0, "wall_s": 90.0, "command": f"tune {name}",
+                "curve": [{"step": 30, "f1": 1.0}, {"step": 60, "f1": f1, "rougeL": 12.345, "generic": 40.0}]}
+
+    tune.record(tmp_path, entry("grpo,lr=3e-5", 10.0))
+    tune.record(tmp_path, entry("control", 11.0))
+    runs = tune.record(tmp_path, entry("grpo,lr=3e-5", 12.5))  # recorded again: replaced, not added
+    assert [r["name"] for r in runs] == ["control", "grpo,lr=3e-5"]
+    md = (tmp_path / "TUNING.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `grpo,lr=3e-5`"))
+    assert row == "| `grpo,lr=3e-5` | 0 | 60 | 12.50 | 12.35 | – | – | – | 40.00 | – | 1.5 |"
+    assert "tune control" in md and json.load(open(tmp_path / "tuning.json"))[1]["curve"][-1]["f1"] == 12.5
+
+
+def test_tune_refuses_a_misspelt_setting_before_running_anything(tmp_path):
+    lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:60]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    rc, _, err = run_script("research/study/tune.py", "--arm", "grpo", "--set", "grpo_kl_coef=0.1", "--scale", "tiny",
+                            "--dialogues", tmp_path / "d.jsonl", "--stories", f"{SAMPLE}/stories.jsonl",
+                            "--out", tmp_path / "o")
+    assert rc == 2 and err.strip().startswith("error: ") and "grpo_kl_coef" in err, err
+    assert not (tmp_path / "o" / "models").exists()
+
+
+@pytest.mark.slow
+def test_tune_runs_an_arm_on_dev_from_the_study_stage1_which_the_study_reuses(tmp_path):
+    lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:80]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "s.jsonl").write_text("\n".join(open(f"{SAMPLE}/stories.jsonl").read().splitlines()[:40]) + "\n")
+    data = ["--scale", "tiny", "--eval_freq", "1", "--dialogues", tmp_path / "d.jsonl", "--stories", tmp_path / "s.jsonl",
+            "--out", tmp_path / "study"]
+    rc, out, err = run_script("research/study/tune.py", "--arm", "grpo", "--set", "lr=3e-5", "grpo_kl_coeff=0.1",
+                              "--record", tmp_path / "rec", *data, timeout=900)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["name"] == "grpo,grpo_kl_coeff=0.1,lr=3e-5" and result["dev"]["step"] == 2 and "f1" in result["dev"]
+    run_dir = tmp_path / "study" / "tuning" / "seed0" / result["name"]
+    saved = json.load(open(run_dir / "checkpoint" / "latest" / "options.json"))
+    cmd = open(tmp_path / "study" / "commands.sh").read().splitlines()[-1]
+    assert "--lr=3e-5" in cmd and "--grpo_kl_coeff=0.1" in cmd and "--eval_data=" in cmd and "test.jsonl" not in cmd
+    assert saved["lr"] == 3e-5 and saved["grpo_kl_coeff"] == 0.1 and saved["use_grpo"]
+    runs = json.load(open(tmp_path / "rec" / "tuning.json"))
+    assert [r["name"] for r in runs] == [result["name"]] and [p["step"] for p in runs[0]["curve"]] == [1, 2]
+    # the study's own stage 1 was run there, so the study skips it
+    rc, out, err = run_script("research/study/run.py", *data, "--seeds", "0", "--arms", "control", timeout=900)
+    assert rc == 0 and "seed 0 stage 1: done before" in out, out[-3000:] + err[-3000:]

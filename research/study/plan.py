@@ -14,9 +14,10 @@ from src.infra.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Stage 1: the reader reads the posterior story of each target (no relevance labels); the lowest
-# dev loss is kept (F1 could not tell a reader that talks from one that says one sentence) — the
-# reader search's recipe (results/reader/RESULTS.md). Its lr and warmup go with the reader's size.
+# Stage 1: the reader, with the copy head, reads the posterior story of each target (no relevance
+# labels); the lowest dev loss is kept (F1 could not tell a reader that talks from one that says one
+# sentence) — the reader search's recipe (results/reader/RESULTS.md). Its lr and warmup go with the
+# reader's size.
 STAGE1 = {"config": "configs/stage1_convai2.yaml",
           "flags": ["--lr={s1_lr}", "--warmup_steps={s1_warmup}", "--early_stopping_patience={patience}",
                     "--precision={s1_precision}"]}

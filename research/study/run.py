@@ -139,22 +139,20 @@ def check_same_settings(out, settings):
         json.dump(settings, f, indent=2)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    t_start = time.time()
+def prepare(args):
+    """What every use of the study's folder shares: the data checked, the sizes, the split written,
+    the paths of every input and model. Returns (out, sizes, manifest, paths)."""
     dialogues = args.dialogues or os.path.join(args.data_dir, "convai2", "valid.jsonl")
     stories = os.path.abspath(args.stories or os.path.join(args.data_dir, "corpora", "story", "story.jsonl"))
     for what, path in (("dialogues", dialogues), ("stories", stories)):
         if not os.path.isfile(path):
             raise UsageError(f"{path}: {what} not found — the study needs ../shared/data beside the checkout, "
                              "or --data_dir / --dialogues / --stories")
-    study_plan.check_arms(args.arms)
     sizes = study_plan.sizes_of(args.scale, {k: getattr(args, k) for k in study_plan.SIZE_FLAGS})
     out = os.path.abspath(args.out)
     settings = {"sizes": sizes, "dialogues_sha256": split.sha256_of(dialogues), "split_seed": args.split_seed,
                 "fractions": list(args.fractions), "stories_sha256": split.sha256_of(stories)}
-    if not args.dry_run:
+    if not getattr(args, "dry_run", False):
         check_same_settings(out, settings)
     manifest = split.write_split(dialogues, os.path.join(out, "split"), args.split_seed, tuple(args.fractions))
     print(split.describe(manifest), flush=True)
@@ -164,6 +162,15 @@ def main(argv=None):
              "reader_init": os.path.join(out, "models", "reader"), "retriever": os.path.join(out, "models", "retriever"),
              "reader": os.path.join(out, "pretrained", "checkpoint", "best", "reader") if sizes["pretrain_steps"] else
              os.path.join(out, "models", "reader")}
+    return out, sizes, manifest, paths
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t_start = time.time()
+    study_plan.check_arms(args.arms)
+    out, sizes, manifest, paths = prepare(args)
     steps = study_plan.plan(args.arms, args.seeds, paths, sizes, out)
     if args.dry_run:
         for _, label, _, cmd in steps:
@@ -182,7 +189,7 @@ def main(argv=None):
     last_of_seed = {max(i for i, (_, label, _, _) in enumerate(steps) if label.startswith(f"seed {s} ")): s
                     for s in args.seeds}
     try:
-        build_models(out, sizes, [paths["train"], stories], commands)
+        build_models(out, sizes, [paths["train"], paths["stories"]], commands)
         for i, (kind, label, folder, cmd) in enumerate(steps):
             timings.append(run_step(label, folder, cmd, commands))
             if kind == "eval" and args.publish:
