@@ -121,6 +121,10 @@ def test_plan_every_arm_from_the_best_stage1_with_the_same_steps_and_batch_and_t
     others = [cmd for kind, label, _, cmd in steps if kind != "pretrain" and cmd is not stage1[0]
               and "--closed_book" not in cmd]
     assert all(_flag(c, "load_index_path") == "out/index" for c in others)
+    # an index saved before (an interrupted stage 1, tune.py) is loaded, not built again
+    resumed = [cmd for _, label, _, cmd in study_plan.plan(["control"], [0], PATHS, sizes, "out", index_saved=True)
+               if "stage 1" in label]
+    assert _flag(resumed[0], "load_index_path") == "out/index" and _flag(resumed[0], "save_index_path") is None
     # the recipe comes first, the shared sizes after it, an arm's own size override last
     joint = next(c for c in arms if _flag(c, "name") == "study_joint_grpo_seed0")
     assert joint[1:3] == ["--config", "configs/joint_grpo_evidence.yaml"]

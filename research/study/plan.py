@@ -62,8 +62,9 @@ SCALES = {
     "cpu": dict(reader_sizes=_CPU_READER, pretrain_steps=0, pretrain_batch=64, s1_steps=1200, s1_batch=32,
                 s1_eval_freq=200, patience=2, s1_lr=1e-3, s2_steps=60, s2_batch=8,
                 eval_freq=30, dev_n=200, eval_n=None, max_passages=None, text_maxlength=192, target_maxlength=32,
-                generation_max_length=32, pool=8, fact_swap=0.0, eval_batch=50, s1_precision="bf16",
-                precision="fp32"),
+                generation_max_length=32, pool=8, fact_swap=0.0, eval_batch=50, s1_precision="fp32",
+                precision="fp32"),  # bf16: 57 s/step against fp32's 3.1 on a CPU without bf16 instructions
+                                    # (the copy reader's stage 1; results/study/LOG.md, chunk 1)
     "gpu": dict(reader_sizes=["--d_model=512", "--d_ff=2048", "--num_layers=6", "--num_heads=8", "--d_kv=64"],
                 pretrain_steps=10000, pretrain_batch=128, s1_steps=8000, s1_batch=64, s1_eval_freq=500, patience=3,
                 s1_lr=5e-4, s2_steps=600, s2_batch=32, eval_freq=100, dev_n=769, eval_n=None,
@@ -183,11 +184,12 @@ def evaluations(arms):
     return [(a, "retrieval") for a in arms] + [(a, m) for m in ABLATIONS for a in arms]
 
 
-def plan(arms, seeds, paths, sizes, out):
+def plan(arms, seeds, paths, sizes, out, index_saved=False):
     """[(kind, label, folder, argv)] in run order. Shared by all seeds: the pretraining (the
     reader's starting point) and the index of the pretrained retriever (the first stage 1 saves
-    it, every other run loads it: the arms train the query side only, so their stories stay
-    embedded by it). Per seed: stage 1, every arm from its best checkpoint, the evaluations."""
+    it unless ``index_saved``, every other run loads it: the arms train the query side only, so
+    their stories stay embedded by it). Per seed: stage 1, every arm from its best checkpoint,
+    the evaluations."""
     steps = []
     if sizes["pretrain_steps"]:
         steps.append(("pretrain", "pretraining (shared)", os.path.join(out, "pretrained"),
@@ -196,7 +198,7 @@ def plan(arms, seeds, paths, sizes, out):
         sdir = os.path.join(out, f"seed{seed}")
         s1 = os.path.join(sdir, "stage1")
         cmd = stage1_command(paths, sizes, seed, s1)
-        if i == 0:  # the first stage 1 builds and saves the shared index
+        if i == 0 and not index_saved:  # the first stage 1 builds and saves the shared index
             cmd = [c for c in cmd if not c.startswith("--load_index_path=")] + [f"--save_index_path={paths['index']}"]
         steps.append(("train", f"seed {seed} stage 1", s1, cmd))
         best = os.path.join(s1, "checkpoint", "best")

@@ -116,7 +116,7 @@ def main(argv=None):
     out, sizes, _, paths = run.prepare(study)
     commands = os.path.join(out, "commands.sh")
     # the study's own steps up to this seed's stage 1: the same folders, so run.py reuses them
-    steps = study_plan.plan([study_plan.CONTROL], [args.seed], paths, sizes, out)
+    steps = study_plan.plan([study_plan.CONTROL], [args.seed], paths, sizes, out, run.index_saved(paths))
     ahead = [s for s in steps if s[0] == "pretrain" or s[1] == f"seed {args.seed} stage 1"]
     name = run_name(args.arm, args.set)
     run_dir = os.path.join(out, "tuning", f"seed{args.seed}", name)
