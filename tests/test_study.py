@@ -316,11 +316,15 @@ def test_tune_record_replaces_a_run_and_renders_its_last_evaluation(tmp_path):
 def test_tune_refuses_a_misspelt_setting_before_running_anything(tmp_path):
     lines = open(f"{SAMPLE}/train.jsonl").read().splitlines()[:60]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    rc, _, err = run_script("research/study/tune.py", "--arm", "grpo", "--set", "grpo_kl_coef=0.1", "--scale", "tiny",
-                            "--dialogues", tmp_path / "d.jsonl", "--stories", f"{SAMPLE}/stories.jsonl",
-                            "--out", tmp_path / "o")
+    data = ["--scale", "tiny", "--dialogues", tmp_path / "d.jsonl", "--stories", f"{SAMPLE}/stories.jsonl", "--out"]
+    rc, _, err = run_script("research/study/tune.py", "--arm", "grpo", "--set", "grpo_kl_coef=0.1", "--eval_freq", "1",
+                            *data, tmp_path / "o")
     assert rc == 2 and err.strip().startswith("error: ") and "grpo_kl_coef" in err, err
     assert not (tmp_path / "o" / "models").exists()
+    # the tiny scale evaluates nothing in the loop: nothing to score on dev
+    rc, _, err = run_script("research/study/tune.py", "--arm", "grpo", *data, tmp_path / "o2")
+    assert rc == 2 and "eval_freq 0" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o2" / "models").exists()
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def prepare(args):
     out = os.path.abspath(args.out)
     settings = {"sizes": sizes, "dialogues_sha256": split.sha256_of(dialogues), "split_seed": args.split_seed,
                 "fractions": list(args.fractions), "stories_sha256": split.sha256_of(stories)}
-    if not getattr(args, "dry_run", False):
+    if not args.dry_run:
         check_same_settings(out, settings)
     manifest = split.write_split(dialogues, os.path.join(out, "split"), args.split_seed, tuple(args.fractions))
     print(split.describe(manifest), flush=True)

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 
 from research.study import plan as study_plan  # noqa: E402
 from research.study import report, run  # noqa: E402
+from research.study.reader_selection import dev_evaluations  # noqa: E402
 from src.cli import options  # noqa: E402
 from src.infra import exits  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
@@ -68,15 +69,8 @@ def run_name(arm, pairs):
 
 
 def dev_curve(run_dir):
-    """[{step, metric: value}] of the run's in-loop dev evaluations (metrics.jsonl), in step order."""
-    curve = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            evals = {k.split("/")[-1]: v for k, v in rec.items() if k.startswith("eval/") and k.count("/") == 2}
-            if evals:
-                curve.append({"step": rec["step"], **{k: evals[k] for k in COLUMNS if k in evals}})
-    return curve
+    """[{step, metric: value}] of the run's in-loop dev evaluations, in step order (the columns only)."""
+    return [{"step": step, **{k: m[k] for k in COLUMNS if k in m}} for step, m in dev_evaluations(run_dir)]
 
 
 def record(record_dir, entry):
@@ -100,7 +94,7 @@ def render(runs):
              "Curves: `tuning.json`.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in runs:
-        last = r["curve"][-1] if r["curve"] else {}
+        last = r["curve"][-1]
         cells = [f"`{r['name']}`", str(r["seed"]), str(last.get("step", "–"))]
         cells += [f"{last[k]:.2f}" if isinstance(last.get(k), (int, float)) else "–" for k in COLUMNS]
         cells.append(f"{r['wall_s'] / 60:.1f}")
@@ -114,6 +108,9 @@ def main(argv=None):
     args, study = parse_args(argv)
     extra = set_flags(args.set)
     out, sizes, _, paths = run.prepare(study)
+    if not sizes["eval_freq"]:
+        raise UsageError(f"--scale {study.scale}: the arms run no in-loop evaluation (eval_freq 0), so there is "
+                         "nothing to score on dev — pass --eval_freq N")
     commands = os.path.join(out, "commands.sh")
     # the study's own steps up to this seed's stage 1: the same folders, so run.py reuses them
     steps = study_plan.plan([study_plan.CONTROL], [args.seed], paths, sizes, out, run.index_saved(paths))
@@ -137,7 +134,7 @@ def main(argv=None):
              "curve": curve, "command": shlex.join(["python", "research/study/tune.py", *[report.relative(a) for a in argv]])}
     if args.record:
         record(args.record, entry)
-    print(json.dumps({"name": name, "dev": curve[-1] if curve else None}))
+    print(json.dumps({"name": name, "dev": curve[-1]}))
     return 0
 
 
