@@ -14,7 +14,7 @@ def fake_run(root):
     (root / "summary.json").write_text(json.dumps({"elapsed_s": 600.0}))
     evals = [{"step": s, "eval/dev/eval_loss": loss, "eval/dev/ppl": 2.718 ** loss, "eval/dev/f1": 5.0,
               "eval/dev/rougeL": 6.0, "eval/dev/dist1": 1.0, "eval/dev/dist2": 2.0, "eval/dev/repeat3": 0.0,
-              "eval/dev/generic": 90.0} for s, loss in ((250, 4.5), (500, 4.2))]
+              "eval/dev/generic": 90.0} for s, loss in ((250, 4.7), (250, 4.5), (500, 4.2))]  # 250: resumed, logged twice
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 50, "loss/reader": 5}] + evals))
     for name, dist2 in (("greedy", 0.5), ("sample_p0.9", 12.0)):
         d = root / f"dev_{name}"
@@ -34,7 +34,7 @@ def test_record_writes_the_note_the_table_and_the_targets(tmp_path, monkeypatch)
     assert record.main([str(tmp_path / "run"), "--name", "a", "--command", "bash research/reader/run.sh a",
                         "--train", "train.jsonl", "--decodings", "greedy", "sample_p0.9"]) == 0
     note = open(tmp_path / "out" / "a.md").read()
-    assert "best dev loss at step 500" in note and "| 250 | 4.500 |" in note
+    assert "best dev loss at step 500" in note and "| 250 | 4.500 |" in note and "| 250 | 4.700 |" not in note
     assert "| sample_p0.9 | 60.0 | 14.00 | 15.00 | 5.00 | 12.00 | 0.0 | 5.0 | 5 of 5 |" in note
     assert "| greedy | 60.0 | 14.00 | 15.00 | 5.00 | 0.50 | 0.0 | 50.0 | 3 of 5 |" in note
     assert note.count("reply: reply") == 10 and "Q: hi 0 ?" in note  # five replies per decoding

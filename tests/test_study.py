@@ -281,6 +281,65 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()
 
 
+# ---- finished steps: reused only when they are the same run --------------------------------------
+
+def test_fingerprint_is_the_command_and_the_recipes_content(tmp_path):
+    from research.study import run as study_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1.0e-4\n")
+    argv = ["train.py", "--config", str(recipe), "--lr=3e-5", f"--checkpoint_dir={tmp_path}/a",
+            f"--load_index_path={tmp_path}/i"]
+    fp = study_run.fingerprint(argv)
+    # where it writes and whether the index is built or loaded do not make another run
+    same = [a.replace("/a", "/b").replace("--load_index", "--save_index") for a in argv]
+    assert study_run.fingerprint(same) == fp and "--lr=3e-5" in fp["argv"] and len(fp["recipes"]) == 1
+    assert study_run.fingerprint(argv[:3] + ["--lr=1e-4"] + argv[4:]) != fp
+    recipe.write_text("lr: 3.0e-5\n")  # the recipe edited: another run, though the command reads the same
+    assert study_run.fingerprint(argv) != fp
+
+
+def test_a_finished_step_is_skipped_only_when_it_is_the_same_run(tmp_path):
+    from research.study import run as study_run
+
+    recipe, folder, commands = tmp_path / "r.yaml", tmp_path / "step", tmp_path / "commands.sh"
+    recipe.write_text("lr: 1.0e-4\n")
+    argv = ["-c", "import sys; open(sys.argv[1], 'w').write('ran')", str(tmp_path / "ran.txt"), "--config", str(recipe)]
+    study_run.run_step("one", str(folder), argv, str(commands))
+    assert (tmp_path / "ran.txt").read_text() == "ran"
+    (tmp_path / "ran.txt").unlink()
+    assert study_run.run_step("one", str(folder), argv, str(commands))["fingerprint"] == study_run.fingerprint(argv)
+    assert not (tmp_path / "ran.txt").exists()  # skipped
+    recipe.write_text("lr: 3.0e-5\n")
+    with pytest.raises(UsageError, match=r"r\.yaml was edited since\) — delete the folder"):
+        study_run.run_step("one", str(folder), argv, str(commands))
+    recipe.write_text("lr: 1.0e-4\n")
+    with pytest.raises(UsageError, match=r"\(now with --lr=3e-5\)"):
+        study_run.run_step("one", str(folder), argv + ["--lr=3e-5"], str(commands))
+    # a step finished before fingerprints were recorded is trusted as it was
+    (folder / study_run.DONE).write_text(json.dumps({"label": "one", "wall_s": 1.0}))
+    assert study_run.run_step("one", str(folder), argv + ["--lr=3e-5"], str(commands))["wall_s"] == 1.0
+
+
+def test_an_arm_that_ran_while_tuning_is_linked_not_trained_again(tmp_path):
+    from research.study import run as study_run
+
+    tuning = tmp_path / "tuning" / "seed0"
+    argv = ["train.py", "--config", "configs/grpo.yaml", "--seed=0", f"--checkpoint_dir={tuning}/grpo,lr=3e-5", "--lr=3e-5"]
+    (tuning / "grpo,lr=3e-5").mkdir(parents=True)
+    (tuning / "grpo,lr=3e-5" / study_run.DONE).write_text(json.dumps({"wall_s": 5.0, "fingerprint": study_run.fingerprint(argv)}))
+    (tuning / "grpo").mkdir()
+    (tuning / "grpo" / study_run.DONE).write_text(json.dumps({"wall_s": 5.0, "fingerprint": study_run.fingerprint(argv[:-1])}))
+    arm = tmp_path / "seed0" / "grpo"
+    study_argv = argv[:4] + [f"--checkpoint_dir={arm}", "--lr=3e-5"]
+    assert study_run.link_tuned_twin(str(arm), study_argv[:-1] + ["--lr=1e-5"], str(tuning)) is None  # no such run
+    assert not os.path.lexists(arm)
+    assert study_run.link_tuned_twin(str(arm), study_argv, str(tuning)) == str(tuning / "grpo,lr=3e-5")
+    assert arm.is_symlink() and os.readlink(arm) == os.path.join("..", "tuning", "seed0", "grpo,lr=3e-5")
+    assert study_run.run_step("grpo", str(arm), study_argv, str(tmp_path / "c.sh"))["wall_s"] == 5.0
+    assert study_run.link_tuned_twin(str(arm), study_argv, str(tuning)) is None  # already there: left alone
+
+
 # ---- tuning on dev -------------------------------------------------------------------------------
 
 def test_tune_set_flags_and_run_names():
@@ -346,6 +405,10 @@ def test_tune_runs_an_arm_on_dev_from_the_study_stage1_which_the_study_reuses(tm
     assert saved["lr"] == 3e-5 and saved["grpo_kl_coeff"] == 0.1 and saved["use_grpo"]
     runs = json.load(open(tmp_path / "rec" / "tuning.json"))
     assert [r["name"] for r in runs] == [result["name"]] and [p["step"] for p in runs[0]["curve"]] == [1, 2]
-    # the study's own stage 1 was run there, so the study skips it
+    # the control as the study runs it, tried on dev too
+    rc, out, err = run_script("research/study/tune.py", "--arm", "control", *data, timeout=900)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    # the study's own stage 1 was run there, so the study skips it; its control is that run, linked
     rc, out, err = run_script("research/study/run.py", *data, "--seeds", "0", "--arms", "control", timeout=900)
     assert rc == 0 and "seed 0 stage 1: done before" in out, out[-3000:] + err[-3000:]
+    assert "seed 0 control: the same run finished on dev in" in out and (tmp_path / "study" / "seed0" / "control").is_symlink()

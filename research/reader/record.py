@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from research.study.reader_selection import dev_evaluations  # noqa: E402
 from src.data.prompts import last_utterance  # noqa: E402
 
 DECODINGS = {
@@ -48,12 +49,10 @@ def meets(metrics):
 
 
 def dev_curve(run_dir):
-    rows = []
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        r = json.loads(line)
-        if "eval/dev/eval_loss" in r:
-            rows.append({"step": r["step"], **{k: r.get(f"eval/dev/{k}") for k in ("eval_loss",) + KEYS}})
-    return rows
+    """[{step, eval_loss, KEYS...}] of the run's in-loop dev evaluations, in step order (a step that a
+    resumed run logged twice: its last row)."""
+    return [{"step": step, **{k: m.get(k) for k in ("eval_loss",) + KEYS}}
+            for step, m in dev_evaluations(run_dir) if "eval_loss" in m]
 
 
 def decoding_result(run_dir, name):

@@ -20,8 +20,10 @@
    retrieved − random); ``OUT/figures/``. No machine paths in either file.
 
 Each step runs train.py / evaluate.py / scripts as a subprocess, logs to its folder, and is
-skipped when re-run after it finished (delete the folder to redo it); every command is appended
-to ``OUT/commands.sh``. **One seed at a time**: ``--seeds 0`` today, ``--seeds 0 1`` tomorrow (seed
+skipped when re-run after it finished with the same command and recipes (another command, or a
+recipe edited since, is refused: delete the folder to redo it); an arm whose exact run finished
+while settings were tried on dev (research/study/tune.py) is linked, not trained again. Every
+command is appended to ``OUT/commands.sh``. **One seed at a time**: ``--seeds 0`` today, ``--seeds 0 1`` tomorrow (seed
 0's steps are reused): the report is rewritten for the seeds complete so far after each seed, and
 says how many of those requested it holds; with ``--publish DIR`` each evaluation's metrics go to
 ``DIR/evaluations/seedS/ARM-MODE.metrics.json`` as it finishes and the report after each seed, so a
@@ -59,12 +61,45 @@ class StepFailed(Exception):
     pass
 
 
+# Flags that name where a run writes, or whether the shared index is built or loaded: the same run
+# either way (the first stage 1 saves the index that every later run loads).
+_NOT_THE_RUN = ("--checkpoint_dir=", "--save_index_path=", "--load_index_path=")
+
+
+def fingerprint(argv):
+    """What makes a run this run: its command (less where it writes) and the content of every recipe
+    it reads (``--config FILE``), so that an edited recipe is not mistaken for the one that ran."""
+    args = [report.relative(a) for a in argv if not a.startswith(_NOT_THE_RUN)]
+    recipes = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config":
+            path = value if os.path.isabs(value) else os.path.join(ROOT, value)
+            recipes[report.relative(value)] = split.sha256_of(path)
+    return {"argv": args, "recipes": recipes}
+
+
+def _difference(old, new):
+    """The first thing that differs between two fingerprints, in words."""
+    for name in sorted(set(old["recipes"]) | set(new["recipes"])):
+        if old["recipes"].get(name) != new["recipes"].get(name):
+            return f"{name} was edited since"
+    gone = [a for a in old["argv"] if a not in new["argv"]]
+    added = [a for a in new["argv"] if a not in old["argv"]]
+    if gone:
+        return f"it ran with {gone[0]}, now {added[0] if added else 'without'}"
+    return f"now with {added[0]}" if added else "its flags were in another order"
+
+
 def run_step(label, folder, argv, commands_file):
-    """Run one script in a subprocess; skipped when its folder holds study_done.json."""
+    """Run one script in a subprocess; skipped when its folder holds study_done.json from the same
+    command and recipes (refused when it holds another run's: delete the folder to redo it)."""
     done = os.path.join(folder, DONE)
     if os.path.exists(done):
         with open(done) as f:
             info = json.load(f)
+        if "fingerprint" in info and info["fingerprint"] != fingerprint(argv):
+            raise UsageError(f"{label}: {report.relative(folder)} finished with another run "
+                             f"({_difference(info['fingerprint'], fingerprint(argv))}) — delete the folder to run it again")
         print(f"== {label}: done before ({info['wall_s']:.0f} s), skipped", flush=True)
         return info
     os.makedirs(folder, exist_ok=True)
@@ -81,11 +116,28 @@ def run_step(label, folder, argv, commands_file):
     wall = time.time() - t0
     if p.returncode != 0:
         raise StepFailed(f"{label}: {argv[0]} exited {p.returncode} — see {log}")
-    info = {"label": label, "wall_s": wall}
+    info = {"label": label, "wall_s": wall, "fingerprint": fingerprint(argv)}
     with open(done, "w") as f:
         json.dump(info, f)
     print(f"   {wall:.0f} s", flush=True)
     return info
+
+
+def link_tuned_twin(folder, argv, tuning_dir):
+    """An arm whose exact run (the same command and recipes, from the same stage 1) already finished
+    while settings were tried on dev (research/study/tune.py: ``tuning_dir``) is not trained again:
+    ``folder`` becomes a link to it. Returns the twin's folder, or None."""
+    if os.path.lexists(folder) or not os.path.isdir(tuning_dir):
+        return None
+    mine = fingerprint(argv)
+    for done in sorted(glob.glob(os.path.join(tuning_dir, "*", DONE))):
+        with open(done) as f:
+            if json.load(f).get("fingerprint") == mine:
+                twin = os.path.dirname(done)
+                os.makedirs(os.path.dirname(folder), exist_ok=True)
+                os.symlink(os.path.relpath(twin, os.path.dirname(folder)), folder)
+                return twin
+    return None
 
 
 def build_models(out, sizes, vocab_from, commands_file):
@@ -197,6 +249,12 @@ def main(argv=None):
     try:
         build_models(out, sizes, [paths["train"], paths["stories"]], commands)
         for i, (kind, label, folder, cmd) in enumerate(steps):
+            seed_dir = os.path.dirname(folder)
+            if kind == "train" and os.path.basename(folder) != "stage1":
+                tuned = os.path.join(out, "tuning", os.path.basename(seed_dir))
+                twin = link_tuned_twin(folder, cmd, tuned)
+                if twin:
+                    print(f"== {label}: the same run finished on dev in {report.relative(twin)}: reused", flush=True)
             timings.append(run_step(label, folder, cmd, commands))
             if kind == "eval" and args.publish:
                 publish_evaluation(folder, os.path.abspath(args.publish), out)

@@ -9,9 +9,11 @@ It works in the study's folder (--out, default runs/study): the split, the model
 stage 1 are the study's steps, run here when not yet done and reused by research/study/run.py
 later (and the other way round). The arm trains with exactly the study's command for it plus
 ``--set``'s flags (``key=value`` -> ``--key=value``; steps, batch, data and models cannot be set)
-into ``OUT/tuning/seedS/ARM[,key=value...]``. Its dev curve goes to ``RECORD/tuning.json`` (one
-entry per run, replaced when the same run is recorded again) and the table ``RECORD/TUNING.md``
-is rewritten: per run the dev metrics at its last evaluation and the steps of its curve.
+into ``OUT/tuning/seedS/ARM[,key=value...]`` (a run the study would make, with its recipe as it
+stands plus the settings chosen, is reused by it: research/study/run.py links it). Its dev curve
+goes to ``RECORD/tuning.json`` (one entry per run, replaced when the same run is recorded again)
+and the table ``RECORD/TUNING.md`` is rewritten: per run the dev metrics at its last evaluation
+and the steps of its curve.
 """
 
 import argparse
