@@ -125,10 +125,13 @@ def test_plan_every_arm_from_the_best_stage1_with_the_same_steps_and_batch_and_t
     resumed = [cmd for _, label, _, cmd in study_plan.plan(["control"], [0], PATHS, sizes, "out", index_saved=True)
                if "stage 1" in label]
     assert _flag(resumed[0], "load_index_path") == "out/index" and _flag(resumed[0], "save_index_path") is None
-    # the recipe comes first, the shared sizes after it, an arm's own size override last
+    # the recipe comes first, the shared sizes after it, an arm's own size override and the settings
+    # chosen on dev last (where tune.py's --set adds them: the run tried on dev is the study's)
     joint = next(c for c in arms if _flag(c, "name") == "study_joint_grpo_seed0")
     assert joint[1:3] == ["--config", "configs/joint_grpo_evidence.yaml"]
-    assert joint[-1] == f"--grpo_retriever_pool_size={sizes['pool']}"
+    assert joint[-2:] == [f"--grpo_retriever_pool_size={sizes['pool']}", *study_plan.GRPO_CHOSEN]
+    grpo_arms = [c for c in arms if c[2].startswith(("configs/grpo", "configs/joint_grpo"))]
+    assert len(grpo_arms) == 2 * 3 and all(c[-1] == study_plan.GRPO_CHOSEN[-1] for c in grpo_arms)
     evals = [cmd for kind, label, _, cmd in steps if kind == "eval"]
     assert len(evals) == 2 * 3 * len(study_plan.ARMS)  # every arm with its story, a random one and none
     n_random, n_none = sum("--eval_stories=random" in c for c in evals), sum("--closed_book" in c for c in evals)
@@ -368,7 +371,7 @@ def test_tune_record_replaces_a_run_and_renders_its_last_evaluation(tmp_path):
     assert [r["name"] for r in runs] == ["control", "grpo,lr=3e-5"]
     md = (tmp_path / "TUNING.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| `grpo,lr=3e-5`"))
-    assert row == "| `grpo,lr=3e-5` | 0 | 60 | 12.50 | 12.35 | – | – | – | 40.00 | – | 1.5 |"
+    assert row == "| `grpo,lr=3e-5` | 0 | 60 | 12.50 | 12.35 | – | – | – | – | 40.00 | – | 1.5 |"
     assert "tune control" in md and json.load(open(tmp_path / "tuning.json"))[1]["curve"][-1]["f1"] == 12.5
 
 

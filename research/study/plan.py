@@ -24,6 +24,13 @@ STAGE1 = {"config": "configs/stage1_convai2.yaml",
 # How every reader answers: in-loop evaluations (stage 1 and the arms) and every evaluation on test.
 DECODING = "configs/decoding_convai2.yaml"
 
+# The generator's GRPO setting chosen on dev for every arm that trains the generator by GRPO (their
+# recipes' lr 1e-4 is the sample data's): of lr 1e-4, lr 3e-5 and KL 0.1, none collapsed and lr 3e-5
+# had the highest dev F1 (13.62 against 13.20 / 12.61; the control 10.28): results/study/tuning/TUNING.md.
+# Last in each arm's flags: research/study/tune.py's --set adds its settings there, so the run tried
+# on dev is the study's run (research/study/run.py links it).
+GRPO_CHOSEN = ("--lr=3e-5",)
+
 ARMS = {
     "control": {"config": "configs/control.yaml", "about": "stage 1 continued: reader SFT on posterior stories",
                 "flags": ["--posterior_fact_swap={fact_swap}"]},
@@ -34,13 +41,13 @@ ARMS = {
                         "about": "LAPDOG with the quickstart's retriever recipe: emdr_seq on the reader's evidence",
                         "flags": ["--posterior_fact_swap={fact_swap}", "--retriever_n_context={pool}"]},
     "grpo": {"config": "configs/grpo.yaml", "about": "generator GRPO, frozen retriever (top-1 story fused)",
-             "flags": []},
+             "flags": [*GRPO_CHOSEN]},
     "joint_grpo": {"config": "configs/joint_grpo_evidence.yaml",
                    "about": "joint GRPO, the quickstart's recipe: posterior estimator on the reader's evidence",
-                   "flags": ["--grpo_retriever_pool_size={pool}"]},
+                   "flags": ["--grpo_retriever_pool_size={pool}", *GRPO_CHOSEN]},
     "joint_grpo_reply": {"config": "configs/joint_grpo_reply.yaml",
                          "about": "joint GRPO, posterior estimator on the greedy reply's reward (reply signal)",
-                         "flags": ["--grpo_retriever_pool_size={pool}"]},
+                         "flags": ["--grpo_retriever_pool_size={pool}", *GRPO_CHOSEN]},
 }
 DEFAULT_ARMS = tuple(ARMS)
 CONTROL = "control"

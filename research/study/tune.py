@@ -33,8 +33,9 @@ from src.cli import options  # noqa: E402
 from src.infra import exits  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
 
-# The columns of TUNING.md: dev metrics of the in-loop evaluation (train.py's names).
-COLUMNS = ("f1", "rougeL", "dist2", "ppl", "reward", "generic", "repeat3")
+# The columns of TUNING.md: dev metrics of the in-loop evaluation (train.py's names); dist1 is the
+# study's collapse flag (below half the control's).
+COLUMNS = ("f1", "rougeL", "dist1", "dist2", "ppl", "reward", "generic", "repeat3")
 
 
 def parse_args(argv):
