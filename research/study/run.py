@@ -97,9 +97,10 @@ def run_step(label, folder, argv, commands_file):
     if os.path.exists(done):
         with open(done) as f:
             info = json.load(f)
-        if "fingerprint" in info and info["fingerprint"] != fingerprint(argv):
+        mine = fingerprint(argv)
+        if "fingerprint" in info and info["fingerprint"] != mine:
             raise UsageError(f"{label}: {report.relative(folder)} finished with another run "
-                             f"({_difference(info['fingerprint'], fingerprint(argv))}) — delete the folder to run it again")
+                             f"({_difference(info['fingerprint'], mine)}) — delete the folder to run it again")
         print(f"== {label}: done before ({info['wall_s']:.0f} s), skipped", flush=True)
         return info
     os.makedirs(folder, exist_ok=True)
@@ -249,10 +250,8 @@ def main(argv=None):
     try:
         build_models(out, sizes, [paths["train"], paths["stories"]], commands)
         for i, (kind, label, folder, cmd) in enumerate(steps):
-            seed_dir = os.path.dirname(folder)
-            if kind == "train" and os.path.basename(folder) != "stage1":
-                tuned = os.path.join(out, "tuning", os.path.basename(seed_dir))
-                twin = link_tuned_twin(folder, cmd, tuned)
+            if kind == "train":  # tune.py's runs sit in OUT/tuning/seedS/ beside the study's OUT/seedS/
+                twin = link_tuned_twin(folder, cmd, os.path.join(out, "tuning", os.path.basename(os.path.dirname(folder))))
                 if twin:
                     print(f"== {label}: the same run finished on dev in {report.relative(twin)}: reused", flush=True)
             timings.append(run_step(label, folder, cmd, commands))
