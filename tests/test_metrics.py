@@ -17,12 +17,14 @@ from src.evaluation.metrics import (
     distinct_n,
     format_metrics,
     generic_share,
+    has_phrase_loop,
     has_repeat,
     nltk_corpus_bleu,
     per_example_scores,
     rouge_score_f,
     squad_f1,
     squad_normalize,
+    squad_precision_recall,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,24 @@ def test_repetition_and_generic_share_by_hand():
     assert generic_share([]) == 0.0 and generic_share(["hi .", "hi . ", "ok"]) == pytest.approx(2 / 3)
     m = compute_metrics(["a a a b", "hi", "hi"], ["x", "y", "z"])
     assert m["repeat3"] == pytest.approx(100 / 3) and m["generic"] == pytest.approx(200 / 3)
+
+
+def test_phrase_loops_and_f1_halves_by_hand():
+    assert has_phrase_loop("i love hats . i love hats .") and has_phrase_loop("a a a a")
+    assert not has_phrase_loop("i do . i do") and not has_phrase_loop("a a a") and not has_phrase_loop("")
+    assert has_phrase_loop("x y x y", n=2) and not has_phrase_loop("x y z x", n=2)
+    # pred "the cat sat sat" -> "cat sat sat" (3 words), ref "a cat sat down here" -> "cat sat down here" (4):
+    # 2 in common ("sat" once: multiplicity), precision 2/3, recall 2/4, F1 = 2PR/(P+R) = 4/7
+    p, r = squad_precision_recall("the cat sat sat", "a cat sat down here")
+    assert (p, r) == (pytest.approx(2 / 3), pytest.approx(1 / 2))
+    assert squad_f1("the cat sat sat", "a cat sat down here") == pytest.approx(4 / 7)
+    assert squad_precision_recall("no overlap", "at all") == (0.0, 0.0) and squad_precision_recall("", "x") == (0.0, 0.0)
+    m = compute_metrics(["the cat sat sat", "i love hats . i love hats ."], ["a cat sat down here", "hats"])
+    # example 2: pred tokens "i love hats i love hats" (6) vs "hats" (1): 1 shared, P 1/6, R 1
+    assert m["precision"] == pytest.approx(100 * (2 / 3 + 1 / 6) / 2)
+    assert m["recall"] == pytest.approx(100 * (1 / 2 + 1) / 2)
+    assert m["loop3"] == pytest.approx(50.0) and m["repeat3"] == 0.0  # the loop repeat3 misses
+    assert compute_metrics([], [])["loop3"] == 0.0
 
 
 def test_verbatim_copies_by_hand():

@@ -3,6 +3,8 @@ the tiny study end to end through research/study/run.py."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, SAMPLE, run_script
@@ -178,7 +180,13 @@ def test_results_json_intervals_targets_and_collapse():
     rows[-1]["metrics"]["dist1"] = 1.0  # below half the control's 10: collapsed
     baselines = {"constant": {"metrics": {"f1": 16.0, "bleu": 2.0, "rougeL": 19.0, "dist1": 0.1, "dist2": 0.1},
                               "reply": "i do ."}}
-    res = study_report.results_json(rows, baselines, ["control", "joint_grpo", "grpo"], [0, 1], [{}] * 3)
+    test = [{"question": "persona: i like dogs. context:  Q: hi R: hey Q: do you ?", "answers": ["yes"]}] * 3
+    test[2] = {"question": "persona: i like dogs. context:  Q: hi R: do you ?", "answers": ["yes"]}  # the last turn, either side
+    res = study_report.results_json(rows, baselines, ["control", "joint_grpo", "grpo"], [0, 1], test)
+    # 5 samples spread over 3 examples: each once; every arm's retrieved-story reply, the first seed
+    assert [ex["index"] for ex in res["samples"]] == [0, 1, 2] and res["samples"][1] == {
+        "index": 1, "seed": 0, "persona": "i like dogs.", "said": "do you ?", "human": "yes",
+        "replies": {"control": "hi", "joint_grpo": "hi", "grpo": "hi"}} and res["samples"][2]["said"] == "do you ?"
     assert res["baselines"]["constant"] == {"f1": 16.0, "bleu": 2.0, "rougeL": 19.0, "dist1": 0.1, "dist2": 0.1,
                                             "reply": "i do ."}
     joint = res["arms"]["joint_grpo"]
@@ -208,6 +216,9 @@ def test_results_json_intervals_targets_and_collapse():
     arms_table = md[md.index("## Arms (test split"):md.index("## Retrieval ablations")]
     assert "| joint_grpo_random_story |" not in arms_table  # the ablations have their own table
     assert "best constant reply (chosen on train by F1): \"i do .\"" in md and ROOT not in md
+    assert "- **#1** persona: i like dogs.\n  - they said: \"do you ?\"\n  - human: \"yes\"\n  - control: \"hi\"" in md
+    halves = md[md.index("### F1's two halves"):md.index("## Retrieval ablations")]
+    assert "| joint_grpo | 22.00 | 1.00 | 1.00 | 1.00 | 1.0 | 0.0 |" in halves and "random_story" not in halves
     assert study_report.relative(f"--x={ROOT}/runs/a") == "--x=runs/a" and study_report.relative("plain") == "plain"
 
 
@@ -282,6 +293,20 @@ def test_tiny_study_end_to_end(tmp_path):
     assert rc == 0 and "1 of 2 seeds complete" in stdout, stdout[-2000:] + err[-2000:]
     assert json.load(open(out / "results.json"))["seeds_complete"] == [0]
     assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()
+    assert "--report_only" not in (out / "RESULTS.md").read_text()  # the command shown is the run's
+    # the length-matched control: the control at minimum lengths on dev, then the chosen one on test
+    env = dict(os.environ, PYTHON=sys.executable, STUDY=str(out), STORIES=str(tmp_path / "s.jsonl"),
+               PUB=str(tmp_path / "lc"), ARM="joint_grpo", MIN_LENGTHS="0 6")
+    for stage in (["dev"], ["test", "6"]):
+        p = subprocess.run(["bash", "research/study/length_check.sh", *stage], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "lc").iterdir()) == [
+        "control-min0-dev.metrics.json", "control-min6-dev.metrics.json", "control-min6-test.metrics.json",
+        "joint_grpo-dev.metrics.json"]
+    short, forced = (json.load(open(tmp_path / "lc" / f"control-min{n}-dev.metrics.json"))["metrics"] for n in (0, 6))
+    assert forced["length_ratio"] >= short["length_ratio"] and "| control-min6-test |" in p.stdout
+    assert ROOT not in (tmp_path / "lc" / "control-min6-test.metrics.json").read_text()
 
 
 # ---- finished steps: reused only when they are the same run --------------------------------------
@@ -322,6 +347,31 @@ def test_a_finished_step_is_skipped_only_when_it_is_the_same_run(tmp_path):
     # a step finished before fingerprints were recorded is trusted as it was
     (folder / study_run.DONE).write_text(json.dumps({"label": "one", "wall_s": 1.0}))
     assert study_run.run_step("one", str(folder), argv + ["--lr=3e-5"], str(commands))["wall_s"] == 1.0
+
+
+def test_a_step_resumed_over_chunks_counts_every_chunk(tmp_path):
+    from research.study import run as study_run
+
+    folder, commands = tmp_path / "stage1", tmp_path / "commands.sh"
+    # the invocation that finishes a resumed training takes 0.x s; train.py's summary counts 3992 s in all
+    argv = ["-c", "import json, sys; json.dump({'elapsed_s': 3992.0}, open(sys.argv[1], 'w'))", str(folder / "summary.json")]
+    assert study_run.run_step("stage 1", str(folder), argv, str(commands))["wall_s"] == 3992.0
+    assert json.loads((folder / study_run.DONE).read_text())["wall_s"] == 3992.0
+    # a step recorded before this was counted: corrected when it is skipped
+    (folder / study_run.DONE).write_text(json.dumps({"label": "stage 1", "wall_s": 292.9}))
+    assert study_run.run_step("stage 1", str(folder), argv, str(commands))["wall_s"] == 3992.0
+    (folder / "summary.json").unlink()  # an evaluation: no summary, its own time
+    assert study_run.run_step("stage 1", str(folder), argv, str(commands))["wall_s"] == 292.9
+    assert study_run.step_wall(str(tmp_path / "nowhere"), 7.5) == 7.5
+    # the report's wall time: the shared steps and the reported seeds' finished steps, each counted in full
+    steps = [("train", "pretraining", str(tmp_path / "pre"), []), ("train", "seed 0 stage 1", str(folder), []),
+             ("eval", "seed 1 eval control (retrieval)", str(tmp_path / "e1"), []),
+             ("eval", "seed 0 eval control (retrieval)", str(tmp_path / "unfinished"), [])]
+    for name, wall in (("pre", 10.0), ("e1", 100.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / study_run.DONE).write_text(json.dumps({"wall_s": wall}))
+    assert study_run.recorded_wall(steps, [0]) == pytest.approx(10.0 + 292.9)
+    assert study_run.recorded_wall(steps, [0, 1]) == pytest.approx(10.0 + 292.9 + 100.0)
 
 
 def test_an_arm_that_ran_while_tuning_is_linked_not_trained_again(tmp_path):
@@ -415,3 +465,19 @@ def test_tune_runs_an_arm_on_dev_from_the_study_stage1_which_the_study_reuses(tm
     rc, out, err = run_script("research/study/run.py", *data, "--seeds", "0", "--arms", "control", timeout=900)
     assert rc == 0 and "seed 0 stage 1: done before" in out, out[-3000:] + err[-3000:]
     assert "seed 0 control: the same run finished on dev in" in out and (tmp_path / "study" / "seed0" / "control").is_symlink()
+
+
+def test_publish_copies_the_report_and_drops_figures_it_did_not_draw(tmp_path):
+    from research.study import report
+
+    out, dest = tmp_path / "out", tmp_path / "published"
+    (out / "figures").mkdir(parents=True)
+    (dest / "figures").mkdir(parents=True)
+    for name in ("RESULTS.md", "results.json"):
+        (out / name).write_text(name)
+    (out / "figures" / "bars.png").write_bytes(b"new")
+    (dest / "figures" / "bars.png").write_bytes(b"old")
+    (dest / "figures" / "curves_seed2.png").write_bytes(b"an earlier study's")
+    report.publish(str(out), str(dest), {"bars": str(out / "figures" / "bars.png")})
+    assert sorted(p.name for p in (dest / "figures").iterdir()) == ["bars.png"]
+    assert (dest / "figures" / "bars.png").read_bytes() == b"new" and (dest / "RESULTS.md").read_text() == "RESULTS.md"

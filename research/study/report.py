@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ CONTROL = ("control", "retrieval")
 # that talks (distinct bigrams, no "a a a").
 TARGETS = {"f1": (">=", 13.9), "rougeL": (">=", 14.2), "dist2": (">=", 10.0), "repeat3": ("<", 2.0)}
 SUMMARY_KEYS = ("f1", "bleu", "rougeL", "dist1", "dist2", "ppl", "reward", "repeat3", "generic", "length_ratio",
-                "copy_persona", "copy_story")
+                "copy_persona", "copy_story", "precision", "recall", "loop3")
 CI_KEYS = ("f1", "rougeL", "reward")
 BASELINE_NAMES = {"constant": "best constant reply (chosen on train by F1)",
                   "nearest_neighbour": "nearest-neighbour reply (TF-IDF on the last utterance, from train)",
@@ -171,7 +172,9 @@ def results_json(rows, baselines, arms, seeds, test):
     for r in rows:
         by.setdefault((r["arm"], r["eval"]), {})[r["seed"]] = r
     control = by[CONTROL]
-    out = {"baselines": {name: {k: _num(b["metrics"][k], 3) for k in ("f1", "bleu", "rougeL", "dist1", "dist2")}
+    out = {"baselines": {name: {k: _num(b["metrics"][k], 3) for k in ("f1", "bleu", "rougeL", "dist1", "dist2",
+                                                                        "precision", "recall", "length_ratio", "loop3")
+                                if k in b["metrics"]}
                          | ({"reply": b["reply"]} if "reply" in b else {}) for name, b in baselines.items()},
            "n_test": len(test), "arms": {}}
     for (arm, mode), per_seed in by.items():
@@ -199,8 +202,29 @@ def results_json(rows, baselines, arms, seeds, test):
                 entry["ci_vs_control"][k] = [_num(low), _num(high)]
         out["arms"][key] = entry
     out["ablations"] = ablations(by)
+    out["samples"] = sample_replies(rows, test)
     out["control_targets"] = target_check(out["arms"]["control"]["mean"])
     return out
+
+
+def sample_replies(rows, test, k=5):
+    """``k`` test examples spread evenly over the split (the same ones for every arm): the persona,
+    the last thing said, the human reply and every arm's reply with its retrieved story, from the
+    first reported seed. What the tables' numbers sound like."""
+    retrieval = [r for r in rows if r["eval"] == "retrieval"]
+    if not retrieval or not test:
+        return []
+    seed = min(r["seed"] for r in retrieval)
+    replies = {r["arm"]: r["generations"] for r in retrieval if r["seed"] == seed}
+    n = min(len(test), *(len(g) for g in replies.values()))
+    samples = []
+    for i in sorted({j * n // k for j in range(k)}):
+        question = test[i].get("question", "")
+        persona, _, context = question.partition(" context:")
+        samples.append({"index": i, "seed": seed, "persona": persona.removeprefix("persona:").strip(),
+                        "said": re.split(r"\s[QR]: ", " " + context)[-1].strip(), "human": (test[i].get("answers") or [""])[0],
+                        "replies": {arm: gens[i] for arm, gens in replies.items()}})
+    return samples
 
 
 def ablations(by):
@@ -385,6 +409,26 @@ def _ablation_table(abl):
     return lines
 
 
+def _halves_table(results):
+    """F1's precision and recall, the reply length and the phrase loops of every arm (and of the
+    human references): whether an arm's F1 moved by better words or by more of them."""
+    lines = ["", "### F1's two halves (test split, mean over seeds)", "",
+             "`precision` / `recall`: F1's halves (words in common over the reply's / the reference's); "
+             "`length`: reply words / reference words; `loop3`: share of replies in which a run of three words "
+             "comes twice (\"i love hats . i love hats\"), which `repeat3` misses.", "",
+             "| arm | F1 | precision | recall | length | loop3 % | repeat3 % |", "|---|" + "---:|" * 6]
+    human = results["baselines"].get("human", {})
+    if human.get("loop3") is not None:
+        lines.append(f"| human references | 100.00 | 100.00 | 100.00 | 1.00 | {_f(human['loop3'], 1)} | – |")
+    for arm, e in results["arms"].items():
+        if e["eval"] != "retrieval":
+            continue
+        mean = e["mean"]
+        lines.append(f"| {arm} | {_f(mean.get('f1'))} | {_f(mean.get('precision'))} | {_f(mean.get('recall'))} | "
+                     f"{_f(mean.get('length_ratio'))} | {_f(mean.get('loop3'), 1)} | {_f(mean.get('repeat3'), 1)} |")
+    return lines
+
+
 def render(results, rows, ctx):
     """RESULTS.md."""
     sizes, m = ctx["sizes"], ctx["machine"]
@@ -449,6 +493,7 @@ def render(results, rows, ctx):
             lines.append(f"| &nbsp;&nbsp;↳ seed {s} ⚠ collapsed: {why} | " + " | ".join(
                 _f(e["per_seed"][s].get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
                 for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | | |")
+    lines += _halves_table(results)
     lines += _ablation_table(results.get("ablations", {}))
     t = results["control_targets"]
     lines += ["", "**The control against its targets** (mean over seeds): " + "; ".join(
@@ -457,6 +502,13 @@ def render(results, rows, ctx):
     for arm, e in results["arms"].items():
         parts = [f"seed {s}: \"{r['reply']}\" ({r['share']:.1f}%)" for s, r in e["most_frequent_reply"].items() if r]
         lines.append(f"- {arm}: " + "; ".join(parts))
+    if results.get("samples"):
+        seed = results["samples"][0]["seed"]
+        lines += ["", f"## Sample replies (test, seed {seed}, examples spread evenly over the split)", ""]
+        for ex in results["samples"]:
+            lines += [f"- **#{ex['index']}** persona: {ex['persona']}", f"  - they said: \"{ex['said']}\"",
+                      f"  - human: \"{ex['human']}\""]
+            lines += [f"  - {arm}: \"{reply}\"" for arm, reply in ex["replies"].items()]
     lines += ["", "## Test split, standard implementations", "",
               "rouge-score 0.1.2 F (RS), nltk corpus BLEU (whitespace tokens, smoothing method1); mean ± std.", "",
               "| arm | RS R-1 | RS R-2 | RS R-L | RS R-L stem | nltk B-1 | nltk B-2 | nltk B-4 |",
@@ -513,7 +565,13 @@ def machine():
 
 
 def publish(out, dest, figures):
+    """RESULTS.md, results.json and the figures copied to ``dest``; a figure there that this report
+    did not draw (an earlier study's seed, say) is removed, so RESULTS.md and figures/ agree."""
     os.makedirs(os.path.join(dest, "figures"), exist_ok=True)
+    drawn = {os.path.basename(path) for path in figures.values()}
+    for stale in glob.glob(os.path.join(dest, "figures", "*.png")):
+        if os.path.basename(stale) not in drawn:
+            os.remove(stale)
     for name in ("RESULTS.md", "results.json"):
         shutil.copy(os.path.join(out, name), os.path.join(dest, name))
     for path in figures.values():

@@ -101,6 +101,7 @@ def run_step(label, folder, argv, commands_file):
         if "fingerprint" in info and info["fingerprint"] != mine:
             raise UsageError(f"{label}: {report.relative(folder)} finished with another run "
                              f"({_difference(info['fingerprint'], mine)}) — delete the folder to run it again")
+        info = dict(info, wall_s=step_wall(folder, info["wall_s"]))
         print(f"== {label}: done before ({info['wall_s']:.0f} s), skipped", flush=True)
         return info
     os.makedirs(folder, exist_ok=True)
@@ -117,11 +118,22 @@ def run_step(label, folder, argv, commands_file):
     wall = time.time() - t0
     if p.returncode != 0:
         raise StepFailed(f"{label}: {argv[0]} exited {p.returncode} — see {log}")
-    info = {"label": label, "wall_s": wall, "fingerprint": fingerprint(argv)}
+    info = {"label": label, "wall_s": step_wall(folder, wall), "fingerprint": fingerprint(argv)}
     with open(done, "w") as f:
         json.dump(info, f)
     print(f"   {wall:.0f} s", flush=True)
     return info
+
+
+def step_wall(folder, wall_s):
+    """A step's seconds: a training stopped by one chunk's timeout and resumed by the next counts
+    every chunk (train.py's summary.json adds its elapsed_s up over resumes), not only the
+    invocation that finished it (``wall_s``)."""
+    summary = os.path.join(folder, "summary.json")
+    if not os.path.isfile(summary):
+        return wall_s
+    with open(summary) as f:
+        return max(wall_s, float(json.load(f).get("elapsed_s") or 0.0))
 
 
 def link_tuned_twin(folder, argv, tuning_dir):
@@ -273,6 +285,18 @@ def complete_seeds(steps, seeds):
                                     for _, label, folder, _ in steps if label.startswith(f"seed {s} "))]
 
 
+def recorded_wall(steps, seeds):
+    """Seconds of every finished step that the report of ``seeds`` rests on (the shared steps and
+    those seeds'), from their study_done.json: the same in a --report_only run as in the run itself."""
+    total = 0.0
+    for _, label, folder, _ in steps:
+        done = os.path.join(folder, DONE)
+        if os.path.exists(done) and (not label.startswith("seed ") or any(label.startswith(f"seed {s} ") for s in seeds)):
+            with open(done) as f:
+                total += step_wall(folder, json.load(f)["wall_s"])
+    return total
+
+
 def publish_evaluation(folder, dest, out):
     """One finished evaluation's metrics, copied to DEST/evaluations/seedS/ARM-MODE.metrics.json at
     once, so that a study run one seed (or one arm) at a time can be committed as it goes."""
@@ -298,8 +322,9 @@ def write_report(c):
     wall = time.time() - c["t_start"]
     ctx = {"sizes": c["sizes"], "scale": args.scale, "split": split.describe(c["manifest"]), "manifest": c["manifest"],
            "seeds": seeds, "seeds_requested": args.seeds, "arms": args.arms, "machine": report.machine(),
-           "wall_s": wall, "steps_s": sum(t["wall_s"] for t in c["timings"]), "timings": c["timings"],
-           "command": shlex.join(["python", "research/study/run.py", *[report.relative(a) for a in c["argv"]]]),
+           "wall_s": wall, "steps_s": recorded_wall(c["steps"], seeds), "timings": c["timings"],
+           "command": shlex.join(["python", "research/study/run.py",  # the run's command, also when --report_only wrote it
+                                   *[report.relative(a) for a in c["argv"] if a != "--report_only"]]),
            "out": out, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "paths": c["paths"]}
     results.update({"sizes": c["sizes"], "split": report.relative_manifest(c["manifest"]), "machine": ctx["machine"],

@@ -13,6 +13,10 @@ can never disagree. Definitions (lapdog-behaviour.md, "Evaluation and metrics"):
 - ``length_ratio``: total hypothesis words / total reference words (a plain ratio, not x100);
 - ``repeat3``: the share of predictions in which one word comes three times in a row ("a a a"),
   x100: the degenerate repetition of an untrained reader;
+- ``loop3``: the share of predictions in which a run of three words comes twice ("i love hats .
+  i love hats"), x100: the phrase loop that ``repeat3`` misses;
+- ``precision`` / ``recall``: the two halves of ``f1`` (SQuAD-normalized tokens in common over the
+  prediction's / the reference's), x100, averaged: whether F1 moved by better words or more words;
 - ``generic``: the share of predictions equal to the most frequent prediction, x100 (a constant
   reply scores 100): a reader collapsed to one reply.
 - ``copy_persona`` / ``copy_story`` (``copy_shares``, where the sources are known: evaluation):
@@ -62,15 +66,22 @@ def squad_normalize(s: str) -> str:
     return " ".join(s.split())
 
 
-def squad_f1(pred: str, ref: str) -> float:
-    """Token F1 (0-1) between SQuAD-normalized pred and ref; 0 when nothing overlaps."""
+def squad_precision_recall(pred: str, ref: str) -> tuple[float, float]:
+    """The token precision and recall (0-1) behind ``squad_f1``: the words pred and ref share (with
+    multiplicity) over pred's / ref's words; (0, 0) when nothing overlaps."""
     pred_tokens = squad_normalize(pred).split()
     ref_tokens = squad_normalize(ref).split()
     same = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
     if same == 0:
+        return 0.0, 0.0
+    return same / len(pred_tokens), same / len(ref_tokens)
+
+
+def squad_f1(pred: str, ref: str) -> float:
+    """Token F1 (0-1) between SQuAD-normalized pred and ref; 0 when nothing overlaps."""
+    precision, recall = squad_precision_recall(pred, ref)
+    if precision == 0.0:
         return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(ref_tokens)
     return 2 * precision * recall / (precision + recall)
 
 
@@ -100,6 +111,14 @@ def has_repeat(text: str, times: int = 3) -> bool:
     """True when one whitespace token comes ``times`` times in a row in ``text`` ("i am a a a")."""
     tokens = text.split()
     return any(len(set(tokens[i:i + times])) == 1 for i in range(len(tokens) - times + 1))
+
+
+def has_phrase_loop(text: str, n: int = 3) -> bool:
+    """True when a run of ``n`` whitespace tokens comes twice in ``text`` ("i love hats . i love hats"):
+    the phrase loop that ``has_repeat`` (one word three times in a row) does not see."""
+    tokens = text.split()
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
 
 
 COPY_RUN = 8  # consecutive words in common that make a reply a verbatim copy of its source
@@ -169,7 +188,7 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     out = {"n": n, "rouge_errors": 0, "empty_predictions": 0}
     if n == 0:
         for key in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2",
-                    "exact_match", "length_ratio", "repeat3", "generic"):
+                    "exact_match", "length_ratio", "repeat3", "generic", "precision", "recall", "loop3"):
             out[key] = 0.0
         return out
 
@@ -190,6 +209,11 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     out["rougeL"] = 100.0 * rl / n
 
     out["f1"] = 100.0 * sum(squad_f1(p, r) for p, r in zip(preds, refs)) / n
+    # F1's two halves: a longer reply raises recall at a cost to precision, so F1 alone cannot say
+    # whether a method found better words or only more of them
+    pr = [squad_precision_recall(p, r) for p, r in zip(preds, refs)]
+    out["precision"] = 100.0 * sum(p for p, _ in pr) / n
+    out["recall"] = 100.0 * sum(r for _, r in pr) / n
     out["exact_match"] = 100.0 * sum(squad_exact_match(p, r) for p, r in zip(preds, refs)) / n
     out["dist1"] = 100.0 * distinct_n(preds, 1)
     out["dist2"] = 100.0 * distinct_n(preds, 2)
@@ -198,6 +222,7 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     ref_words = sum(len(r.split()) for r in refs)
     out["length_ratio"] = hyp_words / ref_words if ref_words else 0.0
     out["repeat3"] = 100.0 * sum(has_repeat(p) for p in preds) / n
+    out["loop3"] = 100.0 * sum(has_phrase_loop(p) for p in preds) / n
     out["generic"] = 100.0 * generic_share(preds)
     return out
 
