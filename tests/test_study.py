@@ -3,8 +3,6 @@ the tiny study end to end through research/study/run.py."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from helpers import ROOT, SAMPLE, run_script
@@ -294,18 +292,19 @@ def test_tiny_study_end_to_end(tmp_path):
     assert json.load(open(out / "results.json"))["seeds_complete"] == [0]
     assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()
     assert "--report_only" not in (out / "RESULTS.md").read_text()  # the command shown is the run's
-    # the length-matched control: the control at minimum lengths on dev, then the chosen one on test
-    env = dict(os.environ, PYTHON=sys.executable, STUDY=str(out), STORIES=str(tmp_path / "s.jsonl"),
-               PUB=str(tmp_path / "lc"), ARM="joint_grpo", MIN_LENGTHS="0 6")
-    for stage in (["dev"], ["test", "6"]):
-        p = subprocess.run(["bash", "research/study/length_check.sh", *stage], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    # the length-matched control: the study's own evaluation commands, the control at minimum lengths on dev,
+    # then the chosen one on test
+    for stage in (["dev", "--min_lengths", "0", "6"], ["test", "--min_length", "6"]):
+        rc, stdout, err = run_script("research/study/length_check.py", *stage, "--arm", "joint_grpo",
+                                     "--publish", tmp_path / "lc", *data, "--out", out, timeout=600)
+        assert rc == 0, stdout[-2000:] + err[-2000:]
     assert sorted(f.name for f in (tmp_path / "lc").iterdir()) == [
         "control-min0-dev.metrics.json", "control-min6-dev.metrics.json", "control-min6-test.metrics.json",
         "joint_grpo-dev.metrics.json"]
     short, forced = (json.load(open(tmp_path / "lc" / f"control-min{n}-dev.metrics.json"))["metrics"] for n in (0, 6))
-    assert forced["length_ratio"] >= short["length_ratio"] and "| control-min6-test |" in p.stdout
+    assert forced["length_ratio"] >= short["length_ratio"] and "| control-min6-test |" in stdout
+    commands = (out / "length_check" / "commands.sh").read_text()
+    assert "--generation_min_length=6" in commands and "seed0/control/checkpoint/latest" in commands
     assert ROOT not in (tmp_path / "lc" / "control-min6-test.metrics.json").read_text()
 
 

@@ -77,12 +77,13 @@ def squad_precision_recall(pred: str, ref: str) -> tuple[float, float]:
     return same / len(pred_tokens), same / len(ref_tokens)
 
 
+def _harmonic(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision else 0.0
+
+
 def squad_f1(pred: str, ref: str) -> float:
     """Token F1 (0-1) between SQuAD-normalized pred and ref; 0 when nothing overlaps."""
-    precision, recall = squad_precision_recall(pred, ref)
-    if precision == 0.0:
-        return 0.0
-    return 2 * precision * recall / (precision + recall)
+    return _harmonic(*squad_precision_recall(pred, ref))
 
 
 def squad_exact_match(pred: str, ref: str) -> float:
@@ -208,10 +209,10 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     out["rouge2"] = 100.0 * r2 / n
     out["rougeL"] = 100.0 * rl / n
 
-    out["f1"] = 100.0 * sum(squad_f1(p, r) for p, r in zip(preds, refs)) / n
-    # F1's two halves: a longer reply raises recall at a cost to precision, so F1 alone cannot say
-    # whether a method found better words or only more of them
+    # F1 and its two halves: a longer reply raises recall at a cost to precision, so F1 alone cannot
+    # say whether a method found better words or only more of them
     pr = [squad_precision_recall(p, r) for p, r in zip(preds, refs)]
+    out["f1"] = 100.0 * sum(_harmonic(p, r) for p, r in pr) / n
     out["precision"] = 100.0 * sum(p for p, _ in pr) / n
     out["recall"] = 100.0 * sum(r for _, r in pr) / n
     out["exact_match"] = 100.0 * sum(squad_exact_match(p, r) for p, r in zip(preds, refs)) / n

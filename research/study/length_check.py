@@ -1,0 +1,78 @@
+"""Is the GRPO arms' F1 gain length? Seed 0's control decoded to an arm's reply length.
+
+    python research/study/length_check.py dev [--arm grpo] [--min_lengths 0 8 12 16] [run.py's options]
+    python research/study/length_check.py test --min_length 16 [run.py's options]
+
+run.py's options (--data_dir, --scale, --out, --stories, ...) name the study; its own seed-0
+evaluation commands (research/study/plan.py) are run again with another split, folder and
+``--generation_min_length``. On dev: the arm, and the control at each minimum length; the length
+taken to test is the control's whose dev length ratio is closest to the arm's (results/study/LOG.md).
+Metrics in OUT/length_check/ and, relative, in --publish (default results/study/length_check); a table
+of every published one is printed. A finished evaluation is skipped on a re-run.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from research.study import plan as study_plan  # noqa: E402
+from research.study import report  # noqa: E402
+from research.study import run as study_run  # noqa: E402
+from src.infra import exits  # noqa: E402
+
+
+def with_min_length(cmd, data, folder, min_length):
+    """The study's evaluation command on ``data`` into ``folder`` with a minimum reply length."""
+    keep = [c for c in cmd if not c.startswith(("--eval_data=", "--checkpoint_dir="))]
+    return [*keep, f"--eval_data={data}", f"--checkpoint_dir={folder}", f"--generation_min_length={min_length}"]
+
+
+def table(published):
+    rows = ["| run | F1 | precision | recall | length | loop3 % | Dist-2 | ROUGE-L |", "|---|" + "---:|" * 7]
+    for path in sorted(glob.glob(os.path.join(published, "*.metrics.json"))):
+        with open(path) as f:
+            m = json.load(f)["metrics"]
+        rows.append(f"| {os.path.basename(path).removesuffix('.metrics.json')} | {m['f1']:.2f} | {m['precision']:.2f} | "
+                    f"{m['recall']:.2f} | {m['length_ratio']:.2f} | {m['loop3']:.1f} | {m['dist2']:.2f} | {m['rougeL']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("split", choices=("dev", "test"))
+    p.add_argument("--arm", default="grpo", help="the arm whose reply length the control is decoded to")
+    p.add_argument("--min_lengths", type=int, nargs="+", default=[0, 8, 12, 16], help="on dev")
+    p.add_argument("--min_length", type=int, help="on test: the one chosen on dev")
+    p.add_argument("--publish", default=os.path.join(ROOT, "results", "study", "length_check"))
+    args, study_argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.split == "test" and args.min_length is None:
+        p.error("test needs --min_length (the one chosen on dev)")
+    study = study_run.parse_args([*study_argv, "--seeds", "0", "--dry_run"])
+    out, sizes, _, paths = study_run.prepare(study)
+    steps = study_plan.plan(["control", args.arm], [0], paths, sizes, out, index_saved=True)
+    evals = {label: cmd for _, label, _, cmd in steps}
+    runs = [(args.arm, 0)] + [("control", n) for n in args.min_lengths] if args.split == "dev" else \
+        [("control", args.min_length)]
+    os.makedirs(args.publish, exist_ok=True)
+    for arm, n in runs:
+        name = f"{arm}-{args.split}" if arm == args.arm else f"control-min{n}-{args.split}"
+        folder = os.path.join(out, "length_check", name)
+        cmd = with_min_length(evals[f"seed 0 eval {arm} (retrieval)"], paths[args.split], folder, n)
+        study_run.run_step(name, folder, cmd, os.path.join(out, "length_check", "commands.sh"))
+        metrics = sorted(glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True))[-1]
+        target = os.path.join(args.publish, f"{name}.metrics.json")
+        shutil.copy(metrics, target)
+        report.make_relative(target)
+    print(table(args.publish))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exits.run(main))
