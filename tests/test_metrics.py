@@ -86,6 +86,14 @@ def test_per_example_scores_average_to_the_corpus_metrics():
     # "i like dogs" vs "i like cats": 2 of 3 tokens each way -> F1 2/3; empty prediction -> 0
     assert pe["f1"][0] == pytest.approx(200 / 3) and pe["f1"][2] == 0.0 and pe["rougeL"][2] == 0.0
     assert sum(pe["f1"]) / 4 == pytest.approx(m["f1"]) and sum(pe["rougeL"]) / 4 == pytest.approx(m["rougeL"])
+    assert pe["precision"][0] == pytest.approx(200 / 3) and pe["recall"][1] == pytest.approx(50.0)  # "there" of "hi there"
+    # scores the caller already has are used as they are (ROUGE is not scored twice) ...
+    assert compute_metrics(gens, refs, pe) == m
+    doctored = dict(pe, rougeL=[100.0] * 4)
+    assert compute_metrics(gens, refs, doctored)["rougeL"] == 100.0
+    # ... and must be of the same examples
+    with pytest.raises(ValueError, match="per-example scores of 3 examples for 4"):
+        compute_metrics(gens, refs, {k: v[:3] for k, v in pe.items()})
 
 
 def test_squad_f1_by_hand():

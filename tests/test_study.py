@@ -293,19 +293,26 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "1 of the 2 requested (0, 1) complete so far" in (out / "RESULTS.md").read_text()
     assert "--report_only" not in (out / "RESULTS.md").read_text()  # the command shown is the run's
     # the length-matched control: the study's own evaluation commands, the control at minimum lengths on dev,
-    # then the chosen one on test
-    for stage in (["dev", "--min_lengths", "0", "6"], ["test", "--min_length", "6"]):
+    # then the chosen one on test; per seed
+    for stage in (["dev", "--min_lengths", "0", "6"], ["test", "--min_length", "6"],
+                  ["test", "--min_length", "6", "--seed", "1"]):
         rc, stdout, err = run_script("research/study/length_check.py", *stage, "--arm", "joint_grpo",
                                      "--publish", tmp_path / "lc", *data, "--out", out, timeout=600)
         assert rc == 0, stdout[-2000:] + err[-2000:]
-    assert sorted(f.name for f in (tmp_path / "lc").iterdir()) == [
+    lc = tmp_path / "lc" / "seed0"
+    assert sorted(f.name for f in lc.iterdir()) == [
         "control-min0-dev.metrics.json", "control-min6-dev.metrics.json", "control-min6-test.metrics.json",
         "joint_grpo-dev.metrics.json"]
-    short, forced = (json.load(open(tmp_path / "lc" / f"control-min{n}-dev.metrics.json"))["metrics"] for n in (0, 6))
+    assert sorted(f.name for f in (tmp_path / "lc" / "seed1").iterdir()) == ["control-min6-test.metrics.json"]
+    short, forced = (json.load(open(lc / f"control-min{n}-dev.metrics.json"))["metrics"] for n in (0, 6))
     assert forced["length_ratio"] >= short["length_ratio"] and "| control-min6-test |" in stdout
     commands = (out / "length_check" / "commands.sh").read_text()
     assert "--generation_min_length=6" in commands and "seed0/control/checkpoint/latest" in commands
-    assert ROOT not in (tmp_path / "lc" / "control-min6-test.metrics.json").read_text()
+    assert "seed1/control/checkpoint/latest" in commands and "length_check/seed1/control-min6-test" in commands
+    assert ROOT not in (lc / "control-min6-test.metrics.json").read_text()
+    rc, _, err = run_script("research/study/length_check.py", "test", "--min_length", "6", "--seed", "2",
+                            "--publish", tmp_path / "lc", *data, "--out", out)
+    assert rc == 2 and "seed2's control arm is not trained yet" in err and "--seeds" in err
 
 
 # ---- finished steps: reused only when they are the same run --------------------------------------

@@ -1,14 +1,15 @@
-"""Is the GRPO arms' F1 gain length? Seed 0's control decoded to an arm's reply length.
+"""Is the GRPO arms' F1 gain length? A seed's control decoded to an arm's reply length.
 
-    python research/study/length_check.py dev [--arm grpo] [--min_lengths 0 8 12 16] [run.py's options]
-    python research/study/length_check.py test --min_length 16 [run.py's options]
+    python research/study/length_check.py dev [--seed 0] [--arm grpo] [--min_lengths 0 8 12 16] [run.py's options]
+    python research/study/length_check.py test --min_length 16 [--seed 0] [run.py's options]
 
-run.py's options (--data_dir, --scale, --out, --stories, ...) name the study; its own seed-0
-evaluation commands (research/study/plan.py) are run again with another split, folder and
+run.py's options (--data_dir, --scale, --out, --stories, ...) name the study; its own evaluation
+commands for the seed (research/study/plan.py) are run again with another split, folder and
 ``--generation_min_length``. On dev: the arm, and the control at each minimum length; the length
 taken to test is the control's whose dev length ratio is closest to the arm's (results/study/LOG.md).
-Metrics in OUT/length_check/ and, relative, in --publish (default results/study/length_check); a table
-of every published one is printed. A finished evaluation is skipped on a re-run.
+Metrics in OUT/length_check/seedN/ and, relative, in --publish/seedN (default
+results/study/length_check); a table of the seed's published ones is printed. A finished evaluation
+is skipped on a re-run.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from research.study import plan as study_plan  # noqa: E402
 from research.study import report  # noqa: E402
 from research.study import run as study_run  # noqa: E402
 from src.infra import exits  # noqa: E402
+from src.infra.errors import UsageError  # noqa: E402
 
 
 def with_min_length(cmd, data, folder, min_length):
@@ -47,6 +49,7 @@ def table(published):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("split", choices=("dev", "test"))
+    p.add_argument("--seed", type=int, default=0, help="the training seed whose arms are decoded (its study steps must be done)")
     p.add_argument("--arm", default="grpo", help="the arm whose reply length the control is decoded to")
     p.add_argument("--min_lengths", type=int, nargs="+", default=[0, 8, 12, 16], help="on dev")
     p.add_argument("--min_length", type=int, help="on test: the one chosen on dev")
@@ -54,23 +57,29 @@ def main(argv=None):
     args, study_argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.split == "test" and args.min_length is None:
         p.error("test needs --min_length (the one chosen on dev)")
-    study = study_run.parse_args([*study_argv, "--seeds", "0", "--dry_run"])
+    study = study_run.parse_args([*study_argv, "--seeds", str(args.seed), "--dry_run"])
     out, sizes, _, paths = study_run.prepare(study)
-    steps = study_plan.plan(["control", args.arm], [0], paths, sizes, out, index_saved=True)
+    steps = study_plan.plan(["control", args.arm], [args.seed], paths, sizes, out, index_saved=True)
     evals = {label: cmd for _, label, _, cmd in steps}
     runs = [(args.arm, 0)] + [("control", n) for n in args.min_lengths] if args.split == "dev" else \
         [("control", args.min_length)]
-    os.makedirs(args.publish, exist_ok=True)
+    seed = f"seed{args.seed}"
+    published = os.path.join(args.publish, seed)
+    os.makedirs(published, exist_ok=True)
     for arm, n in runs:
         name = f"{arm}-{args.split}" if arm == args.arm else f"control-min{n}-{args.split}"
-        folder = os.path.join(out, "length_check", name)
-        cmd = with_min_length(evals[f"seed 0 eval {arm} (retrieval)"], paths[args.split], folder, n)
-        study_run.run_step(name, folder, cmd, os.path.join(out, "length_check", "commands.sh"))
+        folder = os.path.join(out, "length_check", seed, name)
+        cmd = with_min_length(evals[f"seed {args.seed} eval {arm} (retrieval)"], paths[args.split], folder, n)
+        ckpt = next(c.split("=", 1)[1] for c in cmd if c.startswith("--model_path="))
+        if not os.path.exists(ckpt):
+            raise UsageError(f"{seed}'s {arm} arm is not trained yet (no {report.relative(ckpt)}): run "
+                             f"research/study/run.py with {args.seed} among its --seeds first")
+        study_run.run_step(f"{seed} {name}", folder, cmd, os.path.join(out, "length_check", "commands.sh"))
         metrics = sorted(glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True))[-1]
-        target = os.path.join(args.publish, f"{name}.metrics.json")
+        target = os.path.join(published, f"{name}.metrics.json")
         shutil.copy(metrics, target)
         report.make_relative(target)
-    print(table(args.publish))
+    print(table(published))
     return 0
 
 

@@ -2,7 +2,7 @@
 RESULTS.md and the figures (used by research/study/run.py).
 
 ``rows``: one dict per (arm, evaluation mode, seed): ``{"arm", "eval", "seed", "metrics": {...},
-"per_example": {"f1": [...], "rougeL": [...], "reward": [...]}, "generations": [...]}``; metrics are
+"per_example": {"f1": [...], "rougeL": [...], "reward": [...], ...}, "generations": [...]}``; metrics are
 compute_metrics.py's keys (both blocks) plus evaluate.py's ppl, reward and eval_loss. Every
 published path is relative to the repository (``relative``).
 """
@@ -84,8 +84,8 @@ def relative_manifest(manifest):
 def scores_of(generations, references):
     """Both metric blocks and the per-example F1 / ROUGE-L / reward of a list of replies."""
     per = per_example_scores(generations, references)
+    metrics = results_metrics(generations, references, per)
     per["reward"] = grpo_reward(generations, references, **_REWARD)["reward"].tolist()
-    metrics = results_metrics(generations, references)
     metrics["reward"] = statistics.fmean(per["reward"]) if per["reward"] else 0.0
     return metrics, per
 

@@ -151,21 +151,20 @@ def evaluate(model, retrieval, examples, opts, info, results_path=None, desc="ev
             _write_results(results_path, ordered, opts, metrics)
     elif info.is_main:
         ordered = interleave_results([g[0] for g in gathered], len(examples))
-        metrics = compute_metrics([r["generation"] for r in ordered], [r["answers"][0] for r in ordered])
+        gens, refs = [r["generation"] for r in ordered], [r["answers"][0] for r in ordered]
+        per = per_example_scores(gens, refs)  # per example, for paired comparisons of two runs (research/study)
+        metrics = compute_metrics(gens, refs, per)
         if ordered and not any(r["generation"].strip() for r in ordered):
             log.warning(f"warning: {desc}: every generated reply is empty ({len(ordered)} examples): the "
                         "metrics are those of empty replies — check the checkpoint (a reader that emits EOS "
                         "first) and --generation_min_length")
         total_n = sum(g[2] for g in gathered)
-        gens, refs = [r["generation"] for r in ordered], [r["answers"][0] for r in ordered]
         rewards = grpo_reward(gens, refs, **reward_options(opts))["reward"].tolist()
         metrics["reward"] = sum(rewards) / max(len(rewards), 1)
         fused = [r.pop("fused_texts", []) for r in ordered]
         if opts.task != "mlm":  # an MLM prompt is a text with no persona, its target spans of that text
             personas = [split_persona_context(r["query"])[0] for r in ordered]
             metrics.update(copy_shares(gens, personas, fused if any(fused) else None))
-        # per example, for paired comparisons of two runs on the same examples (research/study)
-        per = per_example_scores(gens, refs)
         for r, f1, rouge_l, reward in zip(ordered, per["f1"], per["rougeL"], rewards):
             r["f1"], r["rougeL"], r["reward"] = f1, rouge_l, reward
         metrics["eval_loss"] = sum(g[1] for g in gathered) / max(total_n, 1)

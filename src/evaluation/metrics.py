@@ -170,14 +170,32 @@ def _rouge_f(pred: str, ref: str):
     return (s["rouge-1"]["f"], s["rouge-2"]["f"], s["rouge-l"]["f"]), False
 
 
-def compute_metrics(generations: list[str], references: list[str]) -> dict:
+def per_example_scores(generations: list[str], references: list[str]) -> dict:
+    """Each example's scores, the ones ``compute_metrics`` averages (for paired comparisons of two
+    systems on the same examples): lists ``f1``, ``precision``, ``recall``, ``rouge1``, ``rouge2``,
+    ``rougeL`` (x100; an empty prediction scores 0 by ROUGE) and ``rouge_failed`` (the scorer raised:
+    scored 0)."""
+    keys = ("f1", "precision", "recall", "rouge1", "rouge2", "rougeL", "rouge_failed")
+    out = {k: [] for k in keys}
+    for g, ref in zip(generations, references, strict=True):
+        p, r = strip_speaker(g), strip_speaker(ref)
+        precision, recall = squad_precision_recall(p, r)
+        (r1, r2, rl), failed = _rouge_f(p, r) if p else ((0.0, 0.0, 0.0), False)
+        for k, v in zip(keys, (_harmonic(precision, recall), precision, recall, r1, r2, rl)):
+            out[k].append(100.0 * v)
+        out["rouge_failed"].append(failed)
+    return out
+
+
+def compute_metrics(generations: list[str], references: list[str], per_example: dict | None = None) -> dict:
     """Corpus metrics of N generations against N references (one reference each).
 
     Returns floats ``bleu, f1, rouge1, rouge2, rougeL, dist1, dist2, exact_match`` (x100),
     ``length_ratio`` (plain ratio; 0.0 when the references have no words), and ints ``n``,
     ``rouge_errors`` (examples where the rouge scorer raised, scored 0) and
     ``empty_predictions`` (predictions empty after stripping, scored 0 by ROUGE).
-    With N = 0 every score is 0.0.
+    With N = 0 every score is 0.0. ``per_example``: this pair's ``per_example_scores`` when the
+    caller has them already (ROUGE is then not scored twice).
     """
     if len(generations) != len(references):
         raise ValueError(
@@ -186,35 +204,24 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     preds = [strip_speaker(g) for g in generations]
     refs = [strip_speaker(r) for r in references]
     n = len(preds)
-    out = {"n": n, "rouge_errors": 0, "empty_predictions": 0}
+    out = {"n": n, "rouge_errors": 0, "empty_predictions": sum(not p for p in preds)}
     if n == 0:
         for key in ("bleu", "f1", "rouge1", "rouge2", "rougeL", "dist1", "dist2",
                     "exact_match", "length_ratio", "repeat3", "generic", "precision", "recall", "loop3"):
             out[key] = 0.0
         return out
+    per = per_example if per_example is not None else per_example_scores(generations, references)
+    if len(per["f1"]) != n:
+        raise ValueError(f"compute_metrics got per-example scores of {len(per['f1'])} examples for {n} generations")
 
     # ConvAI2 replies are pre-tokenized ("... ."); force=True only silences sacreBLEU's warning
     # about that, the score is unchanged.
     out["bleu"] = float(BLEU(force=True).corpus_score(preds, [refs]).score)
-
-    r1 = r2 = rl = 0.0
-    for p, r in zip(preds, refs):
-        if not p:
-            out["empty_predictions"] += 1
-            continue
-        (a, b, c), failed = _rouge_f(p, r)
-        out["rouge_errors"] += int(failed)
-        r1, r2, rl = r1 + a, r2 + b, rl + c
-    out["rouge1"] = 100.0 * r1 / n
-    out["rouge2"] = 100.0 * r2 / n
-    out["rougeL"] = 100.0 * rl / n
-
     # F1 and its two halves: a longer reply raises recall at a cost to precision, so F1 alone cannot
     # say whether a method found better words or only more of them
-    pr = [squad_precision_recall(p, r) for p, r in zip(preds, refs)]
-    out["f1"] = 100.0 * sum(_harmonic(p, r) for p, r in pr) / n
-    out["precision"] = 100.0 * sum(p for p, _ in pr) / n
-    out["recall"] = 100.0 * sum(r for _, r in pr) / n
+    for key in ("rouge1", "rouge2", "rougeL", "f1", "precision", "recall"):
+        out[key] = sum(per[key]) / n
+    out["rouge_errors"] = sum(per["rouge_failed"])
     out["exact_match"] = 100.0 * sum(squad_exact_match(p, r) for p, r in zip(preds, refs)) / n
     out["dist1"] = 100.0 * distinct_n(preds, 1)
     out["dist2"] = 100.0 * distinct_n(preds, 2)
@@ -226,16 +233,6 @@ def compute_metrics(generations: list[str], references: list[str]) -> dict:
     out["loop3"] = 100.0 * sum(has_phrase_loop(p) for p in preds) / n
     out["generic"] = 100.0 * generic_share(preds)
     return out
-
-
-def per_example_scores(generations: list[str], references: list[str]) -> dict:
-    """``{"f1": [...], "rougeL": [...]}``: each example's F1 and ROUGE-L F (x100), the definitions
-    ``compute_metrics`` averages (its ``f1`` and ``rougeL`` are these lists' means); for paired
-    comparisons of two systems on the same examples."""
-    preds = [strip_speaker(g) for g in generations]
-    refs = [strip_speaker(r) for r in references]
-    return {"f1": [100.0 * squad_f1(p, r) for p, r in zip(preds, refs)],
-            "rougeL": [100.0 * _rouge_f(p, r)[0][2] if p else 0.0 for p, r in zip(preds, refs)]}
 
 
 # nltk (which rouge-score imports for its stemmer) takes seconds to import; train.py and

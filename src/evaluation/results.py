@@ -54,7 +54,8 @@ def read_results(path: str) -> tuple[list[str], list[str]]:
     return generations, references
 
 
-def results_metrics(generations: list[str], references: list[str]) -> dict:
-    """Both blocks in one dict (the --json object); the key sets do not overlap."""
-    return {**compute_metrics(generations, references),
+def results_metrics(generations: list[str], references: list[str], per_example: dict | None = None) -> dict:
+    """Both blocks in one dict (the --json object); the key sets do not overlap. ``per_example``:
+    see ``compute_metrics``."""
+    return {**compute_metrics(generations, references, per_example),
             **compute_standard_metrics(generations, references)}
