@@ -7,6 +7,7 @@ import torch
 from src.infra.errors import UsageError
 from src.objectives.rewards import (
     DEFAULT_SCALE,
+    distinct_ngram_share,
     grpo_reward,
     lapdog_gold_scores,
     length_penalty,
@@ -81,6 +82,41 @@ def test_grpo_reward_formula():
     big = grpo_reward(hyps[:1], refs[:1], scale={"bleu": 0, "f1": 0, "rouge": 1}, scale_rouge=True)
     assert big["reward"][0].item() == pytest.approx(200 / 3, rel=1e-5)
     assert big["length_penalty"][0].item() == 1.0
+
+
+def test_distinct_ngram_share_by_hand():
+    # "i love hats . i love hats .": trigrams (i love hats) (love hats .) (hats . i) (. i love)
+    # (i love hats) (love hats .): 4 distinct of 6
+    assert distinct_ngram_share("i love hats . i love hats .") == pytest.approx(4 / 6)
+    assert distinct_ngram_share("I love hats . i LOVE hats .") == pytest.approx(4 / 6)  # lowercased
+    assert distinct_ngram_share("i love my two cats") == 1.0
+    assert distinct_ngram_share("hi there") == 1.0 and distinct_ngram_share("") == 1.0  # no trigram
+    assert distinct_ngram_share("a a a a") == pytest.approx(1 / 2)  # (a a a) twice
+    assert distinct_ngram_share("a b a b", n=2) == pytest.approx(2 / 3)
+
+
+def test_grpo_reward_repetition_penalty():
+    loop, plain, ref = "R: i love hats . i love hats .", "i love hats . do you ?", "i love hats . do you ?"
+    base = grpo_reward([loop, plain], [ref, ref], length_penalty_strength=1.0)
+    assert base["distinct3"].tolist() == pytest.approx([4 / 6, 1.0])  # "R:" stripped first
+    assert base["repetition_penalty"].tolist() == [1.0, 1.0]  # strength 0 (the default): off, exactly
+    pen = grpo_reward([loop, plain], [ref, ref], length_penalty_strength=1.0, repetition_penalty_strength=2.0)
+    assert pen["repetition_penalty"].tolist() == pytest.approx([(4 / 6) ** 2, 1.0])
+    assert pen["reward"][0].item() == pytest.approx(base["reward"][0].item() * (4 / 6) ** 2, rel=1e-6)
+    assert pen["reward"][1].item() == pytest.approx(base["reward"][1].item())  # no loop: unchanged
+    with pytest.raises(ValueError, match="repetition penalty strength must be >= 0"):
+        grpo_reward([loop], [ref], repetition_penalty_strength=-1.0)
+
+
+def test_reward_options_carry_the_repetition_penalty_and_reject_a_negative_one():
+    from src.cli import options
+    from src.objectives.rewards import reward_options
+
+    opts = options.validate(options.build_parser().parse_args(
+        ["--use_grpo", "--reader_rl_learning", "--reward_repetition_penalty=1.5"]))
+    assert reward_options(opts)["repetition_penalty_strength"] == 1.5
+    with pytest.raises(UsageError, match="--reward_repetition_penalty"):
+        options.validate(options.build_parser().parse_args(["--reward_repetition_penalty=-1"]))
 
 
 def test_lapdog_gold_scores():

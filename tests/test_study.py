@@ -302,8 +302,15 @@ def test_tiny_study_end_to_end(tmp_path):
     lc = tmp_path / "lc" / "seed0"
     assert sorted(f.name for f in lc.iterdir()) == [
         "control-min0-dev.metrics.json", "control-min6-dev.metrics.json", "control-min6-test.metrics.json",
-        "joint_grpo-dev.metrics.json"]
-    assert sorted(f.name for f in (tmp_path / "lc" / "seed1").iterdir()) == ["control-min6-test.metrics.json"]
+        "intervals-min6-test.json", "joint_grpo-dev.metrics.json"]
+    assert sorted(f.name for f in (tmp_path / "lc" / "seed1").iterdir()) == [
+        "control-min6-test.metrics.json", "intervals-min6-test.json"]
+    # on test, paired intervals: the matched control against the study's control, the arm against it
+    found = json.load(open(lc / "intervals-min6-test.json"))
+    assert list(found) == ["control at min length 6 − control", "joint_grpo − control at min length 6"]
+    for by_key in found.values():
+        assert set(by_key) == {"f1", "rougeL", "reward"} and all(lo <= m <= hi for m, lo, hi in by_key.values())
+    assert "| joint_grpo − control at min length 6 |" in stdout and "Δ reward [95% CI]" in stdout
     short, forced = (json.load(open(lc / f"control-min{n}-dev.metrics.json"))["metrics"] for n in (0, 6))
     assert forced["length_ratio"] >= short["length_ratio"] and "| control-min6-test |" in stdout
     commands = (out / "length_check" / "commands.sh").read_text()
@@ -316,6 +323,24 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 # ---- finished steps: reused only when they are the same run --------------------------------------
+
+def test_an_evaluation_folder_is_read_by_its_newest_files_not_their_names(tmp_path):
+    """evaluate.py run twice into one folder writes evaluate-step-N.* then evaluate-2-step-N.*,
+    and the second sorts first by name: the report and the length check read the newest."""
+    from research.study import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for stem, reply, when in (("evaluate-step-60", "old reply", 1_000), ("evaluate-2-step-60", "new reply", 2_000)):
+        (results / f"{stem}.test.results.jsonl").write_text(json.dumps({"generation": reply, "answers": ["hi"]}) + "\n")
+        (results / f"{stem}.test.metrics.json").write_text(json.dumps({"metrics": {"f1": when}}))
+        for f in results.glob(f"{stem}.*"):
+            os.utime(f, (when, when))
+    gens, refs, own = report.read_eval(tmp_path, "test")
+    assert gens == ["new reply"] and refs == ["hi"] and own == {"f1": 2_000}
+    assert report.newest(tmp_path, "*.metrics.json").endswith("evaluate-2-step-60.test.metrics.json")
+    assert report.newest(tmp_path, "*.nothing") is None
+
 
 def test_fingerprint_is_the_command_and_the_recipes_content(tmp_path):
     from research.study import run as study_run

@@ -130,7 +130,7 @@ def test_joint_grpo_resume_equals_uninterrupted(tmp_path, tiny_models):
     log = [json.loads(line) for line in open(a / "metrics.jsonl")]
     keys = set().union(*log)
     for k in ["loss/reader", "loss/retriever", "kl/reader", "kl/retriever", "reward/mean", "reward/std",
-              "reward/f1", "reward/rouge", "reward/bleu", "reward/length_ratio", "grpo/frac_zero_std",
+              "reward/f1", "reward/rouge", "reward/bleu", "reward/length_ratio", "reward/distinct3", "grpo/frac_zero_std",
               "grpo/clip_frac", "reply_length", "lr/reader", "lr/retriever", "grad_norm/reader",
               "grad_norm/retriever", "memory/peak_mb", "time/sampling", "time/reward", "time/policy",
               "time/reference", "time/retriever", "time/index_refresh"]:

@@ -8,8 +8,10 @@ commands for the seed (research/study/plan.py) are run again with another split,
 ``--generation_min_length``. On dev: the arm, and the control at each minimum length; the length
 taken to test is the control's whose dev length ratio is closest to the arm's (results/study/LOG.md).
 Metrics in OUT/length_check/seedN/ and, relative, in --publish/seedN (default
-results/study/length_check); a table of the seed's published ones is printed. A finished evaluation
-is skipped on a re-run.
+results/study/length_check); a table of the seed's published ones is printed. On test, also paired
+bootstrap intervals (F1, ROUGE-L, reward) of the matched control against the study's control and
+of the arm against the matched control (``intervals-minN-test.json``). A finished evaluation is
+skipped on a re-run.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from research.study import plan as study_plan  # noqa: E402
 from research.study import report  # noqa: E402
 from research.study import run as study_run  # noqa: E402
 from src.infra import exits  # noqa: E402
+from src.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
 
 
@@ -60,7 +63,7 @@ def main(argv=None):
     study = study_run.parse_args([*study_argv, "--seeds", str(args.seed), "--dry_run"])
     out, sizes, _, paths = study_run.prepare(study)
     steps = study_plan.plan(["control", args.arm], [args.seed], paths, sizes, out, index_saved=True)
-    evals = {label: cmd for _, label, _, cmd in steps}
+    evals = {label: (folder, cmd) for _, label, folder, cmd in steps}
     runs = [(args.arm, 0)] + [("control", n) for n in args.min_lengths] if args.split == "dev" else \
         [("control", args.min_length)]
     seed = f"seed{args.seed}"
@@ -69,18 +72,50 @@ def main(argv=None):
     for arm, n in runs:
         name = f"{arm}-{args.split}" if arm == args.arm else f"control-min{n}-{args.split}"
         folder = os.path.join(out, "length_check", seed, name)
-        cmd = with_min_length(evals[f"seed {args.seed} eval {arm} (retrieval)"], paths[args.split], folder, n)
+        cmd = with_min_length(evals[f"seed {args.seed} eval {arm} (retrieval)"][1], paths[args.split], folder, n)
         ckpt = next(c.split("=", 1)[1] for c in cmd if c.startswith("--model_path="))
         if not os.path.exists(ckpt):
             raise UsageError(f"{seed}'s {arm} arm is not trained yet (no {report.relative(ckpt)}): run "
                              f"research/study/run.py with {args.seed} among its --seeds first")
         study_run.run_step(f"{seed} {name}", folder, cmd, os.path.join(out, "length_check", "commands.sh"))
-        metrics = sorted(glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True))[-1]
+        metrics = report.newest(folder, "*.metrics.json")
         target = os.path.join(published, f"{name}.metrics.json")
         shutil.copy(metrics, target)
         report.make_relative(target)
     print(table(published))
+    if args.split == "test":
+        folder = os.path.join(out, "length_check", seed, f"control-min{args.min_length}-test")
+        study_evals = {a: evals[f"seed {args.seed} eval {a} (retrieval)"][0] for a in ("control", args.arm)}
+        found = intervals(folder, study_evals, os.path.splitext(os.path.basename(paths["test"]))[0],
+                          f"control at min length {args.min_length}", args.arm)
+        target = os.path.join(published, f"intervals-min{args.min_length}-test.json")
+        with open(target, "w") as f:
+            json.dump(found, f, indent=1)
+        print("\n" + intervals_table(found))
     return 0
+
+
+def intervals(matched_dir, study_evals, test_name, matched, arm):
+    """{comparison: {key: [mean, low, high]}}: paired bootstrap 95 % intervals on the test examples
+    (F1, ROUGE-L, the reward: the study's definitions, report.scores_of) of the length-matched
+    control against the study's control, and of the arm against the length-matched control."""
+    per = {}
+    for name, folder in (("matched", matched_dir), *study_evals.items()):
+        gens, refs, _ = report.read_eval(folder, test_name)
+        per[name] = report.scores_of(gens, refs)[1]
+    out = {}
+    for label, a, b in ((f"{matched} − control", "matched", "control"), (f"{arm} − {matched}", arm, "matched")):
+        out[label] = {k: [round(v, 4) for v in paired_bootstrap_ci(
+            [x - y for x, y in zip(per[a][k], per[b][k], strict=True)], seed=0)] for k in report.CI_KEYS}
+    return out
+
+
+def intervals_table(found):
+    rows = ["| test, paired | " + " | ".join(f"Δ {k} [95% CI]" for k in report.CI_KEYS) + " |",
+            "|---|" + "---:|" * len(report.CI_KEYS)]
+    for label, by_key in found.items():
+        rows.append(f"| {label} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in by_key.values()) + " |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

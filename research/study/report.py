@@ -106,14 +106,21 @@ def _eval_dir(out, seed, arm, mode):
     return os.path.join(out, f"seed{seed}", "eval", f"{arm}-{mode}")
 
 
+def newest(folder, pattern):
+    """The most recently written file under ``folder`` matching ``pattern``, None if none. By time,
+    not name: a folder evaluated twice holds evaluate-step-N.* and then evaluate-2-step-N.*."""
+    found = glob.glob(os.path.join(folder, "**", pattern), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def read_eval(eval_dir, test_name):
-    """(generations, references, evaluate.py's metrics) of one evaluation folder."""
-    found = sorted(glob.glob(os.path.join(eval_dir, "**", f"*{test_name}.results.jsonl"), recursive=True))
-    metrics_files = sorted(glob.glob(os.path.join(eval_dir, "**", f"*{test_name}.metrics.json"), recursive=True))
-    if not found or not metrics_files:
+    """(generations, references, evaluate.py's metrics) of one evaluation folder (its newest)."""
+    found = newest(eval_dir, f"*{test_name}.results.jsonl")
+    metrics_file = newest(eval_dir, f"*{test_name}.metrics.json")
+    if not found or not metrics_file:
         raise FileNotFoundError(f"{eval_dir}: no {test_name} results / metrics written by evaluate.py")
-    gens, refs = read_results(found[-1])
-    with open(metrics_files[-1]) as f:
+    gens, refs = read_results(found)
+    with open(metrics_file) as f:
         own = json.load(f)["metrics"]
     return gens, refs, own
 

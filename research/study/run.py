@@ -300,12 +300,12 @@ def recorded_wall(steps, seeds):
 def publish_evaluation(folder, dest, out):
     """One finished evaluation's metrics, copied to DEST/evaluations/seedS/ARM-MODE.metrics.json at
     once, so that a study run one seed (or one arm) at a time can be committed as it goes."""
-    found = sorted(glob.glob(os.path.join(folder, "**", "*.metrics.json"), recursive=True))
+    found = report.newest(folder, "*.metrics.json")
     if not found:
         return
     target = os.path.join(dest, "evaluations", os.path.relpath(os.path.dirname(folder), out).split(os.sep)[0])
     os.makedirs(target, exist_ok=True)
-    shutil.copy(found[-1], os.path.join(target, os.path.basename(folder) + ".metrics.json"))
+    shutil.copy(found, os.path.join(target, os.path.basename(folder) + ".metrics.json"))
     report.make_relative(os.path.join(target, os.path.basename(folder) + ".metrics.json"))
 
 

@@ -442,6 +442,9 @@ def _add_grpo_options(p):
                         "batch across processes (TRL); bnpo token sum / token count per micro-batch, averaged")
     g.add_argument("--generation_length_penalty", type=float, default=0.0,
                    help="strength s of the reward's length penalty (0: off; beam search keeps 1.0)")
+    g.add_argument("--reward_repetition_penalty", type=float, default=0.0,
+                   help="strength s of the reward's repetition penalty: × (distinct word 3-grams / word 3-grams "
+                        "of the reply)^s, so that a reply looping a phrase earns less (0: off)")
 
 
 def _check_grpo_options(opts):
@@ -454,8 +457,9 @@ def _check_grpo_options(opts):
         opts.grpo_retriever_kl_coeff = opts.grpo_kl_coeff
     if opts.grpo_kl_coeff < 0 or opts.grpo_retriever_kl_coeff < 0 or opts.grpo_clip_epsilon <= 0:
         raise flag_error("--grpo_kl_coeff/--grpo_clip_epsilon", "β must be >= 0 and ε > 0", "pass e.g. 0.1 and 0.2")
-    if opts.generation_length_penalty < 0:
-        raise flag_error("--generation_length_penalty", "must be >= 0", "pass 0 (off) or a positive strength")
+    for name in ("generation_length_penalty", "reward_repetition_penalty"):
+        if getattr(opts, name) < 0:
+            raise flag_error(f"--{name}", f"must be >= 0, got {getattr(opts, name)}", "pass 0 (off) or a positive strength")
     if opts.use_grpo and not opts.reader_rl_learning:
         raise flag_error("--use_grpo", "needs --reader_rl_learning (GRPO is the reader's RL algorithm)",
                          "add --reader_rl_learning")

@@ -221,7 +221,7 @@ class LapdogModel(nn.Module):
         texts = self.reader.decode(replies)
         refs = per_reply_answers or [a for a in answers for _ in range(len(texts) // len(answers))]
         r = grpo_reward(texts, refs, **reward_options(o))
-        for key in ("f1", "rouge", "bleu", "length_ratio"):
+        for key in ("f1", "rouge", "bleu", "length_ratio", "distinct3"):
             stats[f"reward/{key}"] = r[key].mean().item()
         stats["reward/mean"] = r["reward"].mean().item()
         n = len(texts) // len(contexts)

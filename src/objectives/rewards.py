@@ -69,6 +69,15 @@ def length_penalty(hyp_len: int, ref_len: int, strength: float) -> float:
     return math.exp(-s * abs(1.0 - hyp_len / r))
 
 
+def distinct_ngram_share(text: str, n: int = 3) -> float:
+    """Distinct word n-grams / word n-grams of ``text`` (lowercased whitespace words): 1.0 for a
+    reply that never repeats a run of n words, or has fewer than n words; "i love hats . i love
+    hats ." has 4 distinct trigrams of 6 (0.667)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def reply_scores(hyps: list[str], refs: list[str]) -> dict[str, list[float]]:
     """Per-reply ``bleu`` (0-100), ``f1`` (0-1), ``rouge`` (ROUGE-L F, 0-1), ``hyp_len``,
     ``ref_len`` (whitespace word counts), each a list of len(hyps), after stripping "R:"."""
@@ -92,10 +101,11 @@ def scale_tuple(d) -> tuple[float, float, float]:
 
 def reward_options(opts) -> dict:
     """grpo_reward's keyword arguments as the options set them (--metric_scale_factors weights,
-    --scale_rouge, --generation_length_penalty): the one place training, evaluation and the
-    bench take the RL reward's settings from."""
+    --scale_rouge, --generation_length_penalty, --reward_repetition_penalty): the one place
+    training, evaluation and the bench take the RL reward's settings from."""
     return {"scale": scale_tuple(opts.metric_scale), "scale_rouge": opts.scale_rouge,
-            "length_penalty_strength": opts.generation_length_penalty}
+            "length_penalty_strength": opts.generation_length_penalty,
+            "repetition_penalty_strength": opts.reward_repetition_penalty}
 
 
 def _as_tuple(scale) -> tuple[float, float, float]:
@@ -106,28 +116,38 @@ def _as_tuple(scale) -> tuple[float, float, float]:
 
 
 def grpo_reward(hyps: list[str], refs: list[str], scale=(0.01, 1.0, 1.0), scale_rouge=False,
-                length_penalty_strength=0.0, device=None) -> dict[str, torch.Tensor]:
+                length_penalty_strength=0.0, repetition_penalty_strength=0.0, device=None) -> dict[str, torch.Tensor]:
     """Reward of each reply, no normalization across the batch.
 
-    reward = (a*BLEU + b*F1 + c*ROUGE_L) * LP, ROUGE_L x100 when ``scale_rouge``;
-    ``scale`` is (a, b, c) or a dict with keys bleu/f1/rouge.
+    reward = (a*BLEU + b*F1 + c*ROUGE_L) * LP * RP, ROUGE_L x100 when ``scale_rouge``; LP the length
+    penalty, RP = distinct3 ** ``repetition_penalty_strength`` (distinct3: ``distinct_ngram_share``
+    of the reply); both are 1.0 at strength 0. ``scale`` is (a, b, c) or a dict with keys
+    bleu/f1/rouge.
     Returns float32 tensors of shape [len(hyps)] on ``device`` (default CPU): ``reward``,
     ``bleu``, ``f1``, ``rouge`` (the components as weighted), ``length_ratio`` (h / r, r = 1 when
-    the reference is empty) and ``length_penalty``.
+    the reference is empty), ``length_penalty``, ``distinct3`` and ``repetition_penalty``.
     """
+    if repetition_penalty_strength < 0:
+        raise ValueError(f"repetition penalty strength must be >= 0, got {repetition_penalty_strength}")
     a, b, c = _as_tuple(scale)
     s = reply_scores(hyps, refs)
     rouge = [x * 100.0 for x in s["rouge"]] if scale_rouge else s["rouge"]
     ratio = [h / (r if r > 0 else 1.0) for h, r in zip(s["hyp_len"], s["ref_len"])]
     lp = [length_penalty(h, r, length_penalty_strength)
           for h, r in zip(s["hyp_len"], s["ref_len"])]
-    reward = [(a * bl + b * f + c * ro) * p for bl, f, ro, p in zip(s["bleu"], s["f1"], rouge, lp)]
+    # F1 and ROUGE-L against one reference pay for recall, so a policy can climb them by saying
+    # more, and looping a phrase is the cheapest way to say more: RP makes added length pay only
+    # when it is new words
+    distinct3 = [distinct_ngram_share(strip_speaker(h)) for h in hyps]
+    rp = [x ** repetition_penalty_strength for x in distinct3]  # x ** 0 == 1.0 exactly
+    reward = [(a * bl + b * f + c * ro) * p * q for bl, f, ro, p, q in zip(s["bleu"], s["f1"], rouge, lp, rp)]
 
     def t(xs):
         return torch.tensor(xs, dtype=torch.float32, device=device)
 
     return {"reward": t(reward), "bleu": t(s["bleu"]), "f1": t(s["f1"]), "rouge": t(rouge),
-            "length_ratio": t(ratio), "length_penalty": t(lp)}
+            "length_ratio": t(ratio), "length_penalty": t(lp), "distinct3": t(distinct3),
+            "repetition_penalty": t(rp)}
 
 
 def lapdog_gold_scores(hyps: list[str], refs: list[str], scale=(1.0, 1.0, 1.0), scale_rouge=False,
