@@ -97,12 +97,12 @@ def main(argv=None):
 
 def intervals(matched_dir, study_evals, test_name, matched, arm):
     """{comparison: {key: [mean, low, high]}}: paired bootstrap 95 % intervals on the test examples
-    (F1, ROUGE-L, the reward: the study's definitions, report.scores_of) of the length-matched
+    (F1, ROUGE-L, the reward: the study's definitions, report.per_example) of the length-matched
     control against the study's control, and of the arm against the length-matched control."""
     per = {}
     for name, folder in (("matched", matched_dir), *study_evals.items()):
         gens, refs, _ = report.read_eval(folder, test_name)
-        per[name] = report.scores_of(gens, refs)[1]
+        per[name] = report.per_example(gens, refs)
     out = {}
     for label, a, b in ((f"{matched} − control", "matched", "control"), (f"{arm} − {matched}", arm, "matched")):
         out[label] = {k: [round(v, 4) for v in paired_bootstrap_ci(

@@ -81,11 +81,17 @@ def relative_manifest(manifest):
 
 # ------------------------------------------------------------------------------------ numbers
 
+def per_example(generations, references):
+    """Each reply's scores for paired comparisons: ``per_example_scores`` and the study's reward."""
+    per = per_example_scores(generations, references)
+    per["reward"] = grpo_reward(generations, references, **_REWARD)["reward"].tolist()
+    return per
+
+
 def scores_of(generations, references):
     """Both metric blocks and the per-example F1 / ROUGE-L / reward of a list of replies."""
-    per = per_example_scores(generations, references)
+    per = per_example(generations, references)
     metrics = results_metrics(generations, references, per)
-    per["reward"] = grpo_reward(generations, references, **_REWARD)["reward"].tolist()
     metrics["reward"] = statistics.fmean(per["reward"]) if per["reward"] else 0.0
     return metrics, per
 
