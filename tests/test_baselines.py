@@ -14,7 +14,7 @@ from src.evaluation.baselines import (
     persona_copy_replies,
     random_human_replies,
 )
-from src.evaluation.bootstrap import paired_bootstrap_ci
+from src.evaluation.bootstrap import paired_bootstrap_ci, seed_t_interval
 from src.evaluation.metrics import squad_f1
 
 
@@ -69,3 +69,16 @@ def test_paired_bootstrap_known_answers():
     assert paired_bootstrap_ci(d, seed=5) == paired_bootstrap_ci(d, seed=5)
     with pytest.raises(ValueError):
         paired_bootstrap_ci(np.zeros((2, 0)))
+
+
+def test_seed_t_interval_by_hand():
+    # [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3), t(0.975, 2 df) = 4.302653 -> half-width 2.484138
+    mean, low, high = seed_t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and low == pytest.approx(2 - 2.484138, abs=1e-6) and high == pytest.approx(2 + 2.484138, abs=1e-6)
+    # two seeds: t(0.975, 1 df) = 12.706205; [0, 2]: sd sqrt(2), se 1 -> 1 ± 12.706205
+    assert seed_t_interval([0.0, 2.0])[1:] == pytest.approx((1 - 12.706205, 1 + 12.706205), abs=1e-6)
+    mean, low, high = seed_t_interval([4.0])  # one seed: no interval
+    assert mean == 4.0 and math.isnan(low) and math.isnan(high)
+    assert seed_t_interval([5.0, 5.0, 5.0]) == (5.0, 5.0, 5.0)
+    with pytest.raises(ValueError):
+        seed_t_interval([])

@@ -283,6 +283,28 @@ def test_tiny_study_end_to_end(tmp_path):
     for name in ("bars.png", "pretraining.png", "stage1.png", "curves_seed0.png"):
         assert (out / "figures" / name).stat().st_size > 10_000 and (pub / "figures" / name).exists()
     assert (pub / "RESULTS.md").exists() and (pub / "results.json").exists()
+    # another machine (a fresh --out): both seeds are read back from what was published, nothing runs again
+    logs = pub / "logs"
+    assert (logs / "seed1" / "stage1.metrics.jsonl").exists() and (logs / "seed0" / "lapdog.metrics.jsonl").exists()
+    rc, stdout, err = run_script("research/study/run.py", *data, "--seeds", "0", "1", "--out", tmp_path / "fresh",
+                                 "--publish", pub, timeout=600)
+    assert rc == 0 and "seed 0: published in" in stdout and "== seed 1 stage 1" not in stdout, stdout[-3000:] + err[-3000:]
+    again = json.load(open(pub / "results.json"))
+    for arm, e in results["arms"].items():  # the same numbers and intervals from the published replies
+        assert again["arms"][arm]["mean"] == e["mean"] and again["arms"][arm].get("ci_vs_control") == e.get("ci_vs_control")
+    assert again["arms"]["lapdog"]["seed_ci_seeds_vs_control"] == [0, 1] and (pub / "figures" / "curves_seed1.png").exists()
+    # seed 0 as published before replies were kept: its means count, its examples do not, its figures stay
+    for f in [*(pub / "evaluations" / "seed0").glob("*.replies.jsonl.gz"), *(pub / "logs" / "seed0").iterdir()]:
+        f.unlink()
+    rc, stdout, err = run_script("research/study/run.py", *data, "--seeds", "0", "1", "--out", tmp_path / "fresh2",
+                                 "--publish", pub, "--report_only", timeout=600)
+    assert rc == 0 and "2 of 2 seeds complete" in stdout, stdout[-3000:] + err[-3000:]
+    carried = json.load(open(pub / "results.json"))
+    assert carried["arms"]["lapdog"]["mean"] == pytest.approx(again["arms"]["lapdog"]["mean"], abs=2e-4)  # of rounded
+    lapdog = carried["arms"]["lapdog"]
+    assert lapdog["ci_seeds_vs_control"] == [1] and lapdog["seed_ci_seeds_vs_control"] == [0, 1]
+    assert (pub / "figures" / "curves_seed0.png").exists() and (pub / "figures" / "stage1_seed1.png").exists()
+    assert "pooled over seed 1" in (pub / "RESULTS.md").read_text()
     rc, _, err = run_script("research/study/run.py", *args[:-2], "--out", out, "--s2_steps", "3")
     assert rc == 2 and "made with other settings" in err
     # a seed with an unfinished step is left out of the report, which says so
@@ -512,3 +534,118 @@ def test_publish_copies_the_report_and_drops_figures_it_did_not_draw(tmp_path):
     report.publish(str(out), str(dest), {"bars": str(out / "figures" / "bars.png")})
     assert sorted(p.name for p in (dest / "figures").iterdir()) == ["bars.png"]
     assert (dest / "figures" / "bars.png").read_bytes() == b"new" and (dest / "RESULTS.md").read_text() == "RESULTS.md"
+
+
+# ---- published seeds: the report outlives the machine that ran them ---------------------------------
+
+def _publish_seed(dest, seed, arms, gens, f1=12.0):
+    from research.study import published
+
+    for arm, mode in study_plan.evaluations(arms):
+        metrics, replies = published.evaluation_files(str(dest), seed, arm, mode)
+        os.makedirs(os.path.dirname(metrics), exist_ok=True)
+        with open(metrics, "w") as f:
+            json.dump({"metrics": {"f1": f1, "ppl": 30.0, "copy_persona": 0.0}}, f)
+        published.write_replies(replies, gens)
+
+
+def test_published_replies_round_trip_and_which_seeds_are_published(tmp_path):
+    from research.study import published
+
+    path = tmp_path / "r.jsonl.gz"
+    published.write_replies(str(path), ["i like dogs .", "é \"quoted\"", ""])
+    first = path.read_bytes()
+    published.write_replies(str(path), ["i like dogs .", "é \"quoted\"", ""])
+    assert published.read_replies(str(path)) == ["i like dogs .", "é \"quoted\"", ""] and path.read_bytes() == first
+    arms = ["control", "grpo"]
+    _publish_seed(tmp_path, 2, arms, ["hi"])
+    assert published.seed_is_published(str(tmp_path), 2, arms, None)
+    assert not published.seed_is_published(str(tmp_path), 2, ["control", "grpo", "lapdog"], None)
+    assert not published.seed_is_published(None, 2, arms, None)
+    os.remove(published.evaluation_files(str(tmp_path), 2, "grpo", "closed_book")[1])
+    assert not published.seed_is_published(str(tmp_path), 2, arms, None)  # metrics without replies: not enough
+    # a seed published before replies were kept: known by a results.json's per-seed numbers
+    previous = {"arms": {("grpo" if m == "retrieval" else f"grpo_{m}"): {"per_seed": {"0": {"f1": 11.0}}}
+                         for m in ("retrieval", *study_plan.ABLATIONS)}}
+    previous["arms"] |= {("control" if m == "retrieval" else f"control_{m}"): {
+        "per_seed": {"0": {"f1": 10.0}}, "most_frequent_reply": {"0": {"reply": "hi", "share": 5.0}}}
+        for m in ("retrieval", *study_plan.ABLATIONS)}
+    assert published.seed_is_published(str(tmp_path), 0, arms, previous)
+    assert published.carried_numbers(previous, 0, "control", "retrieval") == {
+        "metrics": {"f1": 10.0}, "most_frequent": {"reply": "hi", "share": 5.0}, "collapsed": None}
+    assert published.carried_numbers(previous, 1, "control", "retrieval") is None
+    assert published.same_settings(None, {"a": 1}, {}) and not published.same_settings({"sizes": {"a": 2}}, {"a": 1}, {})
+    split = {"source": "a/d.jsonl", "source_sha256": "x", "seed": 0, "splits": {"test": {"path": "a/t.jsonl", "examples": 9}}}
+    moved = split | {"source": "b/d.jsonl", "splits": {"test": {"path": "b/t.jsonl", "examples": 9}}}
+    assert published.same_settings({"sizes": {"a": 1}, "split": split}, {"a": 1}, moved)  # the same split elsewhere
+    assert not published.same_settings({"sizes": {"a": 1}, "split": split}, {"a": 1}, moved | {"source_sha256": "y"})
+    # the figures of seeds whose curves are gone are kept; the others are redrawn
+    (tmp_path / "figures").mkdir()
+    for name in ("bars.png", "curves_seed0.png", "curves_seed2.png", "stage1_seed0_seed1.png", "stage1.png"):
+        (tmp_path / "figures" / name).write_bytes(b"png")
+    assert sorted(published.kept_figures(str(tmp_path), [0, 1])) == ["curves_seed0", "stage1_seed0_seed1"]
+    assert sorted(published.kept_figures(str(tmp_path), [0])) == ["curves_seed0"] and published.kept_figures(None, [0]) == {}
+
+
+def test_the_report_reads_seeds_from_what_was_published(tmp_path):
+    """Seed 1's replies are published (scored here, as if run here); seed 0 is known only by a
+    results.json's means: it counts in the means and the seed-level interval, not in the bootstrap."""
+    from research.study import published
+
+    arms = ["control", "grpo"]
+    test = [{"question": "persona: i like dogs. context: Q: hi", "answers": [a]} for a in ("i like dogs", "hi there")]
+    _publish_seed(tmp_path / "pub", 1, ["control"], ["i like dogs", "hello"])
+    for arm, mode in study_plan.evaluations(["grpo"]):
+        metrics, replies = published.evaluation_files(str(tmp_path / "pub"), 1, arm, mode)
+        with open(metrics, "w") as f:
+            json.dump({"metrics": {"ppl": 20.0}}, f)
+        published.write_replies(replies, ["i like dogs", "hi there"])  # both right: F1 100
+    keys = {k: 0.0 for k in study_report.SUMMARY_KEYS}
+    previous = {"arms": {(a if m == "retrieval" else f"{a}_{m}"): {
+        "per_seed": {"0": keys | {"f1": f1, "rougeL": f1, "reward": 0.1, "dist1": 10.0}},
+        "most_frequent_reply": {"0": {"reply": "old", "share": 50.0}}}
+        for a, f1 in (("control", 40.0), ("grpo", 70.0)) for m in ("retrieval", *study_plan.ABLATIONS)}}
+    with pytest.raises(FileNotFoundError, match="none published for seed 2"):
+        study_report.collect_rows(str(tmp_path / "out"), arms, [2], test, "test", str(tmp_path / "pub"), previous)
+    rows = study_report.collect_rows(str(tmp_path / "out"), arms, [0, 1], test, "test", str(tmp_path / "pub"), previous)
+    by = {(r["arm"], r["eval"], r["seed"]): r for r in rows}
+    assert by[("control", "retrieval", 0)]["per_example"] is None and by[("control", "retrieval", 0)]["metrics"]["f1"] == 40.0
+    one = by[("control", "retrieval", 1)]
+    assert one["generations"] == ["i like dogs", "hello"] and one["per_example"]["f1"] == [100.0, 0.0]
+    assert one["metrics"]["f1"] == 50.0 and one["metrics"]["ppl"] == 30.0  # scored here; ppl is evaluate.py's
+    res = study_report.results_json(rows, {}, arms, [0, 1], test)
+    grpo = res["arms"]["grpo"]
+    assert grpo["mean"]["f1"] == pytest.approx(85.0) and grpo["seeds"] == [0, 1]
+    # the bootstrap pools seed 1 only: +0 and +100 per example; the seed-level interval both: +30 and +50
+    assert grpo["ci_seeds_vs_control"] == [1] and grpo["diff_vs_control"]["f1"] == pytest.approx(50.0)
+    assert grpo["seed_ci_seeds_vs_control"] == [0, 1] and grpo["seed_diff_vs_control"]["f1"] == pytest.approx(40.0)
+    assert grpo["seed_ci_vs_control"]["f1"] == pytest.approx([40.0 - 127.062, 40.0 + 127.062], abs=1e-2)  # t(1 df)
+    assert grpo["most_frequent_reply"]["0"] == {"reply": "old", "share": 50.0}
+    assert res["ablations"]["grpo"]["ci_seeds_retrieved_vs_random"] == [1]
+    assert [s["seed"] for s in res["samples"]] == [1, 1]  # replies only where they were kept
+    ctx = {"sizes": study_plan.sizes_of("tiny"), "scale": "tiny", "split": "d", "seeds": [0, 1], "arms": arms,
+           "figures": {}, "machine": {"cpu": "x", "nproc": "2", "gpu": "none", "python": "3", "torch": "2"},
+           "steps_s": 60.0, "finished": "now", "command": "c", "paths": {"stories": os.path.join(ROOT, "s.jsonl")}}
+    md = study_report.render(res, rows, ctx)
+    assert "pooled over seed 1, whose replies are at hand; seed 0 counts" in md and "### Over training seeds" in md
+    assert "| grpo | 0, 1 | +40.00 [" in md
+
+
+def test_earlier_intervals_are_kept_for_seeds_whose_replies_are_gone():
+    from research.study import published
+
+    old = {"seeds_complete": [0, 1], "arms": {"grpo": {"seeds": [0, 1], "diff_vs_control": {"f1": 3.1},
+                                                       "ci_vs_control": {"f1": [2.5, 3.75]}}}}
+    found = published.earlier_intervals(old, "grpo", [0, 1])
+    assert found == {"seeds": [0, 1], "diff": {"f1": 3.1}, "ci": {"f1": [2.5, 3.75]}}
+    assert published.earlier_intervals(old, "grpo", [0]) is None  # seed 1 was run here: not the same seeds
+    assert published.earlier_intervals(old, "control", [0, 1]) is None and published.earlier_intervals(None, "grpo", [0]) is None
+    # a report that carried them carries them on
+    assert published.earlier_intervals({"arms": {"grpo": {"earlier_ci_vs_control": found, "ci_vs_control": {}}}},
+                                       "grpo", [0, 1, 2]) == found
+    entry = {"eval": "retrieval", "seed_ci_vs_control": {k: [None, None] for k in ("f1", "rougeL", "reward")},
+             "seed_diff_vs_control": {k: None for k in ("f1", "rougeL", "reward")}, "seed_ci_seeds_vs_control": [0, 1, 2],
+             "earlier_ci_vs_control": {"seeds": [0, 1], "diff": {"f1": 3.11, "rougeL": 1.0, "reward": 0.05},
+                                       "ci": {"f1": [2.5, 3.75], "rougeL": [0.5, 1.5], "reward": [0.01, 0.09]}}}
+    md = "\n".join(study_report._seed_level_table({"arms": {"grpo": entry}}))
+    assert "Seeds 0, 1, whose replies were not kept" in md and "| grpo | 0, 1 | +3.11 [+2.50, +3.75] **✓** |" in md

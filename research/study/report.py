@@ -18,9 +18,10 @@ import shutil
 import statistics
 import subprocess
 
+from research.study import published
 from research.study.plan import ARMS, DECODING, STAGE1, evaluations, fill
 from src.evaluation.baselines import baseline_replies
-from src.evaluation.bootstrap import paired_bootstrap_ci
+from src.evaluation.bootstrap import paired_bootstrap_ci, seed_t_interval
 from src.evaluation.metrics import compute_metrics, per_example_scores
 from src.evaluation.plots import plot_runs
 from src.evaluation.results import read_results, results_metrics
@@ -131,17 +132,37 @@ def read_eval(eval_dir, test_name):
     return gens, refs, own
 
 
-def collect_rows(out, arms, seeds, test_path):
-    name = os.path.splitext(os.path.basename(test_path))[0]
+def collect_rows(out, arms, seeds, test, test_name, dest=None, previous=None):
+    """One row per (seed, arm, mode): from its evaluation folder in ``out``, else from what was
+    published in ``dest`` (research/study/published.py): the replies, scored here against ``test``,
+    or only the per-seed numbers of the ``previous`` results.json (``per_example`` None then)."""
+    refs = [(ex.get("answers") or [""])[0] for ex in test]
     rows = []
     for seed in seeds:
         for arm, mode in evaluations(arms):
-            gens, refs, own = read_eval(_eval_dir(out, seed, arm, mode), name)
-            metrics, per = scores_of(gens, refs)
+            row = {"arm": arm, "eval": mode, "seed": seed}
+            folder = _eval_dir(out, seed, arm, mode)
+            metrics_file, replies_file = published.evaluation_files(dest, seed, arm, mode) if dest else (None, None)
+            if newest(folder, f"*{test_name}.results.jsonl"):
+                gens, refs_here, own = read_eval(folder, test_name)
+            elif replies_file and os.path.isfile(replies_file):
+                gens = published.read_replies(replies_file)
+                refs_here = refs[:len(gens)]  # --max_eval_examples N (the tiny scale) scores the first N
+                with open(metrics_file) as f:
+                    own = json.load(f)["metrics"]
+            else:
+                carried = published.carried_numbers(previous, seed, arm, mode)
+                if carried is None:
+                    raise FileNotFoundError(f"{folder}: no {test_name} results, and none published for seed {seed} "
+                                            f"{arm} ({mode})")
+                rows.append(row | carried | {"per_example": None, "generations": None})
+                continue
+            if len(gens) != len(refs_here) or not gens:
+                raise ValueError(f"seed {seed} {arm} ({mode}): {len(gens)} replies for {len(refs_here)} test examples")
+            metrics, per = scores_of(gens, refs_here)
             metrics.update({k: own[k] for k in ("ppl", "eval_loss", "copy_persona", "copy_story") if k in own})
             metrics.update({k: v for k, v in own.items() if k.startswith("recall@") or k == "retrieval/top1_score"})
-            rows.append({"arm": arm, "eval": mode, "seed": seed, "metrics": metrics, "per_example": per,
-                         "generations": gens})
+            rows.append(row | {"metrics": metrics, "per_example": per, "generations": gens})
     return rows
 
 
@@ -201,18 +222,13 @@ def results_json(rows, baselines, arms, seeds, test):
                  "per_seed": {str(s): {k: _num(per_seed[s]["metrics"].get(k)) for k in SUMMARY_KEYS}
                               for s in seeds_here},
                  "generic_share": _num(mean_std([per_seed[s]["metrics"]["generic"] for s in seeds_here])[0], 2),
-                 "most_frequent_reply": {str(s): _most_frequent(per_seed[s]["generations"]) for s in seeds_here},
+                 "most_frequent_reply": {str(s): _most_frequent(per_seed[s]["generations"])
+                                         if per_seed[s]["generations"] is not None else per_seed[s].get("most_frequent")
+                                         for s in seeds_here},
                  "collapsed": {str(s): collapse_reason(per_seed[s]["metrics"], control.get(s, {}).get("metrics"))
                                for s in seeds_here}}
         if (arm, mode) != CONTROL:
-            common = [s for s in seeds_here if s in control]
-            entry["ci_vs_control"], entry["diff_vs_control"] = {}, {}
-            for k in CI_KEYS:
-                diffs = [[a - c for a, c in zip(per_seed[s]["per_example"][k], control[s]["per_example"][k])]
-                         for s in common]
-                mean, low, high = paired_bootstrap_ci(diffs, seed=0)
-                entry["diff_vs_control"][k] = _num(mean)
-                entry["ci_vs_control"][k] = [_num(low), _num(high)]
+            entry.update(_intervals(per_seed, control, "vs_control"))
         out["arms"][key] = entry
     out["ablations"] = ablations(by)
     out["samples"] = sample_replies(rows, test)
@@ -220,11 +236,38 @@ def results_json(rows, baselines, arms, seeds, test):
     return out
 
 
+def _intervals(per_seed, other, name):
+    """Arm (``per_seed``: {seed: row}) minus ``other`` on CI_KEYS, two ways:
+    ``diff_NAME`` / ``ci_NAME``: the paired bootstrap over test examples, pooled over the seeds whose
+    replies are at hand (``ci_seeds_NAME``); ``seed_diff_NAME`` / ``seed_ci_NAME``: Student's t over
+    every seed's mean difference (``seed_ci_seeds_NAME``; needs 2 seeds), which also counts seeds
+    known only by their published means."""
+    common = sorted(s for s in per_seed if s in other)
+    with_examples = [s for s in common if per_seed[s]["per_example"] is not None and other[s]["per_example"] is not None]
+    out = {f"diff_{name}": {}, f"ci_{name}": {}, f"ci_seeds_{name}": with_examples,
+           f"seed_diff_{name}": {}, f"seed_ci_{name}": {}, f"seed_ci_seeds_{name}": common}
+    for k in CI_KEYS:
+        if with_examples:
+            diffs = [[a - c for a, c in zip(per_seed[s]["per_example"][k], other[s]["per_example"][k])]
+                     for s in with_examples]
+            mean, low, high = paired_bootstrap_ci(diffs, seed=0)
+        else:
+            mean = low = high = None
+        out[f"diff_{name}"][k], out[f"ci_{name}"][k] = _num(mean), [_num(low), _num(high)]
+        seed_means = [per_seed[s]["metrics"].get(k) for s in common]
+        if common and None not in seed_means and None not in [other[s]["metrics"].get(k) for s in common]:
+            mean, low, high = seed_t_interval([m - other[s]["metrics"][k] for m, s in zip(seed_means, common)])
+        else:
+            mean = low = high = None
+        out[f"seed_diff_{name}"][k], out[f"seed_ci_{name}"][k] = _num(mean), [_num(low), _num(high)]
+    return out
+
+
 def sample_replies(rows, test, k=5):
     """``k`` test examples spread evenly over the split (the same ones for every arm): the persona,
     the last thing said, the human reply and every arm's reply with its retrieved story, from the
     first reported seed. What the tables' numbers sound like."""
-    retrieval = [r for r in rows if r["eval"] == "retrieval"]
+    retrieval = [r for r in rows if r["eval"] == "retrieval" and r["generations"] is not None]
     if not retrieval or not test:
         return []
     seed = min(r["seed"] for r in retrieval)
@@ -251,14 +294,8 @@ def ablations(by):
         entry = {m: {k: _num(mean_std([r["metrics"].get(k) for r in by[(arm, m)].values()])[0]) for k in CI_KEYS}
                  for m in ("retrieval", "random_story", "closed_book") if (arm, m) in by}
         random = by[(arm, "random_story")]
-        common = [s for s in per_seed if s in random]
-        entry["seeds"] = sorted(common)
-        entry["diff_retrieved_vs_random"], entry["ci_retrieved_vs_random"] = {}, {}
-        for k in CI_KEYS:
-            diffs = [[a - b for a, b in zip(per_seed[s]["per_example"][k], random[s]["per_example"][k])] for s in common]
-            mean, low, high = paired_bootstrap_ci(diffs, seed=0)
-            entry["diff_retrieved_vs_random"][k] = _num(mean)
-            entry["ci_retrieved_vs_random"][k] = [_num(low), _num(high)]
+        entry["seeds"] = sorted(s for s in per_seed if s in random)
+        entry.update(_intervals(per_seed, random, "retrieved_vs_random"))
         out[arm] = entry
     return out
 
@@ -347,19 +384,28 @@ def plot_pretraining(metrics_path, path):
 
 def write_figures(rows, results, ctx):
     """{name: png}: bars, the pretraining curve, stage-1 dev curves, each seed's stage-2 dev curves.
-    A figure that cannot be drawn is left out with a warning: the numbers are the result."""
-    out, fig_dir = ctx["out"], os.path.join(ctx["out"], "figures")
+    Curves come from the run folders here, else from the logs published with them (``ctx["dest"]``);
+    a seed with neither keeps the figures published when it ran (published.kept_figures). A figure
+    that cannot be drawn is left out with a warning: the numbers are the result."""
+    out, fig_dir, dest = ctx["out"], os.path.join(ctx["out"], "figures"), ctx.get("dest")
+    stage1 = {s: published.curves_of(out, dest, s, "stage1") for s in ctx["seeds"]}
+    stage1 = {s: run for s, run in stage1.items() if run}
     jobs = [("bars", lambda p: plot_bars(results, p)),
             *([("pretraining", lambda p: plot_pretraining(os.path.join(out, "pretrained", "metrics.jsonl"), p))]
-              if ctx["sizes"]["pretrain_steps"] else []),
-            ("stage1", lambda p: plot_runs([os.path.join(out, f"seed{s}", "stage1") for s in ctx["seeds"]], p,
-                                           labels=[f"seed {s}" for s in ctx["seeds"]],
-                                           keys=["loss/reader", "eval/*/eval_loss", "eval/*/f1", "eval/*/dist2"],
-                                           title="stage 1 (reader SFT), dev evaluations"))]
+              if ctx["sizes"]["pretrain_steps"] else [])]
+    if stage1:
+        # named by its seeds when some are missing, so it does not replace the figure of those kept
+        name = "stage1" if len(stage1) == len(ctx["seeds"]) else "stage1_" + "_".join(f"seed{s}" for s in stage1)
+        jobs.append((name, lambda p: plot_runs(list(stage1.values()), p, labels=[f"seed {s}" for s in stage1],
+                                               keys=["loss/reader", "eval/*/eval_loss", "eval/*/f1", "eval/*/dist2"],
+                                               title="stage 1 (reader SFT), dev evaluations")))
     for seed in ctx["seeds"]:
-        runs = [os.path.join(out, f"seed{seed}", a) for a in ctx["arms"]]
-        jobs.append((f"curves_seed{seed}", lambda p, runs=runs, seed=seed: plot_runs(
-            runs, p, labels=list(ctx["arms"]), smooth=3,
+        found = [(a, published.curves_of(out, dest, seed, a)) for a in ctx["arms"]]
+        found = [(a, run) for a, run in found if run]
+        if not found:
+            continue
+        jobs.append((f"curves_seed{seed}", lambda p, found=found, seed=seed: plot_runs(
+            [run for _, run in found], p, labels=[a for a, _ in found], smooth=3,
             keys=["reward/mean", "loss/retriever", "eval/*/f1", "eval/*/rougeL", "eval/*/dist2", "eval/*/reward",
                   "eval/*/eval_loss", "kl/*"],
             title=f"stage 2, seed {seed}: training reward and dev evaluations (F1, ROUGE-L, Dist-2, reward)")))
@@ -371,7 +417,9 @@ def write_figures(rows, results, ctx):
             figs[name] = path
         except (UsageError, OSError, ValueError, KeyError) as exc:
             print(f"warning: figure {name} left out: {exc}")
-    return figs
+    drawn_seeds = set(stage1) | {s for s in ctx["seeds"] if f"curves_seed{s}" in figs}
+    kept = published.kept_figures(dest, [s for s in ctx["seeds"] if s not in drawn_seeds])
+    return figs | {name: path for name, path in kept.items() if name not in figs}
 
 
 # ------------------------------------------------------------------------------------ markdown
@@ -388,12 +436,63 @@ def _ms(entry, key, d=2):
 def _ci(entry, key, d=2):
     if "ci_vs_control" not in entry:
         return "–"
-    lo, hi = entry["ci_vs_control"][key]
-    diff = entry["diff_vs_control"][key]
-    if None in (lo, hi, diff):
+    return _interval(entry["diff_vs_control"][key], *entry["ci_vs_control"][key], d=d)
+
+
+def _interval(mean, lo, hi, d=2):
+    if None in (lo, hi, mean):
         return "–"
-    star = " **✓**" if lo > 0 else " **✗**" if hi < 0 else ""
-    return f"{diff:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{star}"
+    return f"{mean:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]" + (" **✓**" if lo > 0 else " **✗**" if hi < 0 else "")
+
+
+def _seed_level_table(results):
+    """Every arm minus the control (and retrieved − random) with Student's t interval over the seeds'
+    mean differences: the seeds are the sample, so seeds known only by their published means count."""
+    arms = {a: e for a, e in results["arms"].items() if "seed_ci_vs_control" in e and e["eval"] == "retrieval"}
+    if not arms:
+        return []
+    lines = ["", "### Over training seeds", "",
+             "The same differences with the seeds as the sample: the mean over seeds of each seed's arm − control "
+             "(and retrieved − random) and its 95% Student's t interval (n − 1 degrees of freedom; with 3 seeds "
+             "t = 4.30, so only a difference that every seed shows clears 0). The bootstrap intervals above ask "
+             "which test examples were drawn; these ask which training seeds were.", "",
+             "| arm | seeds | Δ F1 [95% t] | Δ ROUGE-L [95% t] | Δ reward [95% t] | F1 retrieved − random [95% t] |",
+             "|---|---|---:|---:|---:|---:|"]
+    abl = results.get("ablations", {})
+    for arm, e in arms.items():
+        cells = [_interval(e["seed_diff_vs_control"][k], *e["seed_ci_vs_control"][k], d=3 if k == "reward" else 2)
+                 for k in ("f1", "rougeL", "reward")]
+        a = abl.get(arm)
+        cells.append(_interval(a["seed_diff_retrieved_vs_random"]["f1"], *a["seed_ci_retrieved_vs_random"]["f1"])
+                     if a and "seed_ci_retrieved_vs_random" in a else "–")
+        lines.append(f"| {arm} | {', '.join(map(str, e['seed_ci_seeds_vs_control']))} | " + " | ".join(cells) + " |")
+    if "control" in abl and "seed_ci_retrieved_vs_random" in abl["control"]:
+        a = abl["control"]
+        lines.append(f"| control | {', '.join(map(str, a['seeds']))} | – | – | – | "
+                     f"{_interval(a['seed_diff_retrieved_vs_random']['f1'], *a['seed_ci_retrieved_vs_random']['f1'])} |")
+    earlier = {a: e["earlier_ci_vs_control"] for a, e in arms.items() if e.get("earlier_ci_vs_control")}
+    if earlier:
+        seeds = ", ".join(map(str, next(iter(earlier.values()))["seeds"]))
+        lines += ["", f"Seeds {seeds}, whose replies were not kept, had these paired bootstrap intervals (seeds pooled) "
+                  "in the report that had their replies:", "",
+                  "| arm | seeds | Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |", "|---|---|---:|---:|---:|"]
+        for arm, e in earlier.items():
+            lines.append(f"| {arm} | {', '.join(map(str, e['seeds']))} | " + " | ".join(
+                _interval((e.get("diff") or {}).get(k), *e["ci"].get(k, [None, None]), d=3 if k == "reward" else 2)
+                for k in ("f1", "rougeL", "reward")) + " |")
+    return lines
+
+
+def _pooled_seeds(results):
+    """The seeds the paired bootstrap pools (those whose replies are at hand), in words."""
+    pooled = sorted({s for e in results["arms"].values() for s in e.get("ci_seeds_vs_control", [])})
+    every = sorted({s for e in results["arms"].values() for s in e["seeds"]})
+    if pooled == every:
+        return "seeds pooled"
+    rest = [str(s) for s in every if s not in pooled]
+    return (f"pooled over seed{'s' if len(pooled) != 1 else ''} {', '.join(map(str, pooled)) or 'none'}, whose replies are "
+            f"at hand; seed{'s' if len(rest) != 1 else ''} {', '.join(rest)} count{'' if len(rest) != 1 else 's'} in the "
+            "means and in the seed-level intervals below, not here: their replies were not kept")
 
 
 def _ablation_table(abl):
@@ -403,7 +502,8 @@ def _ablation_table(abl):
     lines = ["", "## Retrieval ablations (test split)", "",
              "Each arm's checkpoint evaluated with its retrieved story, a random corpus story (`--eval_stories "
              "random`) and no story (`--closed_book`); mean over seeds. Retrieved − random: the mean paired "
-             "difference with its 95% bootstrap interval; ✓ / ✗: above / below 0.", "",
+             "difference with its 95% bootstrap interval (the seeds pooled as in the arms' table); ✓ / ✗: above / "
+             "below 0.", "",
              "| arm | F1 retrieved / random / none | ROUGE-L retrieved / random / none | reward retrieved / random / none "
              "| F1 retrieved − random [95% CI] | reward retrieved − random [95% CI] |", "|---|---|---|---|---:|---:|"]
     for arm, e in abl.items():
@@ -411,11 +511,7 @@ def _ablation_table(abl):
             return " / ".join(_f(e.get(m, {}).get(k), d) for m in ("retrieval", "random_story", "closed_book"))
 
         def diff(k, d=2):
-            lo, hi = e["ci_retrieved_vs_random"][k]
-            mean = e["diff_retrieved_vs_random"][k]
-            if None in (lo, hi, mean):
-                return "–"
-            return f"{mean:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]" + (" **✓**" if lo > 0 else " **✗**" if hi < 0 else "")
+            return _interval(e["diff_retrieved_vs_random"][k], *e["ci_retrieved_vs_random"][k], d=d)
 
         lines.append(f"| {arm} | {three('f1')} | {three('rougeL')} | {three('reward', 3)} | {diff('f1')} | "
                      f"{diff('reward', 3)} |")
@@ -485,7 +581,8 @@ def render(results, rows, ctx):
                      f"{_f(b['dist2'])} |")
     lines += ["", "## Arms (test split, LAPDOG's metric definitions)", "",
               "Mean ± std over seeds. Δ vs control: the mean paired difference (arm − control, each seed against its "
-              "own control) with its 95% bootstrap interval (10,000 resamples of the test examples, seeds pooled); "
+              "own control) with its 95% bootstrap interval (10,000 resamples of the test examples, "
+              f"{_pooled_seeds(results)}); "
               "✓ / ✗: the interval lies above / below 0. `generic`: share of replies equal to the arm's most frequent "
               "reply; `repeat3`: share with a word three times in a row; `copy`: share repeating 8+ consecutive "
               "words of the persona / of the fused story; `ppl`: per-token perplexity of the gold "
@@ -506,6 +603,7 @@ def render(results, rows, ctx):
             lines.append(f"| &nbsp;&nbsp;↳ seed {s} ⚠ collapsed: {why} | " + " | ".join(
                 _f(e["per_seed"][s].get(k), 1 if k == "ppl" else 3 if k == "reward" else 2)
                 for k in ("f1", "rougeL", "bleu", "dist1", "dist2", "ppl", "reward")) + " | | | | | | |")
+    lines += _seed_level_table(results)
     lines += _halves_table(results)
     lines += _ablation_table(results.get("ablations", {}))
     t = results["control_targets"]
@@ -523,7 +621,8 @@ def render(results, rows, ctx):
                       f"  - human: \"{ex['human']}\""]
             lines += [f"  - {arm}: \"{reply}\"" for arm, reply in ex["replies"].items()]
     lines += ["", "## Test split, standard implementations", "",
-              "rouge-score 0.1.2 F (RS), nltk corpus BLEU (whitespace tokens, smoothing method1); mean ± std.", "",
+              "rouge-score 0.1.2 F (RS), nltk corpus BLEU (whitespace tokens, smoothing method1); mean ± std over "
+              "the seeds whose replies are at hand.", "",
               "| arm | RS R-1 | RS R-2 | RS R-L | RS R-L stem | nltk B-1 | nltk B-2 | nltk B-4 |",
               "|---|" + "---:|" * 7]
     by = {}
@@ -533,8 +632,9 @@ def render(results, rows, ctx):
     for arm, ms in by.items():
         cells = []
         for k in ("rs_rouge1", "rs_rouge2", "rs_rougeL", "rs_rougeL_stem", "nltk_bleu1", "nltk_bleu2", "nltk_bleu4"):
-            mean, std = mean_std([x.get(k) for x in ms])
-            cells.append(_f(mean) + (f" ± {_f(std)}" if len(ms) > 1 else ""))
+            values = [x[k] for x in ms if x.get(k) is not None]  # seeds known only by their means lack these
+            mean, std = mean_std(values)
+            cells.append(_f(mean) + (f" ± {_f(std)}" if len(values) > 1 else ""))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""]
     for name, path in ctx["figures"].items():
@@ -588,4 +688,6 @@ def publish(out, dest, figures):
     for name in ("RESULTS.md", "results.json"):
         shutil.copy(os.path.join(out, name), os.path.join(dest, name))
     for path in figures.values():
-        shutil.copy(path, os.path.join(dest, "figures", os.path.basename(path)))
+        target = os.path.join(dest, "figures", os.path.basename(path))
+        if os.path.abspath(path) != os.path.abspath(target):  # a kept figure is already there
+            shutil.copy(path, target)

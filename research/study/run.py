@@ -25,9 +25,11 @@ recipe edited since, is refused: delete the folder to redo it); an arm whose exa
 while settings were tried on dev (research/study/tune.py) is linked, not trained again. Every
 command is appended to ``OUT/commands.sh``. **One seed at a time**: ``--seeds 0`` today, ``--seeds 0 1`` tomorrow (seed
 0's steps are reused): the report is rewritten for the seeds complete so far after each seed, and
-says how many of those requested it holds; with ``--publish DIR`` each evaluation's metrics go to
-``DIR/evaluations/seedS/ARM-MODE.metrics.json`` as it finishes and the report after each seed, so a
-long study is committed as it goes. ``--report_only`` writes the report of whatever is complete
+says how many of those requested it holds; with ``--publish DIR`` each evaluation's metrics and
+replies go to ``DIR/evaluations/seedS/`` as it finishes, each training run's curves to ``DIR/logs/``,
+and the report after each seed, so a long study is committed as it goes. A seed published in DIR
+whose steps are not in OUT (another machine ran it) is read back from DIR, not run again
+(research/study/published.py). ``--report_only`` writes the report of whatever is complete
 without running anything (after an interruption). ``--dry_run`` writes the split and prints the plan. ``--dialogues`` /
 ``--stories`` run it on other files (the test runs ``--scale tiny`` on the sample data).
 Missing data: one ``error: ...`` line, exit 2; a failed step: one line naming its log, exit 1.
@@ -39,7 +41,6 @@ import glob
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -49,8 +50,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from research.study import plan as study_plan  # noqa: E402
-from research.study import report, split  # noqa: E402
+from research.study import published, report, split  # noqa: E402
 from src.data.dialogues import load_dialogues  # noqa: E402
+from src.evaluation.results import read_results  # noqa: E402
 from src.infra import exits  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
 
@@ -248,29 +250,49 @@ def main(argv=None):
             print(f"{label}: {shlex.join(cmd)}")
         return 0
 
+    dest = os.path.abspath(args.publish) if args.publish else None
+    previous = published.read_previous(dest)
+    if not published.same_settings(previous, sizes, report.relative_manifest(manifest)):
+        print(f"note: {args.publish}/results.json was made with other sizes or another split: its seeds are not "
+              "reused", flush=True)
+        previous = None
+    carried = [s for s in args.seeds if s not in complete_seeds(steps, [s])
+               and published.seed_is_published(dest, s, args.arms, previous)]
+    for s in carried:  # what is published is not run again (the run folders of another machine are gone)
+        print(f"== seed {s}: published in {args.publish}, read from there (delete its evaluations there to run it again)",
+              flush=True)
+    steps = [step for step in steps if not any(step[1].startswith(f"seed {s} ") for s in carried)]
+    if not any(label.startswith("seed ") for _, label, _, _ in steps):
+        steps = []  # every seed published: the shared steps (index, pretraining) serve no run
     commands = os.path.join(out, "commands.sh")
     timings = []
     train, test = load_dialogues(paths["train"]), load_dialogues(paths["test"])
     baselines = report.baseline_metrics(train, test)
     context = {"args": args, "argv": argv, "out": out, "paths": paths, "sizes": sizes, "manifest": manifest,
-               "baselines": baselines, "test": test, "timings": timings, "t_start": t_start, "steps": steps}
+               "baselines": baselines, "test": test, "timings": timings, "t_start": t_start, "steps": steps,
+               "dest": dest, "previous": previous, "carried": carried}
     if args.report_only:
         return 0 if write_report(context) else 1
     # the last step of each seed: the report is rewritten (and published) as each seed finishes
     last_of_seed = {max(i for i, (_, label, _, _) in enumerate(steps) if label.startswith(f"seed {s} ")): s
-                    for s in args.seeds}
+                    for s in args.seeds if s not in carried}
     try:
-        build_models(out, sizes, [paths["train"], paths["stories"]], commands)
+        if steps:
+            build_models(out, sizes, [paths["train"], paths["stories"]], commands)
         for i, (kind, label, folder, cmd) in enumerate(steps):
             if kind == "train":  # tune.py's runs sit in OUT/tuning/seedS/ beside the study's OUT/seedS/
                 twin = link_tuned_twin(folder, cmd, os.path.join(out, "tuning", os.path.basename(os.path.dirname(folder))))
                 if twin:
                     print(f"== {label}: the same run finished on dev in {report.relative(twin)}: reused", flush=True)
             timings.append(run_step(label, folder, cmd, commands))
-            if kind == "eval" and args.publish:
-                publish_evaluation(folder, os.path.abspath(args.publish), out)
+            if kind == "eval" and dest:
+                publish_evaluation(folder, dest, out, os.path.splitext(os.path.basename(paths["test"]))[0])
+            elif kind == "train" and dest and label.startswith("seed "):
+                published.publish_log(folder, dest, int(label.split()[1]))
             if i in last_of_seed:
                 write_report(context)
+        if not steps:
+            write_report(context)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         if complete_seeds(steps, args.seeds):
@@ -297,39 +319,65 @@ def recorded_wall(steps, seeds):
     return total
 
 
-def publish_evaluation(folder, dest, out):
-    """One finished evaluation's metrics, copied to DEST/evaluations/seedS/ARM-MODE.metrics.json at
-    once, so that a study run one seed (or one arm) at a time can be committed as it goes."""
-    found = report.newest(folder, "*.metrics.json")
-    if not found:
+def publish_evaluation(folder, dest, out, test_name):
+    """One finished evaluation's metrics and replies, published at once (research/study/published.py),
+    so that a study run one seed (or one arm) at a time can be committed as it goes and its report
+    rebuilt on another machine."""
+    found = report.newest(folder, f"*{test_name}.results.jsonl")
+    metrics = report.newest(folder, f"*{test_name}.metrics.json")
+    if not found or not metrics:
         return
-    target = os.path.join(dest, "evaluations", os.path.relpath(os.path.dirname(folder), out).split(os.sep)[0])
-    os.makedirs(target, exist_ok=True)
-    shutil.copy(found, os.path.join(target, os.path.basename(folder) + ".metrics.json"))
-    report.make_relative(os.path.join(target, os.path.basename(folder) + ".metrics.json"))
+    seed = int(os.path.relpath(os.path.dirname(folder), out).split(os.sep)[0].removeprefix("seed"))
+    gens, _ = read_results(found)
+    report.make_relative(published.publish_evaluation(folder, gens, metrics, dest, seed))
+
+
+def carried_wall(c, seeds):
+    """Seconds of the published seeds reported here, as their report recorded them: per seed where it
+    did; a report from before that (seeds 0 and 1 of the CPU study) recorded only its total, which
+    also holds the shared steps (the index) that a run here counts again."""
+    carried = [s for s in seeds if s in c["carried"]]
+    previous = c["previous"] or {}
+    if not carried:
+        return 0.0
+    by_seed = previous.get("wall_s_by_seed") or {}
+    if all(by_seed.get(str(s)) is not None for s in carried):
+        return sum(by_seed[str(s)] for s in carried)
+    return float(previous.get("wall_s") or 0.0)
 
 
 def write_report(c):
     """RESULTS.md, results.json, timings.json and figures/ of the seeds complete so far (published
     with --publish); False when no seed is complete yet."""
     args, out = c["args"], c["out"]
-    seeds = complete_seeds(c["steps"], args.seeds)
+    here = complete_seeds(c["steps"], [s for s in args.seeds if s not in c["carried"]])
+    seeds = [s for s in args.seeds if s in here or s in c["carried"]]
     if not seeds:
         print("no seed has finished yet: nothing to report", file=sys.stderr)
         return False
-    rows = report.collect_rows(out, args.arms, seeds, c["paths"]["test"])
+    rows = report.collect_rows(out, args.arms, seeds, c["test"], os.path.splitext(os.path.basename(c["paths"]["test"]))[0],
+                               c["dest"], c["previous"])
     results = report.results_json(rows, c["baselines"], args.arms, seeds, c["test"])
     wall = time.time() - c["t_start"]
     ctx = {"sizes": c["sizes"], "scale": args.scale, "split": split.describe(c["manifest"]), "manifest": c["manifest"],
            "seeds": seeds, "seeds_requested": args.seeds, "arms": args.arms, "machine": report.machine(),
-           "wall_s": wall, "steps_s": recorded_wall(c["steps"], seeds), "timings": c["timings"],
+           "wall_s": wall, "steps_s": recorded_wall(c["steps"], here) + carried_wall(c, seeds), "timings": c["timings"],
+           "dest": c["dest"],
            "command": shlex.join(["python", "research/study/run.py",  # the run's command, also when --report_only wrote it
                                    *[report.relative(a) for a in c["argv"] if a != "--report_only"]]),
            "out": out, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "paths": c["paths"]}
     results.update({"sizes": c["sizes"], "split": report.relative_manifest(c["manifest"]), "machine": ctx["machine"],
                     "wall_s": round(ctx["steps_s"], 1), "command": ctx["command"], "finished": ctx["finished"],
-                    "seeds_complete": seeds, "seeds_requested": list(args.seeds)})
+                    "seeds_complete": seeds, "seeds_requested": list(args.seeds),
+                    "wall_s_by_seed": {str(s): round(recorded_wall([st for st in c["steps"] if st[1].startswith(f"seed {s} ")],
+                                                                   [s]), 1) if s in here
+                                       else ((c["previous"] or {}).get("wall_s_by_seed") or {}).get(str(s))
+                                       for s in seeds}})
+    for key, entry in results["arms"].items():  # example-level intervals of seeds whose replies are gone
+        earlier = published.earlier_intervals(c["previous"], key, [s for s in seeds if s in c["carried"]])
+        if earlier and "ci_vs_control" in entry and not set(earlier["seeds"]) & set(entry["ci_seeds_vs_control"]):
+            entry["earlier_ci_vs_control"] = earlier
     ctx["figures"] = report.write_figures(rows, results, ctx)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
