@@ -636,13 +636,23 @@ def test_earlier_intervals_are_kept_for_seeds_whose_replies_are_gone():
 
     old = {"seeds_complete": [0, 1], "arms": {"grpo": {"seeds": [0, 1], "diff_vs_control": {"f1": 3.1},
                                                        "ci_vs_control": {"f1": [2.5, 3.75]}}}}
-    found = published.earlier_intervals(old, "grpo", [0, 1])
+    def earlier(entry, carried):
+        return published.earlier_intervals(entry, "vs_control", old["seeds_complete"], carried)
+
+    found = earlier(old["arms"]["grpo"], [0, 1])
     assert found == {"seeds": [0, 1], "diff": {"f1": 3.1}, "ci": {"f1": [2.5, 3.75]}}
-    assert published.earlier_intervals(old, "grpo", [0]) is None  # seed 1 was run here: not the same seeds
-    assert published.earlier_intervals(old, "control", [0, 1]) is None and published.earlier_intervals(None, "grpo", [0]) is None
-    # a report that carried them carries them on
-    assert published.earlier_intervals({"arms": {"grpo": {"earlier_ci_vs_control": found, "ci_vs_control": {}}}},
-                                       "grpo", [0, 1, 2]) == found
+    assert earlier(old["arms"]["grpo"], [0]) is None  # seed 1 was run here: not the same seeds
+    assert earlier(old["arms"].get("control"), [0, 1]) is None
+    # a report that carried them carries them on; an ablation entry names its seeds
+    assert earlier({"earlier_ci_vs_control": found, "ci_vs_control": {}}, [0, 1, 2]) == found
+    abl = {"ci_retrieved_vs_random": {"f1": [0.1, 1.0]}, "diff_retrieved_vs_random": {"f1": 0.6}, "seeds": [0, 1]}
+    assert published.earlier_intervals(abl, "retrieved_vs_random", [0, 1], [0, 1])["diff"] == {"f1": 0.6}
+    lines = study_report._ablation_table({"grpo": {"retrieval": {}, "diff_retrieved_vs_random": {"f1": None, "reward": None},
+                                                   "ci_retrieved_vs_random": {"f1": [None, None], "reward": [None, None]},
+                                                   "earlier_ci_retrieved_vs_random": {"seeds": [0, 1], "diff": {"f1": 0.6},
+                                                                                      "ci": {"f1": [0.1, 1.0]}}}})
+    assert lines[-1] == ("Seeds 0, 1 (replies not kept), F1 retrieved − random in the report that had their replies: "
+                         "grpo +0.60 [+0.10, +1.00] **✓**.")
     entry = {"eval": "retrieval", "seed_ci_vs_control": {k: [None, None] for k in ("f1", "rougeL", "reward")},
              "seed_diff_vs_control": {k: None for k in ("f1", "rougeL", "reward")}, "seed_ci_seeds_vs_control": [0, 1, 2],
              "earlier_ci_vs_control": {"seeds": [0, 1], "diff": {"f1": 3.11, "rougeL": 1.0, "reward": 0.05},

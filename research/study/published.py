@@ -135,17 +135,18 @@ def kept_figures(dest, seeds):
     return found
 
 
-def earlier_intervals(previous, key, carried_seeds):
-    """{"seeds", "diff", "ci"}: the paired bootstrap interval of arm ``key`` minus the control that the
-    ``previous`` results.json computed while the replies of its seeds were at hand, when those seeds
-    are all published without them now (``carried_seeds``); None otherwise. Kept so that a later
-    report does not lose the example-level interval of seeds whose replies are gone."""
-    entry = ((previous or {}).get("arms") or {}).get(key) or {}
-    if "earlier_ci_vs_control" in entry:
-        found = entry["earlier_ci_vs_control"]
-    elif "ci_vs_control" in entry:
-        found = {"seeds": entry.get("ci_seeds_vs_control", (previous or {}).get("seeds_complete") or entry.get("seeds")),
-                 "diff": entry.get("diff_vs_control"), "ci": entry["ci_vs_control"]}
+def earlier_intervals(entry, name, default_seeds, carried_seeds):
+    """{"seeds", "diff", "ci"}: the paired bootstrap interval ``ci_NAME`` (``vs_control``,
+    ``retrieved_vs_random``) that a previous results.json ``entry`` computed while the replies of its
+    seeds were at hand (``default_seeds`` where it did not name them), when those seeds are all
+    published without them now (``carried_seeds``); None otherwise. Kept so that a later report does
+    not lose the example-level interval of seeds whose replies are gone."""
+    entry = entry or {}
+    if f"earlier_ci_{name}" in entry:
+        found = entry[f"earlier_ci_{name}"]
+    elif f"ci_{name}" in entry:
+        found = {"seeds": entry.get(f"ci_seeds_{name}", default_seeds), "diff": entry.get(f"diff_{name}"),
+                 "ci": entry[f"ci_{name}"]}
     else:
         return None
     seeds = found.get("seeds") or []

@@ -490,7 +490,10 @@ def _pooled_seeds(results):
     if pooled == every:
         return "seeds pooled"
     rest = [str(s) for s in every if s not in pooled]
-    return (f"pooled over seed{'s' if len(pooled) != 1 else ''} {', '.join(map(str, pooled)) or 'none'}, whose replies are "
+    if not pooled:
+        return (f"none here: the replies of seed{'s' if len(every) != 1 else ''} {', '.join(map(str, every))} were not "
+                "kept; see the seed-level intervals below")
+    return (f"pooled over seed{'s' if len(pooled) != 1 else ''} {', '.join(map(str, pooled))}, whose replies are "
             f"at hand; seed{'s' if len(rest) != 1 else ''} {', '.join(rest)} count{'' if len(rest) != 1 else 's'} in the "
             "means and in the seed-level intervals below, not here: their replies were not kept")
 
@@ -515,6 +518,12 @@ def _ablation_table(abl):
 
         lines.append(f"| {arm} | {three('f1')} | {three('rougeL')} | {three('reward', 3)} | {diff('f1')} | "
                      f"{diff('reward', 3)} |")
+    earlier = {a: e["earlier_ci_retrieved_vs_random"] for a, e in abl.items() if e.get("earlier_ci_retrieved_vs_random")}
+    if earlier:
+        seeds = ", ".join(map(str, next(iter(earlier.values()))["seeds"]))
+        lines += ["", f"Seeds {seeds} (replies not kept), F1 retrieved − random in the report that had their replies: "
+                  + "; ".join(f"{a} {_interval((e.get('diff') or {}).get('f1'), *e['ci'].get('f1', [None, None]))}"
+                              for a, e in earlier.items()) + "."]
     return lines
 
 

@@ -374,10 +374,13 @@ def write_report(c):
                                                                    [s]), 1) if s in here
                                        else ((c["previous"] or {}).get("wall_s_by_seed") or {}).get(str(s))
                                        for s in seeds}})
-    for key, entry in results["arms"].items():  # example-level intervals of seeds whose replies are gone
-        earlier = published.earlier_intervals(c["previous"], key, [s for s in seeds if s in c["carried"]])
-        if earlier and "ci_vs_control" in entry and not set(earlier["seeds"]) & set(entry["ci_seeds_vs_control"]):
-            entry["earlier_ci_vs_control"] = earlier
+    previous, gone = c["previous"] or {}, [s for s in seeds if s in c["carried"]]
+    for block, name in (("arms", "vs_control"), ("ablations", "retrieved_vs_random")):
+        for key, entry in results[block].items():  # example-level intervals of seeds whose replies are gone
+            earlier = published.earlier_intervals((previous.get(block) or {}).get(key), name,
+                                                  previous.get("seeds_complete"), gone)
+            if earlier and f"ci_{name}" in entry and not set(earlier["seeds"]) & set(entry[f"ci_seeds_{name}"]):
+                entry[f"earlier_ci_{name}"] = earlier
     ctx["figures"] = report.write_figures(rows, results, ctx)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
