@@ -572,7 +572,7 @@ def test_published_replies_round_trip_and_which_seeds_are_published(tmp_path):
         for m in ("retrieval", *study_plan.ABLATIONS)}
     assert published.seed_is_published(str(tmp_path), 0, arms, previous)
     assert published.carried_numbers(previous, 0, "control", "retrieval") == {
-        "metrics": {"f1": 10.0}, "most_frequent": {"reply": "hi", "share": 5.0}, "collapsed": None}
+        "metrics": {"f1": 10.0}, "most_frequent": {"reply": "hi", "share": 5.0}}
     assert published.carried_numbers(previous, 1, "control", "retrieval") is None
     assert published.same_settings(None, {"a": 1}, {}) and not published.same_settings({"sizes": {"a": 2}}, {"a": 1}, {})
     split = {"source": "a/d.jsonl", "source_sha256": "x", "seed": 0, "splits": {"test": {"path": "a/t.jsonl", "examples": 9}}}

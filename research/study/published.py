@@ -56,14 +56,14 @@ def read_previous(dest):
 
 
 def carried_numbers(previous, seed, arm, mode):
-    """{"metrics", "most_frequent", "collapsed"} of one (seed, arm, mode) from a results.json, or None."""
+    """{"metrics", "most_frequent"} of one (seed, arm, mode) from a results.json, or None (whether it
+    collapsed is not carried: the report derives it from the metrics)."""
     key = arm if mode == "retrieval" else f"{arm}_{mode}"
     entry = ((previous or {}).get("arms") or {}).get(key) or {}
     metrics = (entry.get("per_seed") or {}).get(str(seed))
     if metrics is None:
         return None
-    return {"metrics": dict(metrics), "most_frequent": (entry.get("most_frequent_reply") or {}).get(str(seed)),
-            "collapsed": (entry.get("collapsed") or {}).get(str(seed))}
+    return {"metrics": dict(metrics), "most_frequent": (entry.get("most_frequent_reply") or {}).get(str(seed))}
 
 
 def has_evaluation(dest, seed, arm, mode, previous):

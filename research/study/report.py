@@ -445,6 +445,11 @@ def _interval(mean, lo, hi, d=2):
     return f"{mean:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]" + (" **✓**" if lo > 0 else " **✗**" if hi < 0 else "")
 
 
+def _earlier_interval(earlier, key, d=2):
+    """One metric of an interval carried from an earlier report (published.earlier_intervals)."""
+    return _interval((earlier.get("diff") or {}).get(key), *earlier["ci"].get(key, [None, None]), d=d)
+
+
 def _seed_level_table(results):
     """Every arm minus the control (and retrieved − random) with Student's t interval over the seeds'
     mean differences: the seeds are the sample, so seeds known only by their published means count."""
@@ -478,8 +483,7 @@ def _seed_level_table(results):
                   "| arm | seeds | Δ F1 [95% CI] | Δ ROUGE-L [95% CI] | Δ reward [95% CI] |", "|---|---|---:|---:|---:|"]
         for arm, e in earlier.items():
             lines.append(f"| {arm} | {', '.join(map(str, e['seeds']))} | " + " | ".join(
-                _interval((e.get("diff") or {}).get(k), *e["ci"].get(k, [None, None]), d=3 if k == "reward" else 2)
-                for k in ("f1", "rougeL", "reward")) + " |")
+                _earlier_interval(e, k, d=3 if k == "reward" else 2) for k in ("f1", "rougeL", "reward")) + " |")
     return lines
 
 
@@ -522,8 +526,7 @@ def _ablation_table(abl):
     if earlier:
         seeds = ", ".join(map(str, next(iter(earlier.values()))["seeds"]))
         lines += ["", f"Seeds {seeds} (replies not kept), F1 retrieved − random in the report that had their replies: "
-                  + "; ".join(f"{a} {_interval((e.get('diff') or {}).get('f1'), *e['ci'].get('f1', [None, None]))}"
-                              for a, e in earlier.items()) + "."]
+                  + "; ".join(f"{a} {_earlier_interval(e, 'f1')}" for a, e in earlier.items()) + "."]
     return lines
 
 
