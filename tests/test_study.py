@@ -316,19 +316,22 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "--report_only" not in (out / "RESULTS.md").read_text()  # the command shown is the run's
     # the length-matched control: the study's own evaluation commands, the control at minimum lengths on dev,
     # then the chosen one on test; per seed
+    # (two arms on seed 1: the second reuses the matched control and keeps the first arm's intervals)
     for stage in (["dev", "--min_lengths", "0", "6"], ["test", "--min_length", "6"],
-                  ["test", "--min_length", "6", "--seed", "1"]):
-        rc, stdout, err = run_script("research/study/length_check.py", *stage, "--arm", "joint_grpo",
+                  ["test", "--min_length", "6", "--seed", "1", "--arm", "lapdog"], ["test", "--min_length", "6", "--seed", "1"]):
+        rc, stdout, err = run_script("research/study/length_check.py", "--arm", "joint_grpo", *stage,
                                      "--publish", tmp_path / "lc", *data, "--out", out, timeout=600)
         assert rc == 0, stdout[-2000:] + err[-2000:]
     lc = tmp_path / "lc" / "seed0"
     assert sorted(f.name for f in lc.iterdir()) == [
         "control-min0-dev.metrics.json", "control-min6-dev.metrics.json", "control-min6-test.metrics.json",
-        "intervals-min6-test.json", "joint_grpo-dev.metrics.json"]
+        "intervals-joint_grpo-min6-test.json", "joint_grpo-dev.metrics.json"]
     assert sorted(f.name for f in (tmp_path / "lc" / "seed1").iterdir()) == [
-        "control-min6-test.metrics.json", "intervals-min6-test.json"]
+        "control-min6-test.metrics.json", "intervals-joint_grpo-min6-test.json", "intervals-lapdog-min6-test.json"]
+    assert list(json.load(open(tmp_path / "lc" / "seed1" / "intervals-lapdog-min6-test.json")))[1] == \
+        "lapdog − control at min length 6"
     # on test, paired intervals: the matched control against the study's control, the arm against it
-    found = json.load(open(lc / "intervals-min6-test.json"))
+    found = json.load(open(lc / "intervals-joint_grpo-min6-test.json"))
     assert list(found) == ["control at min length 6 − control", "joint_grpo − control at min length 6"]
     for by_key in found.values():
         assert set(by_key) == {"f1", "rougeL", "reward"} and all(lo <= m <= hi for m, lo, hi in by_key.values())

@@ -10,7 +10,7 @@ taken to test is the control's whose dev length ratio is closest to the arm's (r
 Metrics in OUT/length_check/seedN/ and, relative, in --publish/seedN (default
 results/study/length_check); a table of the seed's published ones is printed. On test, also paired
 bootstrap intervals (F1, ROUGE-L, reward) of the matched control against the study's control and
-of the arm against the matched control (``intervals-minN-test.json``). A finished evaluation is
+of the arm against the matched control (``intervals-ARM-minN-test.json``). A finished evaluation is
 skipped on a re-run.
 """
 
@@ -88,7 +88,7 @@ def main(argv=None):
         study_evals = {a: evals[f"seed {args.seed} eval {a} (retrieval)"][0] for a in ("control", args.arm)}
         found = intervals(folder, study_evals, os.path.splitext(os.path.basename(paths["test"]))[0],
                           f"control at min length {args.min_length}", args.arm)
-        target = os.path.join(published, f"intervals-min{args.min_length}-test.json")
+        target = os.path.join(published, f"intervals-{args.arm}-min{args.min_length}-test.json")  # per arm: two arms, two files
         with open(target, "w") as f:
             json.dump(found, f, indent=1)
         print("\n" + intervals_table(found))
