@@ -467,8 +467,8 @@ def test_tune_set_flags_and_run_names():
 def test_tune_record_replaces_a_run_and_renders_its_last_evaluation(tmp_path):
     from research.study import tune
 
-    def entry(name, f1):
-        return {"name": name, "arm": name.split(",")[0], "set": [], "seed": 0, "wall_s": 90.0, "command": f"tune {name}",
+    def entry(name, f1, seed=0):
+        return {"name": name, "arm": name.split(",")[0], "set": [], "seed": seed, "wall_s": 90.0, "command": f"tune {name}",
                 "curve": [{"step": 30, "f1": 1.0}, {"step": 60, "f1": f1, "rougeL": 12.345, "generic": 40.0}]}
 
     tune.record(tmp_path, entry("grpo,lr=3e-5", 10.0))
@@ -477,8 +477,11 @@ def test_tune_record_replaces_a_run_and_renders_its_last_evaluation(tmp_path):
     assert [r["name"] for r in runs] == ["control", "grpo,lr=3e-5"]
     md = (tmp_path / "TUNING.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| `grpo,lr=3e-5`"))
-    assert row == "| `grpo,lr=3e-5` | 0 | 60 | 12.50 | 12.35 | – | – | – | – | 40.00 | – | 1.5 |"
+    assert row == "| `grpo,lr=3e-5` | 0 | 60 | 12.50 | 12.35 | – | – | – | – | 40.00 | – | – | – | 1.5 |"
     assert "tune control" in md and json.load(open(tmp_path / "tuning.json"))[1]["curve"][-1]["f1"] == 12.5
+    # the same run on another seed is another entry
+    runs = tune.record(tmp_path, entry("control", 9.0, seed=2))
+    assert [(r["name"], r["seed"]) for r in runs] == [("control", 0), ("grpo,lr=3e-5", 0), ("control", 2)]
 
 
 def test_tune_refuses_a_misspelt_setting_before_running_anything(tmp_path):

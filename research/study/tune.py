@@ -35,7 +35,7 @@ from src.infra.errors import UsageError  # noqa: E402
 
 # The columns of TUNING.md: dev metrics of the in-loop evaluation (train.py's names); dist1 is the
 # study's collapse flag (below half the control's).
-COLUMNS = ("f1", "rougeL", "dist1", "dist2", "ppl", "reward", "generic", "repeat3")
+COLUMNS = ("f1", "rougeL", "dist1", "dist2", "ppl", "reward", "generic", "repeat3", "loop3", "length_ratio")
 
 
 def parse_args(argv):
@@ -77,11 +77,12 @@ def dev_curve(run_dir):
 
 
 def record(record_dir, entry):
-    """Add (or replace) one run in RECORD/tuning.json and rewrite RECORD/TUNING.md."""
+    """Add (or replace: the same name on the same seed) one run in RECORD/tuning.json and rewrite
+    RECORD/TUNING.md."""
     os.makedirs(record_dir, exist_ok=True)
     path = os.path.join(record_dir, "tuning.json")
     runs = json.load(open(path)) if os.path.exists(path) else []
-    runs = [r for r in runs if r["name"] != entry["name"]] + [entry]
+    runs = [r for r in runs if (r["name"], r["seed"]) != (entry["name"], entry["seed"])] + [entry]
     with open(path, "w") as f:
         json.dump(runs, f, indent=1)
     with open(os.path.join(record_dir, "TUNING.md"), "w") as f:
