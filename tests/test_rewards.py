@@ -51,6 +51,13 @@ def test_length_penalty_values():
     assert length_penalty(2, 0, 1.0) == pytest.approx(math.exp(-1.0))
     with pytest.raises(ValueError):
         length_penalty(1, 1, -0.5)
+    # the short factor: 1 makes the penalty symmetric, the default 2 is the original's doubling
+    assert length_penalty(5, 10, 1.0, short_factor=1.0) == pytest.approx(math.exp(-0.5))
+    assert length_penalty(5, 10, 1.0, short_factor=3.0) == pytest.approx(math.exp(-1.5))
+    assert length_penalty(15, 10, 1.0, short_factor=1.0) == pytest.approx(math.exp(-0.5))  # long: untouched
+    assert length_penalty(15, 10, 1.0, short_factor=3.0) == pytest.approx(math.exp(-0.5))
+    with pytest.raises(ValueError, match="short factor"):
+        length_penalty(1, 2, 1.0, short_factor=0.0)
 
 
 def test_reply_scores_strip_speaker():
@@ -117,6 +124,22 @@ def test_reward_options_carry_the_repetition_penalty_and_reject_a_negative_one()
     assert reward_options(opts)["repetition_penalty_strength"] == 1.5
     with pytest.raises(UsageError, match="--reward_repetition_penalty"):
         options.validate(options.build_parser().parse_args(["--reward_repetition_penalty=-1"]))
+
+
+def test_the_length_penalty_short_factor_reaches_the_reward_from_the_options():
+    from src.cli import options
+    from src.objectives.rewards import reward_options
+
+    short, ref = "i love hats", "i love red hats so much"  # h/r = 3/6
+    opts = options.validate(options.build_parser().parse_args(
+        ["--use_grpo", "--reader_rl_learning", "--generation_length_penalty=1", "--length_penalty_short_factor=1"]))
+    kwargs = reward_options(opts)
+    assert kwargs["length_penalty_short_factor"] == 1.0
+    assert grpo_reward([short], [ref], **kwargs)["length_penalty"].item() == pytest.approx(math.exp(-0.5))
+    default = options.validate(options.build_parser().parse_args(["--generation_length_penalty=1"]))
+    assert grpo_reward([short], [ref], **reward_options(default))["length_penalty"].item() == pytest.approx(math.exp(-1.0))
+    with pytest.raises(UsageError, match="--length_penalty_short_factor"):
+        options.validate(options.build_parser().parse_args(["--length_penalty_short_factor=0"]))
 
 
 def test_lapdog_gold_scores():

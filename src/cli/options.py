@@ -442,6 +442,9 @@ def _add_grpo_options(p):
                         "batch across processes (TRL); bnpo token sum / token count per micro-batch, averaged")
     g.add_argument("--generation_length_penalty", type=float, default=0.0,
                    help="strength s of the reward's length penalty (0: off; beam search keeps 1.0)")
+    g.add_argument("--length_penalty_short_factor", type=float, default=2.0,
+                   help="the length penalty's strength is multiplied by this for a reply shorter than the "
+                        "reference (2: the original's, a short reply punished twice as hard; 1: symmetric)")
     g.add_argument("--reward_repetition_penalty", type=float, default=0.0,
                    help="strength s of the reward's repetition penalty: × (distinct word 3-grams / word 3-grams "
                         "of the reply)^s, so that a reply looping a phrase earns less (0: off)")
@@ -460,6 +463,9 @@ def _check_grpo_options(opts):
     for name in ("generation_length_penalty", "reward_repetition_penalty"):
         if getattr(opts, name) < 0:
             raise flag_error(f"--{name}", f"must be >= 0, got {getattr(opts, name)}", "pass 0 (off) or a positive strength")
+    if opts.length_penalty_short_factor <= 0:
+        raise flag_error("--length_penalty_short_factor", f"must be > 0, got {opts.length_penalty_short_factor}",
+                         "pass 2 (the original's) or 1 (symmetric)")
     if opts.use_grpo and not opts.reader_rl_learning:
         raise flag_error("--use_grpo", "needs --reader_rl_learning (GRPO is the reader's RL algorithm)",
                          "add --reader_rl_learning")

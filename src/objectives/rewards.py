@@ -54,18 +54,21 @@ def rouge_l(hyp: str, ref: str) -> float:
         return 0.0
 
 
-def length_penalty(hyp_len: int, ref_len: int, strength: float) -> float:
-    """exp(-s * |1 - h/r|), with s doubled when h < r (too-short replies are punished more).
+def length_penalty(hyp_len: int, ref_len: int, strength: float, short_factor: float = 2.0) -> float:
+    """exp(-s * |1 - h/r|), with s times ``short_factor`` when h < r (the original doubles it: a
+    too-short reply is punished more; 1.0 makes the penalty symmetric in h/r).
 
     strength 0 gives exactly 1.0. A reference with no words is treated as r = 1 so the ratio
-    stays finite (an empty reply then gets penalty exp(-2s)).
+    stays finite (an empty reply then gets penalty exp(-short_factor * s)).
     """
     if strength < 0:
         raise ValueError(f"length penalty strength must be >= 0, got {strength}")
+    if short_factor <= 0:
+        raise ValueError(f"length penalty short factor must be > 0, got {short_factor}")
     if strength == 0:
         return 1.0
     r = ref_len if ref_len > 0 else 1
-    s = 2.0 * strength if hyp_len < r else float(strength)
+    s = short_factor * strength if hyp_len < r else float(strength)
     return math.exp(-s * abs(1.0 - hyp_len / r))
 
 
@@ -101,10 +104,12 @@ def scale_tuple(d) -> tuple[float, float, float]:
 
 def reward_options(opts) -> dict:
     """grpo_reward's keyword arguments as the options set them (--metric_scale_factors weights,
-    --scale_rouge, --generation_length_penalty, --reward_repetition_penalty): the one place
+    --scale_rouge, --generation_length_penalty, --length_penalty_short_factor,
+    --reward_repetition_penalty): the one place
     training, evaluation and the bench take the RL reward's settings from."""
     return {"scale": scale_tuple(opts.metric_scale), "scale_rouge": opts.scale_rouge,
             "length_penalty_strength": opts.generation_length_penalty,
+            "length_penalty_short_factor": opts.length_penalty_short_factor,
             "repetition_penalty_strength": opts.reward_repetition_penalty}
 
 
@@ -116,11 +121,13 @@ def _as_tuple(scale) -> tuple[float, float, float]:
 
 
 def grpo_reward(hyps: list[str], refs: list[str], scale=(0.01, 1.0, 1.0), scale_rouge=False,
-                length_penalty_strength=0.0, repetition_penalty_strength=0.0, device=None) -> dict[str, torch.Tensor]:
+                length_penalty_strength=0.0, repetition_penalty_strength=0.0, device=None,
+                length_penalty_short_factor=2.0) -> dict[str, torch.Tensor]:
     """Reward of each reply, no normalization across the batch.
 
     reward = (a*BLEU + b*F1 + c*ROUGE_L) * LP * RP, ROUGE_L x100 when ``scale_rouge``; LP the length
-    penalty, RP = distinct3 ** ``repetition_penalty_strength`` (distinct3: ``distinct_ngram_share``
+    penalty (``length_penalty``, its short factor ``length_penalty_short_factor``), RP =
+    distinct3 ** ``repetition_penalty_strength`` (distinct3: ``distinct_ngram_share``
     of the reply); both are 1.0 at strength 0. ``scale`` is (a, b, c) or a dict with keys
     bleu/f1/rouge.
     Returns float32 tensors of shape [len(hyps)] on ``device`` (default CPU): ``reward``,
@@ -133,7 +140,7 @@ def grpo_reward(hyps: list[str], refs: list[str], scale=(0.01, 1.0, 1.0), scale_
     s = reply_scores(hyps, refs)
     rouge = [x * 100.0 for x in s["rouge"]] if scale_rouge else s["rouge"]
     ratio = [h / (r if r > 0 else 1.0) for h, r in zip(s["hyp_len"], s["ref_len"])]
-    lp = [length_penalty(h, r, length_penalty_strength)
+    lp = [length_penalty(h, r, length_penalty_strength, length_penalty_short_factor)
           for h, r in zip(s["hyp_len"], s["ref_len"])]
     # F1 and ROUGE-L against one reference pay for recall, so a policy can climb them by saying
     # more, and looping a phrase is the cheapest way to say more: RP makes added length pay only
