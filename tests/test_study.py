@@ -524,6 +524,18 @@ def test_tune_runs_an_arm_on_dev_from_the_study_stage1_which_the_study_reuses(tm
     rc, out, err = run_script("research/study/run.py", *data, "--seeds", "0", "--arms", "control", timeout=900)
     assert rc == 0 and "seed 0 stage 1: done before" in out, out[-3000:] + err[-3000:]
     assert "seed 0 control: the same run finished on dev in" in out and (tmp_path / "study" / "seed0" / "control").is_symlink()
+    # a dev run read once on test with the study's command, paired against the seed's study evaluations:
+    # the control's dev run is the study's control, so every difference is exactly 0
+    rc, out, err = run_script("research/study/tuned_test.py", "--run", "control", "--publish", tmp_path / "pub", *data,
+                              timeout=900)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    found = json.load(open(tmp_path / "pub" / "seed0" / "control-intervals-test.json"))
+    assert list(found["intervals"]) == ["control − control"] and set(found["per_run"]) == {"control"}
+    assert all(v == [0.0, 0.0, 0.0] for v in found["intervals"]["control − control"].values())
+    assert (tmp_path / "pub" / "seed0" / "control-test.metrics.json").exists() and "| control − control |" in out
+    # the GRPO run's arm has no study evaluation on this seed yet: refused, saying what to run
+    rc, _, err = run_script("research/study/tuned_test.py", "--run", result["name"], *data, timeout=300)
+    assert rc == 2 and "study evaluation of grpo is not done" in err and "run.py" in err, err
 
 
 def test_publish_copies_the_report_and_drops_figures_it_did_not_draw(tmp_path):
