@@ -677,3 +677,13 @@ def test_earlier_intervals_are_kept_for_seeds_whose_replies_are_gone():
                                        "ci": {"f1": [2.5, 3.75], "rougeL": [0.5, 1.5], "reward": [0.01, 0.09]}}}
     md = "\n".join(study_report._seed_level_table({"arms": {"grpo": entry}}))
     assert "Seeds 0, 1, whose replies were not kept" in md and "| grpo | 0, 1 | +3.11 [+2.50, +3.75] **✓** |" in md
+
+
+def test_with_flags_replaces_a_commands_flags_and_paired_intervals_of_identical_runs_are_zero():
+    cmd = ["python", "evaluate.py", "--model_path=a", "--seed=2", "--checkpoint_dir=b"]
+    assert study_plan.with_flags(cmd, model_path="m", checkpoint_dir="f", generation_min_length=6) == [
+        "python", "evaluate.py", "--seed=2", "--model_path=m", "--checkpoint_dir=f", "--generation_min_length=6"]
+    per = {"a": {"f1": [1.0, 2.0, 4.0]}, "b": {"f1": [1.0, 2.0, 4.0]}, "c": {"f1": [0.0, 1.0, 3.0]}}
+    found = study_report.paired_intervals(per, [("a − b", "a", "b"), ("a − c", "a", "c")], keys=("f1",))
+    assert found == {"a − b": {"f1": [0.0, 0.0, 0.0]}, "a − c": {"f1": [1.0, 1.0, 1.0]}}
+    assert study_report.paired_table(found, ("f1",)).splitlines()[-1] == "| a − c | +1.000 [+1.000, +1.000] |"

@@ -29,14 +29,7 @@ from research.study import plan as study_plan  # noqa: E402
 from research.study import report  # noqa: E402
 from research.study import run as study_run  # noqa: E402
 from src.infra import exits  # noqa: E402
-from src.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
-
-
-def with_min_length(cmd, data, folder, min_length):
-    """The study's evaluation command on ``data`` into ``folder`` with a minimum reply length."""
-    keep = [c for c in cmd if not c.startswith(("--eval_data=", "--checkpoint_dir="))]
-    return [*keep, f"--eval_data={data}", f"--checkpoint_dir={folder}", f"--generation_min_length={min_length}"]
 
 
 def table(published):
@@ -72,7 +65,8 @@ def main(argv=None):
     for arm, n in runs:
         name = f"{arm}-{args.split}" if arm == args.arm else f"control-min{n}-{args.split}"
         folder = os.path.join(out, "length_check", seed, name)
-        cmd = with_min_length(evals[f"seed {args.seed} eval {arm} (retrieval)"][1], paths[args.split], folder, n)
+        cmd = study_plan.with_flags(evals[f"seed {args.seed} eval {arm} (retrieval)"][1], eval_data=paths[args.split],
+                                    checkpoint_dir=folder, generation_min_length=n)
         ckpt = next(c.split("=", 1)[1] for c in cmd if c.startswith("--model_path="))
         if not os.path.exists(ckpt):
             raise UsageError(f"{seed}'s {arm} arm is not trained yet (no {report.relative(ckpt)}): run "
@@ -91,7 +85,7 @@ def main(argv=None):
         target = os.path.join(published, f"intervals-{args.arm}-min{args.min_length}-test.json")  # per arm: two arms, two files
         with open(target, "w") as f:
             json.dump(found, f, indent=1)
-        print("\n" + intervals_table(found))
+        print("\n" + report.paired_table(found))
     return 0
 
 
@@ -103,19 +97,8 @@ def intervals(matched_dir, study_evals, test_name, matched, arm):
     for name, folder in (("matched", matched_dir), *study_evals.items()):
         gens, refs, _ = report.read_eval(folder, test_name)
         per[name] = report.per_example(gens, refs)
-    out = {}
-    for label, a, b in ((f"{matched} − control", "matched", "control"), (f"{arm} − {matched}", arm, "matched")):
-        out[label] = {k: [round(v, 4) for v in paired_bootstrap_ci(
-            [x - y for x, y in zip(per[a][k], per[b][k], strict=True)], seed=0)] for k in report.CI_KEYS}
-    return out
-
-
-def intervals_table(found):
-    rows = ["| test, paired | " + " | ".join(f"Δ {k} [95% CI]" for k in report.CI_KEYS) + " |",
-            "|---|" + "---:|" * len(report.CI_KEYS)]
-    for label, by_key in found.items():
-        rows.append(f"| {label} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in by_key.values()) + " |")
-    return "\n".join(rows)
+    return report.paired_intervals(per, [(f"{matched} − control", "matched", "control"),
+                                         (f"{arm} − {matched}", arm, "matched")])
 
 
 if __name__ == "__main__":

@@ -112,6 +112,14 @@ def fill(flags, sizes):
     return [f.format(**sizes) for f in flags]
 
 
+def with_flags(cmd, **flags):
+    """``cmd`` with each ``--key=value`` of ``flags`` replacing the command's own ``--key=`` entry (or
+    added), appended in the order given: the study's step commands run again with another checkpoint,
+    data or folder (research/study/length_check.py, tuned_test.py)."""
+    keep = [c for c in cmd if not c.startswith(tuple(f"--{k}=" for k in flags))]
+    return [*keep, *(f"--{k}={v}" for k, v in flags.items())]
+
+
 def _common(paths, sizes, seed, run_dir, name):
     """What every training run shares: data, models, lengths, precision, the in-loop dev set and its
     decoding (which touches evaluation only: training's scored replies do not read it)."""

@@ -89,6 +89,21 @@ def per_example(generations, references):
     return per
 
 
+def paired_intervals(per, pairs, keys=CI_KEYS):
+    """{label: {key: [mean, low, high]}}: paired bootstrap 95 % intervals over the test examples of
+    run a minus run b, for each (label, a, b) in ``pairs``; ``per`` maps a run to its per-example scores."""
+    return {label: {k: [round(v, 4) for v in paired_bootstrap_ci(
+        [x - y for x, y in zip(per[a][k], per[b][k], strict=True)], seed=0)] for k in keys} for label, a, b in pairs}
+
+
+def paired_table(found, keys=CI_KEYS):
+    """Markdown rows of ``paired_intervals``' output."""
+    rows = ["| test, paired | " + " | ".join(f"Δ {k} [95% CI]" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for label, by_key in found.items():
+        rows.append(f"| {label} | " + " | ".join("{:+.3f} [{:+.3f}, {:+.3f}]".format(*by_key[k]) for k in keys) + " |")
+    return "\n".join(rows)
+
+
 def scores_of(generations, references):
     """Both metric blocks and the per-example F1 / ROUGE-L / reward of a list of replies."""
     per = per_example(generations, references)

@@ -26,16 +26,13 @@ if ROOT not in sys.path:
 from research.study import plan as study_plan  # noqa: E402
 from research.study import report  # noqa: E402
 from research.study import run as study_run  # noqa: E402
-from src.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
 from src.evaluation.metrics import has_phrase_loop  # noqa: E402
 from src.infra import exits  # noqa: E402
 from src.infra.errors import UsageError  # noqa: E402
 
 
-def with_model(cmd, model_path, folder):
-    """The study's evaluation command with another checkpoint, into another folder."""
-    keep = [c for c in cmd if not c.startswith(("--model_path=", "--checkpoint_dir="))]
-    return [*keep, f"--model_path={model_path}", f"--checkpoint_dir={folder}"]
+# what the run is compared on: the study's interval keys, and the share of replies that loop a phrase
+KEYS = (*report.CI_KEYS, "loop3")
 
 
 def scores(eval_dir, test_name):
@@ -43,24 +40,9 @@ def scores(eval_dir, test_name):
     gens, refs, _ = report.read_eval(eval_dir, test_name)
     per = report.per_example(gens, refs)
     per["loop3"] = [100.0 * has_phrase_loop(g) for g in gens]
-    summary = {k: round(sum(v) / len(v), 4) for k, v in per.items() if k in (*report.CI_KEYS, "loop3")}
+    summary = {k: round(sum(per[k]) / len(per[k]), 4) for k in KEYS}
     summary["length_ratio"] = round(sum(len(g.split()) for g in gens) / max(sum(len(r.split()) for r in refs), 1), 3)
     return per, summary
-
-
-def intervals(per, run, against):
-    """{"RUN − OTHER": {key: [mean, low, high]}} for each other evaluation, paired over the test examples."""
-    return {f"{run} − {other}": {k: [round(v, 4) for v in paired_bootstrap_ci(
-        [x - y for x, y in zip(per[run][k], per[other][k], strict=True)], seed=0)] for k in (*report.CI_KEYS, "loop3")}
-        for other in against}
-
-
-def table(found):
-    keys = (*report.CI_KEYS, "loop3")
-    rows = ["| test, paired | " + " | ".join(f"Δ {k} [95% CI]" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
-    for label, by_key in found["intervals"].items():
-        rows.append(f"| {label} | " + " | ".join("{:+.3f} [{:+.3f}, {:+.3f}]".format(*by_key[k]) for k in keys) + " |")
-    return "\n".join(rows)
 
 
 def main(argv=None):
@@ -88,14 +70,14 @@ def main(argv=None):
             raise UsageError(f"{seed}'s study evaluation of {a} is not done ({report.relative(folder)}): run "
                              f"research/study/run.py with {args.seed} among its --seeds first")
     folder = os.path.join(out, "tuned_test", seed, args.run)
-    cmd = with_model(evals[f"seed {args.seed} eval {arm} (retrieval)"][1], model, folder)
+    cmd = study_plan.with_flags(evals[f"seed {args.seed} eval {arm} (retrieval)"][1], model_path=model, checkpoint_dir=folder)
     study_run.run_step(f"{seed} {args.run} (test)", folder, cmd, os.path.join(out, "tuned_test", "commands.sh"))
     test_name = os.path.splitext(os.path.basename(paths["test"]))[0]
     per, summary = {}, {}
     for name, d in ((args.run, folder), *study_evals.items()):
         per[name], summary[name] = scores(d, test_name)
     found = {"run": args.run, "seed": args.seed, "per_run": summary,
-             "intervals": intervals(per, args.run, list(study_evals))}
+             "intervals": report.paired_intervals(per, [(f"{args.run} − {a}", args.run, a) for a in study_evals], KEYS)}
     published = os.path.join(args.publish, seed)
     os.makedirs(published, exist_ok=True)
     target = os.path.join(published, f"{args.run}-test.metrics.json")
@@ -103,7 +85,7 @@ def main(argv=None):
     report.make_relative(target)
     with open(os.path.join(published, f"{args.run}-intervals-test.json"), "w") as f:
         json.dump(found, f, indent=1)
-    print(table(found))
+    print(report.paired_table(found["intervals"], KEYS))
     return 0
 
 
